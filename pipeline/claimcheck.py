@@ -1,0 +1,99 @@
+"""Claim-check stores for events too large to travel inline (the relay's
+``relay.max_inline_bytes``): the encoded event is stored here and the Kafka record carries a
+``pipeline.claim_check`` reference that the shared decoder resolves.
+
+Stores: ``table`` (``<schema>.claim_check`` in the ERP database, the default) and ``dir`` (a
+directory shared by relay and consumers). An S3-compatible store is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from pipeline.errors import DecodeError
+
+
+class ClaimStore(Protocol):
+    name: str
+
+    def put(self, event_id: str, body: bytes) -> str: ...
+
+    def get(self, ref: str) -> bytes: ...
+
+
+class TableClaimStore:
+    """Bodies in ``<schema>.claim_check``; ``put`` commits on its own connection."""
+
+    name = "table"
+
+    def __init__(self, conninfo: str, schema: str) -> None:
+        self._conninfo = conninfo
+        self._schema = schema
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _c(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+        return self._conn
+
+    def put(self, event_id: str, body: bytes) -> str:
+        ref = str(uuid.uuid4())
+        self._c().execute(
+            sql.SQL("INSERT INTO {}.claim_check (ref, event_id, body) VALUES (%s, %s, %s)").format(
+                sql.Identifier(self._schema)
+            ),
+            (ref, event_id, body),
+        )
+        return ref
+
+    def get(self, ref: str) -> bytes:
+        row = self._c().execute(
+            sql.SQL("SELECT body FROM {}.claim_check WHERE ref = %s").format(
+                sql.Identifier(self._schema)
+            ),
+            (ref,),
+        ).fetchone()
+        if row is None:
+            raise DecodeError(f"claim-check reference {ref} not found in {self._schema}.claim_check")
+        return bytes(row[0])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class DirClaimStore:
+    """Bodies as files ``<dir>/<ref>``, written atomically (temp file + rename)."""
+
+    name = "dir"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    def put(self, event_id: str, body: bytes) -> str:
+        ref = str(uuid.uuid4())
+        tmp = self.path / f".{ref}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / ref)
+        return ref
+
+    def get(self, ref: str) -> bytes:
+        try:
+            return (self.path / ref).read_bytes()
+        except FileNotFoundError:
+            raise DecodeError(f"claim-check reference {ref} not found in {self.path}") from None
+
+
+def sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()

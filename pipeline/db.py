@@ -1,0 +1,48 @@
+"""PostgreSQL connections: the one place that turns configuration into psycopg connections and
+psycopg's connection failures into :class:`~pipeline.errors.DatabaseUnavailable`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, DatabaseUnavailable
+
+
+def database_url(settings: Settings) -> str:
+    if settings.database.url is None:
+        raise ConfigError(
+            "database.url is not set: point it at the ERP database "
+            "(PIPELINE_DATABASE__URL=postgresql://user@host:5432/erp or database.url in "
+            "pipeline.yaml), or use `pipeline run` which starts an embedded PostgreSQL"
+        )
+    return settings.database.url.get_secret_value()
+
+
+def connect(settings: Settings, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection[Any]:
+    url = database_url(settings)
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            connect_timeout=max(1, int(settings.database.connect_timeout_s)),
+            application_name=kwargs.pop("application_name", "erp-pipeline"),
+            **kwargs,
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}"
+        ) from exc
+
+
+def redact(url: str) -> str:
+    from pipeline.config import _mask_url
+
+    return _mask_url(url)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

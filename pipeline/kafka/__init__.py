@@ -1,0 +1,1 @@
+"""Kafka adapters: librdkafka configuration, header names, topic management."""

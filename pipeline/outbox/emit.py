@@ -1,0 +1,72 @@
+"""``emit()``: write one event into the outbox inside the caller's own transaction.
+
+The payload is validated against the event type's Avro schema first, so a bad event fails in
+the ERP's transaction (with the offending field named) instead of reaching the relay. The current
+OpenTelemetry context is stored in the row's headers so the trace continues through Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from opentelemetry import propagate
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Encoder
+
+
+@lru_cache(maxsize=4)
+def _encoder(path: str | None) -> Encoder:
+    from pathlib import Path
+
+    return Encoder(Catalogue.load(Path(path) if path else None))
+
+
+def emit(
+    conn: psycopg.Connection[Any],
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str] | None = None,
+    event_id: uuid.UUID | str | None = None,
+    schema: str = "pipeline",
+    catalogue: Catalogue | None = None,
+    validate: bool = True,
+) -> int:
+    """Insert one event; returns its aggregate version (1, 2, 3 … per aggregate).
+
+    Raises :class:`~pipeline.errors.SchemaError` for an unknown event type and
+    :class:`~pipeline.errors.PayloadError` for a payload that does not match its schema. The
+    caller commits (or rolls back) as part of its own transaction.
+    """
+    if validate:
+        encoder = Encoder(catalogue) if catalogue is not None else _encoder(None)
+        encoder.validate(event_type, payload)
+    carrier: dict[str, str] = dict(headers or {})
+    propagate.inject(carrier)
+    row = conn.execute(
+        sql.SQL("SELECT {}.outbox_emit(%s, %s, %s, %s, %s, %s)").format(sql.Identifier(schema)),
+        (
+            aggregate_type,
+            str(aggregate_id),
+            event_type,
+            Jsonb(payload, dumps=_dumps),
+            Jsonb(carrier),
+            str(event_id) if event_id is not None else str(uuid.uuid4()),
+        ),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)

@@ -1,0 +1,1 @@
+"""The outbox relay: publishes outbox rows to Kafka, one leader per shard (DESIGN decisions 2, 4)."""

@@ -1,0 +1,162 @@
+"""Pure logic of the relay: an outbox row in, a Kafka record (or a dead letter) out.
+
+No I/O here: encoding is handed an :class:`~pipeline.schemas.codec.Encoder`; storing a
+claim-checked body is the caller's job (:func:`build_record` says when one is needed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import PayloadTooLarge, PermanentError
+from pipeline.kafka import headers as h
+from pipeline.schemas.catalogue import CLAIM_CHECK
+from pipeline.schemas.codec import Encoder
+
+# Row headers that become record headers verbatim (W3C trace context and user headers);
+# the ones the relay sets itself are not overridable by the row.
+_RESERVED = frozenset(
+    {h.CE_SPECVERSION, h.CE_ID, h.CE_TYPE, h.CE_SOURCE, h.CE_SUBJECT, h.CE_TIME, h.CONTENT_TYPE,
+     h.AGGREGATE_TYPE, h.AGGREGATE_VERSION, h.OUTBOX_POSITION, h.CLAIM_CHECK}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    event_id: str
+    aggregate_type: str
+    aggregate_id: str
+    aggregate_version: int
+    event_type: str
+    payload: Any
+    headers: dict[str, Any]
+    occurred_at: dt.datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id,
+            "aggregate_version": self.aggregate_version,
+            "event_type": self.event_type,
+            "payload": self.payload,
+            "headers": self.headers,
+            "occurred_at": self.occurred_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """The encoded event is over ``max_inline_bytes``: store ``body``, then call
+    :func:`claim_check_record` with the reference."""
+
+    body: bytes
+    event_type: str
+
+
+def event_headers(row: OutboxRow, source: str) -> list[tuple[str, bytes]]:
+    hdrs = [
+        (h.CE_SPECVERSION, b"1.0"),
+        (h.CE_ID, row.event_id.encode()),
+        (h.CE_TYPE, row.event_type.encode()),
+        (h.CE_SOURCE, source.encode()),
+        (h.CE_SUBJECT, row.aggregate_id.encode()),
+        (h.CE_TIME, row.occurred_at.isoformat().encode()),
+        (h.CONTENT_TYPE, b"application/avro"),
+        (h.AGGREGATE_TYPE, row.aggregate_type.encode()),
+        (h.AGGREGATE_VERSION, str(row.aggregate_version).encode()),
+        (h.OUTBOX_POSITION, str(row.id).encode()),
+    ]
+    for name, value in row.headers.items():
+        if name in _RESERVED or name == "erp_capture":
+            continue
+        hdrs.append((name, (value if isinstance(value, str) else json.dumps(value)).encode()))
+    return hdrs
+
+
+def build_record(
+    row: OutboxRow,
+    encoder: Encoder,
+    *,
+    topic: str,
+    source: str,
+    max_inline_bytes: int,
+    max_payload_bytes: int,
+) -> Record | Oversized:
+    """Encode a row; raises PermanentError (SchemaError, PayloadError, PayloadTooLarge)."""
+    enc = encoder.encode(row.event_type, row.payload, topic=topic, headers=row.headers)
+    size = len(enc.value)
+    if size > max_payload_bytes:
+        raise PayloadTooLarge(
+            f"event {row.event_id} ({row.event_type}) encodes to {size} bytes, over "
+            f"relay.max_payload_bytes={max_payload_bytes}"
+        )
+    if size > max_inline_bytes:
+        return Oversized(enc.value, row.event_type)
+    return Record(topic, row.aggregate_id.encode(), enc.value, event_headers(row, source))
+
+
+def claim_check_record(
+    row: OutboxRow, encoder: Encoder, oversized: Oversized, *, topic: str, source: str,
+    store: str, ref: str, sha256: str,
+) -> Record:
+    ref_payload = {
+        "event_type": oversized.event_type,
+        "store": store,
+        "ref": ref,
+        "size_bytes": len(oversized.body),
+        "sha256": sha256,
+    }
+    enc = encoder.encode(CLAIM_CHECK, ref_payload, topic=topic)
+    hdrs = event_headers(row, source)
+    hdrs.append((h.CLAIM_CHECK, store.encode()))
+    return Record(topic, row.aggregate_id.encode(), enc.value, hdrs)
+
+
+def dead_letter_record(
+    row: OutboxRow, error: BaseException, *, topic: str, source: str, max_inline_bytes: int
+) -> tuple[Record, bytes | None]:
+    """The outbox DLQ record of a row the relay cannot publish: the raw row as JSON, the error
+    in headers. When the JSON is over ``max_inline_bytes`` the second element is the body to
+    claim-check (the record's value is then a stub naming the row, to be completed by the
+    caller with :func:`dead_letter_stub`)."""
+    body = json.dumps(row.as_json(), separators=(",", ":"), default=str).encode()
+    hdrs = event_headers(row, source)
+    hdrs.append((h.ERROR_CLASS, _error_class(error).encode()))
+    hdrs.append((h.ERROR_MESSAGE, str(error)[:4000].encode()))
+    hdrs = [(n, v) for n, v in hdrs if n != h.CONTENT_TYPE] + [(h.CONTENT_TYPE, b"application/json")]
+    if len(body) > max_inline_bytes:
+        return Record(topic, row.aggregate_id.encode(), b"", hdrs), body
+    return Record(topic, row.aggregate_id.encode(), body, hdrs), None
+
+
+def dead_letter_stub(record: Record, row: OutboxRow, store: str, ref: str, size: int) -> Record:
+    meta = row.as_json()
+    del meta["payload"]
+    meta["payload_claim_check"] = {"store": store, "ref": ref, "size_bytes": size}
+    value = json.dumps(meta, separators=(",", ":"), default=str).encode()
+    return Record(record.topic, record.key, value, [*record.headers, (h.CLAIM_CHECK, store.encode())])
+
+
+def _error_class(error: BaseException) -> str:
+    cls = type(error)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_permanent(error: BaseException) -> bool:
+    return isinstance(error, PermanentError)
+
+

@@ -1,0 +1,1 @@
+"""Avro schema catalogue, codecs and compatibility checks."""

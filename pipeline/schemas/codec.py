@@ -1,0 +1,206 @@
+"""Avro encoding of events (DESIGN decision 6) and the one decoder that reads every form.
+
+Two wire forms:
+
+* **single-object encoding** (no Schema Registry): ``C3 01`` + 8-byte little-endian
+  CRC-64-AVRO fingerprint + Avro body, resolved against the local catalogue;
+* **Confluent wire format** (Schema Registry configured): ``00`` + 4-byte big-endian schema id +
+  Avro body, subjects named by TopicRecordNameStrategy (``<topic>-<record fullname>``), since one
+  topic carries several event types.
+
+:class:`Decoder` accepts both; an unknown fingerprint or schema id raises
+:class:`~pipeline.errors.UnknownSchema`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import fastavro
+
+from pipeline.errors import DecodeError, PayloadError, SchemaError
+from pipeline.schemas.catalogue import (
+    ROW_CHANGE,
+    Catalogue,
+    SchemaVersion,
+    parse_version,
+)
+from pipeline.schemas.jsonform import compile_converter
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = 0
+
+
+class RegistryClient(Protocol):
+    """The part of confluent-kafka's SchemaRegistryClient the codec uses."""
+
+    def register_schema(self, subject_name: str, schema: Any) -> int: ...
+
+    def get_schema(self, schema_id: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Encoded:
+    value: bytes
+    schema: SchemaVersion
+
+
+@dataclass(frozen=True)
+class Decoded:
+    event_type: str
+    schema: SchemaVersion
+    value: dict[str, Any]
+    wire_form: str  # "single-object" | "confluent"
+
+
+class Encoder:
+    """Turns a JSON-form payload into Avro bytes with the event type's writer schema."""
+
+    def __init__(self, catalogue: Catalogue, registry: RegistryClient | None = None) -> None:
+        self.catalogue = catalogue
+        self.registry = registry
+        self._converters: dict[str, Callable[[Any], Any]] = {}
+        self._registry_ids: dict[tuple[str, int], int] = {}
+
+    def schema_for(self, event_type: str, headers: dict[str, Any] | None = None) -> SchemaVersion:
+        """The writer schema, or the generic row-change record for captured table rows."""
+        if self.catalogue.has(event_type):
+            return self.catalogue.writer(event_type)
+        if headers and headers.get("erp_capture"):
+            return self.catalogue.writer(ROW_CHANGE)
+        return self.catalogue.writer(event_type)  # raises the unknown-type SchemaError
+
+    def to_datum(self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
+                 ) -> tuple[SchemaVersion, Any]:
+        """Validate and convert a JSON-form payload; raises PayloadError / SchemaError."""
+        sv = self.schema_for(event_type, headers)
+        if sv.event_type == ROW_CHANGE and event_type != ROW_CHANGE:
+            payload = row_change_payload(payload, event_type)
+        conv = self._converters.get(sv.event_type)
+        if conv is None:
+            conv = self._converters[sv.event_type] = compile_converter(sv.parsed, sv.event_type)
+        return sv, conv(payload)
+
+    def validate(self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
+                 ) -> None:
+        self.to_datum(event_type, payload, headers)
+
+    def encode(self, event_type: str, payload: Any, *, topic: str,
+               headers: dict[str, Any] | None = None) -> Encoded:
+        sv, datum = self.to_datum(event_type, payload, headers)
+        return Encoded(self.encode_datum(sv, datum, topic), sv)
+
+    def encode_datum(self, sv: SchemaVersion, datum: Any, topic: str) -> bytes:
+        buf = io.BytesIO()
+        if self.registry is None:
+            buf.write(SINGLE_OBJECT_MAGIC)
+            buf.write(sv.fingerprint_le)
+        else:
+            buf.write(struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(sv, topic)))
+        fastavro.schemaless_writer(buf, sv.wire_parsed, datum)
+        return buf.getvalue()
+
+    def _registry_id(self, sv: SchemaVersion, topic: str) -> int:
+        key = (topic, sv.fingerprint)
+        sid = self._registry_ids.get(key)
+        if sid is None:
+            from confluent_kafka.schema_registry import Schema
+
+            assert self.registry is not None
+            subject = f"{topic}-{sv.fullname}"
+            sid = self.registry.register_schema(subject, Schema(json.dumps(sv.raw), "AVRO"))
+            self._registry_ids[key] = sid
+        return sid
+
+
+def row_change_payload(payload: Any, event_type: str) -> dict[str, Any]:
+    """The generic record's JSON form, from the payload a capture trigger wrote."""
+    if not isinstance(payload, dict) or "table" not in payload:
+        raise PayloadError(
+            f"captured event {event_type} lacks the capture trigger's payload "
+            "(table, operation, key, row, old_row)",
+            event_type=event_type,
+        )
+    row, old = payload.get("row"), payload.get("old_row")
+    return {
+        "table": payload.get("table"),
+        "operation": payload.get("operation"),
+        "key": None if payload.get("key") is None else str(payload.get("key")),
+        "row": None if row is None else json.dumps(row, separators=(",", ":"), default=str),
+        "old_row": None if old is None else json.dumps(old, separators=(",", ":"), default=str),
+        "schema_name": event_type,
+    }
+
+
+class Decoder:
+    """Reads single-object and Confluent-framed Avro against the catalogue (and registry)."""
+
+    def __init__(self, catalogue: Catalogue, registry: RegistryClient | None = None) -> None:
+        self.catalogue = catalogue
+        self.registry = registry
+        self._by_id: dict[int, SchemaVersion] = {}
+
+    def decode(self, data: bytes | None) -> Decoded:
+        if not data:
+            raise DecodeError("empty record value: no Avro payload to decode")
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            if len(data) < 10:
+                raise DecodeError(f"truncated single-object header ({len(data)} bytes)")
+            (fp,) = struct.unpack_from("<Q", data, 2)
+            sv = self.catalogue.by_fingerprint(fp)
+            return Decoded(sv.event_type, sv, self._read(sv, data, 10), "single-object")
+        if data[0] == CONFLUENT_MAGIC and len(data) >= 5:
+            (sid,) = struct.unpack_from(">I", data, 1)
+            sv = self._registry_schema(sid)
+            return Decoded(sv.event_type, sv, self._read(sv, data, 5), "confluent")
+        raise DecodeError(
+            f"not an Avro event: starts with {data[:4].hex()} (expected c301 single-object "
+            "or 00 Confluent framing)"
+        )
+
+    def _read(self, sv: SchemaVersion, data: bytes, offset: int) -> dict[str, Any]:
+        try:
+            value = fastavro.schemaless_reader(io.BytesIO(data[offset:]), sv.parsed, None)
+        except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError…
+            raise DecodeError(
+                f"corrupt Avro body for {sv.event_type} v{sv.version}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(value, dict):
+            raise DecodeError(f"{sv.event_type}: decoded a non-record value")
+        return value
+
+    def _registry_schema(self, sid: int) -> SchemaVersion:
+        sv = self._by_id.get(sid)
+        if sv is not None:
+            return sv
+        from pipeline.errors import UnknownSchema
+
+        if self.registry is None:
+            raise UnknownSchema(
+                f"record is framed for Schema Registry id {sid} but no registry is configured "
+                "(set schema_registry.url)"
+            )
+        try:
+            schema = self.registry.get_schema(sid)
+        except Exception as exc:
+            raise UnknownSchema(f"Schema Registry has no schema id {sid}: {exc}") from exc
+        raw = json.loads(schema.schema_str)
+        local = self.catalogue.by_fullname(_fullname(raw))
+        event_type = local.event_type if local else _fullname(raw)
+        try:
+            sv = parse_version(raw, event_type, -sid, origin=f"registry id {sid}")
+        except SchemaError as exc:
+            raise UnknownSchema(str(exc)) from exc
+        self._by_id[sid] = sv
+        return sv
+
+
+def _fullname(raw: dict[str, Any]) -> str:
+    name = str(raw.get("name", ""))
+    ns = raw.get("namespace")
+    return name if "." in name or not ns else f"{ns}.{name}"

@@ -1,0 +1,1 @@
+"""ERP activity simulator: realistic concurrent writers of outbox events."""
