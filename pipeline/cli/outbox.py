@@ -1,0 +1,113 @@
+"""``pipeline outbox install | status | capture``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from pipeline.cli import Context, pass_ctx
+from pipeline.db import connect
+from pipeline.outbox.capture import EVENTS, CaptureSpec, drop_capture, install_capture
+from pipeline.outbox.migrations import install
+from pipeline.outbox.status import outbox_status
+from pipeline.schemas.catalogue import Catalogue
+
+
+@click.group("outbox")
+def outbox() -> None:
+    """Install and inspect the transactional outbox in the ERP database."""
+
+
+@outbox.command("install")
+@pass_ctx
+def install_cmd(ctx: Context) -> None:
+    """Create or upgrade the outbox schema (idempotent, versioned migrations)."""
+    schema = ctx.settings.database.schema_name
+    with connect(ctx.settings) as conn:
+        applied = install(conn, schema)
+    if applied:
+        for m in applied:
+            click.echo(f"applied migration {m.version:04d}_{m.name} to schema {schema}")
+    else:
+        click.echo(f"outbox schema {schema} is up to date")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@outbox.command("status")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+def status_cmd(ctx: Context, as_json: bool) -> None:
+    """Backlog rows, oldest unpublished age, current leader and last publish per shard."""
+    schema = ctx.settings.database.schema_name
+    with connect(ctx.settings) as conn:
+        st = outbox_status(conn, schema)
+    if as_json:
+        click.echo(json.dumps(st.as_json(), indent=2))
+        return
+    if st.installed_version is None:
+        click.echo(f"outbox not installed in schema {schema}: run `pipeline outbox install`")
+        raise SystemExit(1)
+    click.echo(f"schema            {schema} (migration {st.installed_version:04d})")
+    click.echo(f"backlog rows      {st.backlog_rows}")
+    click.echo(f"oldest unpublished {_age(st.oldest_unpublished_age_s)}")
+    if not st.shards:
+        click.echo("leaders           none yet (no relay has run)")
+    for s in st.shards:
+        stale = " (STALE: no heartbeat)" if s.heartbeat_age_s > 30 else ""
+        last = s.last_publish.isoformat(timespec="seconds") if s.last_publish else "never"
+        click.echo(
+            f"shard {s.shard}: leader {s.leader}{stale}, since "
+            f"{s.since.isoformat(timespec='seconds')}, last publish {last}, "
+            f"published {s.published}, dead-lettered {s.dead_lettered}"
+        )
+
+
+@outbox.command("capture")
+@click.option("--table", required=True, help="ERP table, e.g. sale_order or public.sale_order")
+@click.option("--aggregate-type", help="aggregate type (topic <prefix>.<type>)")
+@click.option("--key-column", default="id", show_default=True, help="column holding the key")
+@click.option("--events", default=",".join(EVENTS), show_default=True,
+              help="comma-separated subset of insert,update,delete")
+@click.option("--event-type-prefix", help="event types <prefix>.created/.updated/.deleted "
+              "[default: the table name]")
+@click.option("--drop", is_flag=True, help="remove the capture trigger instead")
+@pass_ctx
+def capture_cmd(ctx: Context, table: str, aggregate_type: str | None, key_column: str,
+                events: str, event_type_prefix: str | None, drop: bool) -> None:
+    """Install a trigger that turns an ERP table's row changes into outbox events."""
+    schema = ctx.settings.database.schema_name
+    with connect(ctx.settings) as conn:
+        if drop:
+            if drop_capture(conn, table):
+                click.echo(f"capture trigger on {table} removed")
+            else:
+                click.echo(f"no capture trigger on {table}; nothing to remove")
+            return
+        if not aggregate_type:
+            raise click.UsageError("--aggregate-type is required (unless --drop)")
+        spec = CaptureSpec(
+            table=table,
+            aggregate_type=aggregate_type,
+            key_column=key_column,
+            events=tuple(e.strip().lower() for e in events.split(",") if e.strip()),
+            event_type_prefix=event_type_prefix,
+        )
+        install_capture(conn, spec, schema, Catalogue.load(ctx.settings.schemas.path))
+    click.echo(
+        f"capturing {', '.join(spec.events)} on {table} as {', '.join(spec.event_types())} "
+        f"(aggregate {aggregate_type}, key {key_column}) → topic "
+        f"{ctx.settings.topics.event_topic(aggregate_type)}"
+    )
+
+
+COMMANDS = [outbox]

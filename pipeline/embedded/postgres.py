@@ -1,0 +1,92 @@
+"""PostgreSQL for development and tests: the machine's server when one answers (the
+``PIPELINE_TEST_DATABASE_URL`` / 127.0.0.1:5432 convention), else an embedded server from the
+``pgserver`` wheel, in a data directory of our own."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+class EmbeddedPostgres:
+    """A pgserver instance; ``url`` is a libpq URL over its Unix socket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._server: Any = None
+
+    def start(self) -> EmbeddedPostgres:
+        try:
+            import pgserver
+        except ImportError as exc:
+            raise RuntimeError(
+                "no PostgreSQL answers and the embedded one needs the pgserver wheel: "
+                "pip install 'erp-pipeline[embedded]' (make install does)"
+            ) from exc
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        return self
+
+    @property
+    def url(self) -> str:
+        return str(self._server.get_uri())
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+def admin_url() -> str | None:
+    """A superuser URL of a server that answers now, or None."""
+    url = os.environ.get("PIPELINE_TEST_DATABASE_URL") or LOCAL_SERVER
+    return url if reachable(url) else None
+
+
+def with_database(url: str, dbname: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def create_database(admin: str, prefix: str = "pipeline") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
+
+
+def drop_database(admin: str, name: str) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@contextmanager
+def scratch_database(admin: str, prefix: str = "pipeline") -> Iterator[str]:
+    """A fresh database for the duration of the block, dropped afterwards."""
+    name = create_database(admin, prefix)
+    try:
+        yield with_database(admin, name)
+    finally:
+        drop_database(admin, name)

@@ -1,0 +1,46 @@
+"""Fill in what the configuration leaves unset with embedded servers, for ``pipeline run`` and
+``pipeline bench``: a PostgreSQL (the machine's local server in a fresh database, else pgserver)
+and a tansu broker. What is configured is used as is and nothing embedded starts for it."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from pipeline.config import Settings
+from pipeline.embedded.broker import EmbeddedBroker
+from pipeline.embedded.postgres import EmbeddedPostgres, admin_url, scratch_database
+
+log = logging.getLogger("pipeline.embedded")
+
+
+@contextmanager
+def local_stack(settings: Settings, *, fresh_database: bool = True,
+                data_dir: Path | None = None) -> Iterator[Settings]:
+    """Settings with ``database.url`` and ``kafka.bootstrap_servers`` filled in."""
+    with ExitStack() as stack:
+        update_db = settings.database
+        if settings.database.url is None:
+            admin = admin_url()
+            if admin is None:
+                base = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                pg = EmbeddedPostgres(base / "pg").start()
+                stack.callback(pg.stop)
+                admin = pg.url
+                log.info("started embedded PostgreSQL (pgserver) in %s", base / "pg")
+            url = stack.enter_context(scratch_database(admin, "pipeline_run")) \
+                if fresh_database else admin
+            update_db = settings.database.model_copy(update={"url": SecretStr(url)})
+            log.info("using a fresh database %s", url.rsplit("/", 1)[-1].split("?")[0])
+        update_kafka = settings.kafka
+        if not settings.kafka.bootstrap_servers:
+            broker = stack.enter_context(EmbeddedBroker())
+            update_kafka = settings.kafka.model_copy(
+                update={"bootstrap_servers": broker.bootstrap})
+            log.info("started embedded broker (tansu) on %s", broker.bootstrap)
+        yield settings.model_copy(update={"database": update_db, "kafka": update_kafka})

@@ -1,0 +1,63 @@
+"""Backlog and leadership figures of the outbox (``pipeline outbox status``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass(frozen=True)
+class ShardState:
+    shard: int
+    leader: str
+    since: dt.datetime
+    last_publish: dt.datetime | None
+    published: int
+    dead_lettered: int
+    heartbeat_age_s: float
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    installed_version: int | None
+    backlog_rows: int
+    oldest_unpublished_age_s: float | None
+    shards: list[ShardState]
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for s in d["shards"]:
+            s["since"] = s["since"].isoformat()
+            s["last_publish"] = s["last_publish"].isoformat() if s["last_publish"] else None
+        return d
+
+
+def outbox_status(conn: psycopg.Connection[Any], schema: str) -> OutboxStatus:
+    from pipeline.outbox.migrations import installed_version
+
+    version = installed_version(conn, schema)
+    if version is None:
+        return OutboxStatus(None, 0, None, [])
+    s = sql.Identifier(schema)
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), extract(epoch FROM clock_timestamp() - min(occurred_at)) "
+            "FROM {}.outbox"
+        ).format(s)
+    ).fetchone()
+    assert row is not None
+    shards = [
+        ShardState(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6]))
+        for r in conn.execute(
+            sql.SQL(
+                "SELECT shard, leader, since, last_publish, published, dead_lettered, "
+                "extract(epoch FROM clock_timestamp() - heartbeat) FROM {}.relay_state "
+                "ORDER BY shard"
+            ).format(s)
+        ).fetchall()
+    ]
+    return OutboxStatus(version, int(row[0]), None if row[1] is None else float(row[1]), shards)

@@ -1,0 +1,464 @@
+"""The relay loop (``pipeline relay``): one leader per shard publishes outbox rows in id order.
+
+    connect ─▶ try lock ──no──▶ standby: retry every lock_retry_s
+                 │yes
+                 ▼
+            skip rows already in Kafka (read back each partition's tail: decision 4)
+                 ▼
+       ┌──▶ fetch ≤ batch_size rows ORDER BY id ──none──▶ wait for NOTIFY or poll_interval
+       │         ▼
+       │    encode each row (bad row → outbox DLQ, or halt) ─▶ produce ─▶ wait for every ack
+       └─── delete the acknowledged rows in one transaction
+
+A row is deleted only after Kafka acknowledged it, so a crash at any point loses nothing; what
+was acknowledged but not deleted is found again by the read-back on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
+
+from pipeline.claimcheck import ClaimStore, DirClaimStore, TableClaimStore, sha256
+from pipeline.config import Settings
+from pipeline.db import database_url, first_line
+from pipeline.errors import (
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    PermanentError,
+    PipelineError,
+    TransientError,
+)
+from pipeline.kafka import headers as h
+from pipeline.kafka.client import admin_config, consumer_config, producer_config, wrap_kafka_error
+from pipeline.kafka.topics import ensure_topics
+from pipeline.relay.envelope import (
+    OutboxRow,
+    Oversized,
+    Record,
+    build_record,
+    claim_check_record,
+    dead_letter_record,
+    dead_letter_stub,
+)
+from pipeline.relay.store import RelayStore, leader_name
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Encoder
+
+log = logging.getLogger("pipeline.relay")
+
+# Delivery errors that retrying cannot fix: the row goes to the outbox DLQ.
+_PERMANENT_DELIVERY = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+}
+
+
+class RelayHalted(PipelineError):
+    """``relay.on_invalid: halt`` met a bad row; the message names it."""
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    dead_lettered: int = 0
+    claim_checked: int = 0
+    skipped_duplicates: int = 0
+    batches: int = 0
+    leader_since: float | None = None
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+Observer = Callable[[list[OutboxRow], float], None]
+
+
+class Relay:
+    """Publishes one shard's outbox rows. ``run(stop)`` returns when ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        shard: int = 0,
+        *,
+        catalogue: Catalogue | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        if not 0 <= shard < settings.relay.shards:
+            raise ValueError(
+                f"shard {shard} is out of range: relay.shards is {settings.relay.shards}"
+            )
+        self.settings = settings
+        self.cfg = settings.relay
+        self.shard = shard
+        self.catalogue = catalogue or Catalogue.load(settings.schemas.path)
+        self.encoder = Encoder(self.catalogue, _registry(settings))
+        self.observer = observer
+        self.name = leader_name()
+        self.stats = RelayStats()
+        self.store = RelayStore(
+            database_url(settings), settings.database.schema_name, shard, settings.relay.shards
+        )
+        self.is_leader = False
+        self._producer: Producer | None = None
+        self._claims: ClaimStore | None = None
+        self._known_topics: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Lead (or stand by) until ``stop`` is set; rides out database and broker outages."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
+            stop=lambda _: stop.is_set(),
+            sleep=stop.wait,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if stop.is_set():
+                        return
+                    self._session(stop)
+        except TransientError:
+            if not stop.is_set():
+                raise
+        finally:
+            self._shutdown()
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "relay waiting for a dependency: %s; retrying in %.1fs",
+            exc,
+            state.upcoming_sleep,
+            extra={"shard": self.shard, "attempt": state.attempt_number},
+        )
+
+    def _session(self, stop: threading.Event) -> None:
+        try:
+            self.store.connect()
+            announced = False
+            while not self.store.try_lead():
+                if not announced:
+                    log.info(
+                        "relay is standby for shard %d/%d: leader is %s",
+                        self.shard, self.cfg.shards, self.store.current_leader() or "unknown",
+                        extra={"shard": self.shard},
+                    )
+                    announced = True
+                if stop.wait(self.cfg.lock_retry_s):
+                    return
+            self.is_leader = True
+            self.stats.leader_since = time.time()
+            log.info("relay is leader for shard %d/%d", self.shard, self.cfg.shards,
+                     extra={"shard": self.shard, "leader": self.name})
+            self.store.complete([], self.name, 0, 0)
+            self._skip_already_published()
+            while not stop.is_set():
+                if self.step(stop) == 0:
+                    self.store.wait(self.cfg.poll_interval_s)
+                    self.store.complete([], self.name, 0, 0)  # heartbeat
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"PostgreSQL connection lost: {first_line(exc)}") from exc
+        finally:
+            # Whatever is in flight must land (or be abandoned) before another session's
+            # read-back, or a record could arrive after a new leader looked.
+            self._drain(timeout=self.cfg.flush_timeout_s)
+            self.is_leader = False
+            self.store.close()
+
+    def _shutdown(self) -> None:
+        self._drain(timeout=self.cfg.flush_timeout_s)
+        self._producer = None  # closes the client now, not whenever it is collected
+        if isinstance(self._claims, TableClaimStore):
+            self._claims.close()
+        self.store.close()
+
+    def _drain(self, timeout: float) -> None:
+        if self._producer is not None:
+            left = self._producer.flush(timeout)
+            if left:
+                log.error("relay exits with %d records unacknowledged; their rows stay in the "
+                          "outbox and are checked against Kafka on the next start", left)
+                self._producer.purge()
+                self._producer = None
+
+    # -- clients ----------------------------------------------------------------------------
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(producer_config(self.settings, **{
+                "error_cb": _log_kafka_error}))
+        return self._producer
+
+    @property
+    def claims(self) -> ClaimStore:
+        if self._claims is None:
+            cc = self.cfg.claim_check
+            if cc.store == "dir":
+                if cc.path is None:
+                    raise PermanentError("relay.claim_check.store is dir but no path is set")
+                self._claims = DirClaimStore(cc.path)
+            else:
+                self._claims = TableClaimStore(
+                    database_url(self.settings), self.settings.database.schema_name
+                )
+        return self._claims
+
+    def _ensure_topics(self, aggregate_types: set[str]) -> None:
+        topics = {self.settings.topics.event_topic(a): a for a in aggregate_types}
+        missing = [a for t, a in topics.items() if t not in self._known_topics]
+        if not missing:
+            return
+        ensure_topics(self.settings, sorted(missing))
+        self._known_topics.update(topics)
+        self._known_topics.add(self.settings.topics.outbox_dlq)
+
+    # -- decision 4: no duplicates after a crash ---------------------------------------------
+    def _skip_already_published(self) -> None:
+        types = self.store.pending_aggregate_types()
+        if not types:
+            return
+        self._ensure_topics(set(types))
+        window = self.cfg.dedupe_window or 2 * self.cfg.batch_size * self.cfg.shards
+        topics = [self.settings.topics.event_topic(t) for t in types]
+        topics.append(self.settings.topics.outbox_dlq)
+        positions = read_back_positions(
+            self.settings, topics, window, self.cfg.source,
+            timeout_s=self.settings.kafka.request_timeout_s,
+        )
+        published = self.store.existing(sorted(positions))
+        if published:
+            self.store.complete(published, self.name, 0, 0)
+            self.stats.skipped_duplicates += len(published)
+            log.warning("relay found %d outbox rows already in Kafka (acknowledged before the "
+                        "last stop but not deleted): removed without publishing again",
+                        len(published), extra={"shard": self.shard})
+
+    # -- one batch --------------------------------------------------------------------------
+    def step(self, stop: threading.Event | None = None) -> int:
+        """Publish one batch; returns the number of rows handled (0 when the outbox is empty)."""
+        rows = self.store.fetch(self.cfg.batch_size)
+        if not rows:
+            return 0
+        self._ensure_topics({r.aggregate_type for r in rows})
+        topics = self.settings.topics
+        records: list[tuple[OutboxRow, Record]] = []
+        dead: list[tuple[OutboxRow, BaseException]] = []
+        for row in rows:
+            topic = topics.event_topic(row.aggregate_type)
+            try:
+                rec = build_record(
+                    row, self.encoder, topic=topic, source=self.cfg.source,
+                    max_inline_bytes=self.cfg.max_inline_bytes,
+                    max_payload_bytes=self.cfg.max_payload_bytes,
+                )
+                if isinstance(rec, Oversized):
+                    rec = self._claim_check(row, rec, topic)
+                records.append((row, rec))
+            except PermanentError as exc:
+                self._invalid(row, exc)
+                dead.append((row, exc))
+        failures = self._publish(records, stop)
+        for row, exc in failures:
+            self._invalid(row, exc)
+            dead.append((row, exc))
+        if dead:
+            dlq_failures = self._publish([(row, self._dead_letter(row, exc)) for row, exc in dead],
+                                         stop)
+            if dlq_failures:
+                row, exc = dlq_failures[0]
+                raise RelayHalted(
+                    f"cannot write event {row.event_id} (outbox id {row.id}) to the outbox DLQ "
+                    f"{topics.outbox_dlq}: {exc}; the relay stops so that nothing is lost"
+                )
+        ack = time.time()
+        self.store.complete([r.id for r in rows], self.name, len(rows) - len(dead), len(dead))
+        self.stats.published += len(rows) - len(dead)
+        self.stats.dead_lettered += len(dead)
+        self.stats.batches += 1
+        if self.observer is not None:
+            self.observer(rows, ack)
+        return len(rows)
+
+    def _claim_check(self, row: OutboxRow, over: Oversized, topic: str) -> Record:
+        ref = self.claims.put(row.event_id, over.body)
+        self.stats.claim_checked += 1
+        log.info("event %s (%s) is %d bytes encoded: stored in the %s claim-check store as %s",
+                 row.event_id, row.event_type, len(over.body), self.claims.name, ref,
+                 extra={"event_id": row.event_id})
+        return claim_check_record(
+            row, self.encoder, over, topic=topic, source=self.cfg.source,
+            store=self.claims.name, ref=ref, sha256=sha256(over.body),
+        )
+
+    def _dead_letter(self, row: OutboxRow, exc: BaseException) -> Record:
+        rec, body = dead_letter_record(
+            row, exc, topic=self.settings.topics.outbox_dlq, source=self.cfg.source,
+            max_inline_bytes=self.cfg.max_inline_bytes,
+        )
+        if body is not None:
+            ref = self.claims.put(row.event_id, body)
+            rec = dead_letter_stub(rec, row, self.claims.name, ref, len(body))
+        return rec
+
+    def _invalid(self, row: OutboxRow, exc: BaseException) -> None:
+        where = (f"event {row.event_id} (outbox id {row.id}, {row.event_type}, "
+                 f"{row.aggregate_type} {row.aggregate_id} v{row.aggregate_version})")
+        if self.cfg.on_invalid == "halt":
+            raise RelayHalted(
+                f"relay halted on a bad row ({self.cfg.on_invalid=}): {where}: {exc}. Fix or "
+                f"delete the row in {self.settings.database.schema_name}.outbox, or set "
+                "relay.on_invalid: dlq to dead-letter such rows and keep going"
+            )
+        reason = type(exc).__name__
+        self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
+        log.error("%s cannot be published: %s; sent to %s", where, exc,
+                  self.settings.topics.outbox_dlq,
+                  extra={"event_id": row.event_id, "outbox_id": row.id,
+                         "error_class": reason})
+
+    def _publish(self, records: list[tuple[OutboxRow, Record]], stop: threading.Event | None
+                 ) -> list[tuple[OutboxRow, BaseException]]:
+        """Produce and wait for every acknowledgement. Returns the rows Kafka refused for good;
+        waits out transient trouble (librdkafka retries forever: message.timeout.ms=0)."""
+        if not records:
+            return []
+        producer = self.producer
+        failures: list[tuple[OutboxRow, BaseException]] = []
+        pending = [len(records)]
+
+        def delivered(row: OutboxRow, err: KafkaError | None, _msg: Any) -> None:
+            pending[0] -= 1
+            if err is not None:
+                if err.code() in _PERMANENT_DELIVERY or not err.retriable():
+                    failures.append((row, wrap_kafka_error(err, f"publishing event {row.event_id}")))
+                else:  # only possible with a finite message.timeout.ms from user config
+                    failures.append((row, BrokerUnavailable(err.str(), code=err.code())))
+
+        for row, rec in records:
+            while True:
+                try:
+                    producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
+                                     on_delivery=partial(delivered, row))
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        waited_since = time.monotonic()
+        warned = 0.0
+        while pending[0] > 0:
+            producer.flush(1.0)
+            waited = time.monotonic() - waited_since
+            if pending[0] and waited - warned >= 10:
+                warned = waited
+                log.warning("relay waiting %.0fs for Kafka to acknowledge %d records "
+                            "(broker unreachable?); nothing is lost, rows stay in the outbox",
+                            waited, pending[0], extra={"shard": self.shard})
+            if pending[0] and stop is not None and stop.is_set() and \
+                    waited > self.cfg.flush_timeout_s:
+                raise BrokerUnavailable(
+                    f"stopping with {pending[0]} records unacknowledged after {waited:.0f}s; "
+                    "their rows stay in the outbox"
+                )
+        transient = [f for f in failures if isinstance(f[1], TransientError)]
+        if transient:
+            raise transient[0][1]
+        return failures
+
+
+def read_back_positions(settings: Settings, topics: list[str], window: int, source: str,
+                        *, timeout_s: float) -> set[int]:
+    """Outbox positions found in the last ``window`` records of every partition of ``topics``
+    that carry our ``ce_source``."""
+    consumer = Consumer(consumer_config(
+        settings, f"pipeline-relay-readback-{leader_name()}",
+        **{"enable.auto.offset.store": False, "fetch.wait.max.ms": 50}))
+    positions: set[int] = set()
+    try:
+        try:
+            md = consumer.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            raise wrap_kafka_error(exc, "reading topic metadata for the read-back") from exc
+        assignment: list[TopicPartition] = []
+        ends: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            tmd = md.topics.get(topic)
+            if tmd is None or tmd.error is not None:
+                continue
+            for p in tmd.partitions:
+                try:
+                    lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                            timeout=timeout_s)
+                except KafkaException as exc:
+                    raise wrap_kafka_error(exc, f"reading offsets of {topic}[{p}]") from exc
+                start = max(lo, hi - window)
+                if start < hi:
+                    assignment.append(TopicPartition(topic, p, start))
+                    ends[(topic, p)] = hi - 1
+        if not assignment:
+            return positions
+        consumer.assign(assignment)
+        deadline = time.monotonic() + max(30.0, timeout_s * 3)
+        src = source.encode()
+        while ends:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(
+                    f"read-back of {len(ends)} partition(s) did not finish in time: "
+                    f"{sorted(ends)[:3]}"
+                )
+            for msg in consumer.consume(5000, timeout=0.5):
+                if msg.error() is not None:
+                    continue
+                tp = (msg.topic(), msg.partition())
+                pos, msrc = None, None
+                for name, value in msg.headers() or ():
+                    if name == h.OUTBOX_POSITION:
+                        pos = value
+                    elif name == h.CE_SOURCE:
+                        msrc = value
+                if pos is not None and msrc == src:
+                    positions.add(int(pos))
+                if tp in ends and msg.offset() >= ends[tp]:
+                    del ends[tp]
+    finally:
+        consumer.close()
+    return positions
+
+
+def _log_kafka_error(err: KafkaError) -> None:
+    log.warning("kafka: %s", err.str())
+
+
+def _registry(settings: Settings) -> Any:
+    if not settings.schema_registry.url:
+        return None
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    conf: dict[str, Any] = {"url": settings.schema_registry.url}
+    sr = settings.schema_registry
+    if sr.basic_auth_user:
+        pw = sr.basic_auth_password.get_secret_value() if sr.basic_auth_password else ""
+        conf["basic.auth.user.info"] = f"{sr.basic_auth_user}:{pw}"
+    return SchemaRegistryClient(conf)
+
+
+def make_admin(settings: Settings) -> AdminClient:
+    return AdminClient(admin_config(settings))

@@ -1,0 +1,130 @@
+"""The relay's PostgreSQL adapter: leadership lock, reading and deleting outbox rows, wake-ups.
+
+One connection does everything, in autocommit mode with explicit transactions for deletes: the
+session-level advisory lock that makes this process the shard's leader lives exactly as long as
+the connection that reads and deletes, so a relay that loses its connection also loses its
+leadership and can never delete rows under a new leader.
+"""
+
+from __future__ import annotations
+
+import socket
+import os
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pipeline.errors import DatabaseUnavailable
+from pipeline.relay.envelope import OutboxRow
+
+_COLUMNS = (
+    "id, event_id::text, aggregate_type, aggregate_id, aggregate_version, event_type, payload, "
+    "headers, occurred_at"
+)
+
+
+def leader_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class RelayStore:
+    def __init__(self, conninfo: str, schema: str, shard: int, shards: int) -> None:
+        self.conninfo = conninfo
+        self.schema = schema
+        self.shard = shard
+        self.shards = shards
+        self.channel = f"{schema}_outbox"
+        self.conn: psycopg.Connection[Any] | None = None
+        s = sql.Identifier(schema)
+        shard_filter = (
+            sql.SQL("")
+            if shards == 1
+            else sql.SQL(
+                " WHERE (hashtextextended(aggregate_id, 0) & 9223372036854775807) % {} = {}"
+            ).format(sql.Literal(shards), sql.Literal(shard))
+        )
+        self._fetch = sql.SQL("SELECT {} FROM {}.outbox{} ORDER BY id LIMIT %s").format(
+            sql.SQL(_COLUMNS), s, shard_filter
+        )
+        self._pending_types = sql.SQL("SELECT DISTINCT aggregate_type FROM {}.outbox{}").format(
+            s, shard_filter
+        )
+        self._delete = sql.SQL("DELETE FROM {}.outbox WHERE id = ANY(%s)").format(s)
+        self._existing = sql.SQL("SELECT id FROM {}.outbox WHERE id = ANY(%s)").format(s)
+        self._state = sql.SQL(
+            "INSERT INTO {}.relay_state AS r (shard, leader, since, last_publish, published, "
+            " dead_lettered, heartbeat) VALUES (%s, %s, now(), CASE WHEN %s > 0 THEN now() END, "
+            " %s, %s, now()) "
+            "ON CONFLICT (shard) DO UPDATE SET leader = excluded.leader, "
+            " since = CASE WHEN r.leader = excluded.leader THEN r.since ELSE now() END, "
+            " last_publish = coalesce(excluded.last_publish, r.last_publish), "
+            " published = r.published + excluded.published, "
+            " dead_lettered = r.dead_lettered + excluded.dead_lettered, heartbeat = now()"
+        ).format(s)
+        self.lock_key = f"{schema}:relay:{shard}/{shards}"
+
+    # -- connection -------------------------------------------------------------------------
+    def connect(self) -> None:
+        self.close()
+        try:
+            self.conn = psycopg.connect(
+                self.conninfo, autocommit=True, application_name=f"pipeline-relay-{self.shard}"
+            )
+            self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"relay cannot connect to PostgreSQL: {exc}") from exc
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+    def _c(self) -> psycopg.Connection[Any]:
+        if self.conn is None or self.conn.closed:
+            raise DatabaseUnavailable("relay's PostgreSQL connection is closed")
+        return self.conn
+
+    # -- leadership --------------------------------------------------------------------------
+    def try_lead(self) -> bool:
+        row = self._c().execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.lock_key,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def current_leader(self) -> str | None:
+        row = self._c().execute(
+            sql.SQL("SELECT leader FROM {}.relay_state WHERE shard = %s").format(
+                sql.Identifier(self.schema)
+            ),
+            (self.shard,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- rows -------------------------------------------------------------------------------
+    def fetch(self, limit: int) -> list[OutboxRow]:
+        cur = self._c().execute(self._fetch, (limit,))
+        return [OutboxRow(*r) for r in cur.fetchall()]
+
+    def pending_aggregate_types(self) -> list[str]:
+        return [r[0] for r in self._c().execute(self._pending_types).fetchall()]
+
+    def existing(self, ids: list[int]) -> list[int]:
+        if not ids:
+            return []
+        return [r[0] for r in self._c().execute(self._existing, (ids,)).fetchall()]
+
+    def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
+        """Delete published (or dead-lettered) rows and account for them, atomically."""
+        conn = self._c()
+        with conn.transaction():
+            if ids:
+                conn.execute(self._delete, (ids,))
+            conn.execute(self._state, (self.shard, leader, published, published, dead_lettered))
+
+    def wait(self, timeout: float) -> None:
+        """Block until a NOTIFY arrives or ``timeout`` passes (the poll backstop)."""
+        for _ in self._c().notifies(timeout=timeout, stop_after=1):
+            pass
