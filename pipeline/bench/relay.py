@@ -47,7 +47,7 @@ def _prewrite(conn: psycopg.Connection[Any], schema: str, n: int) -> int:
                           now=dt.datetime.now(dt.UTC))
     text = json.dumps(payload, separators=(",", ":"))
     conn.execute(
-        f"SELECT {schema}.outbox_emit('order', 'SO-' || lpad((i % %s)::text, 7, '0'), "
+        f"SELECT {schema}.outbox_emit('order', 'SO-' || lpad((i %% %s)::text, 7, '0'), "
         "'order.created', %s::jsonb) FROM generate_series(1, %s) i",
         (AGGREGATES, text, n),
     )

@@ -6,7 +6,6 @@ claim-checked body is the caller's job (:func:`build_record` says when one is ne
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ class OutboxRow:
     event_type: str
     payload: Any
     headers: dict[str, Any]
-    occurred_at: dt.datetime
+    occurred_at: str  # ISO-8601 with offset, as the CloudEvents ce_time header wants it
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -46,7 +45,7 @@ class OutboxRow:
             "event_type": self.event_type,
             "payload": self.payload,
             "headers": self.headers,
-            "occurred_at": self.occurred_at.isoformat(),
+            "occurred_at": self.occurred_at,
         }
 
 
@@ -74,7 +73,7 @@ def event_headers(row: OutboxRow, source: str) -> list[tuple[str, bytes]]:
         (h.CE_TYPE, row.event_type.encode()),
         (h.CE_SOURCE, source.encode()),
         (h.CE_SUBJECT, row.aggregate_id.encode()),
-        (h.CE_TIME, row.occurred_at.isoformat().encode()),
+        (h.CE_TIME, row.occurred_at.encode()),
         (h.CONTENT_TYPE, b"application/avro"),
         (h.AGGREGATE_TYPE, row.aggregate_type.encode()),
         (h.AGGREGATE_VERSION, str(row.aggregate_version).encode()),

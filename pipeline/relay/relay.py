@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -119,6 +120,8 @@ class Relay:
         self._producer: Producer | None = None
         self._claims: ClaimStore | None = None
         self._known_topics: set[str] = set()
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
+        self._prefetch: Future[list[OutboxRow]] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -179,13 +182,23 @@ class Relay:
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"PostgreSQL connection lost: {first_line(exc)}") from exc
         finally:
+            self._discard_prefetch()
             # Whatever is in flight must land (or be abandoned) before another session's
             # read-back, or a record could arrive after a new leader looked.
             self._drain(timeout=self.cfg.flush_timeout_s)
             self.is_leader = False
             self.store.close()
 
+    def _discard_prefetch(self) -> None:
+        fut, self._prefetch = self._prefetch, None
+        if fut is not None:
+            try:
+                fut.result(timeout=30)
+            except Exception:  # noqa: BLE001 - the session is ending anyway
+                log.debug("discarded look-ahead fetch failed", exc_info=True)
+
     def _shutdown(self) -> None:
+        self._fetcher.shutdown(wait=True)
         self._drain(timeout=self.cfg.flush_timeout_s)
         self._producer = None  # closes the client now, not whenever it is collected
         if isinstance(self._claims, TableClaimStore):
@@ -255,10 +268,19 @@ class Relay:
 
     # -- one batch --------------------------------------------------------------------------
     def step(self, stop: threading.Event | None = None) -> int:
-        """Publish one batch; returns the number of rows handled (0 when the outbox is empty)."""
-        rows = self.store.fetch(self.cfg.batch_size)
+        """Publish one batch; returns the number of rows handled (0 when the outbox is empty).
+
+        While this batch is encoded and sent, the next one is fetched in the background (rows
+        of this batch excluded): the database's work overlaps the encoding. Order is safe: any
+        row the look-ahead sees of an aggregate in this batch has a later version.
+        """
+        rows = self._take_prefetched()
+        if rows is None:
+            rows = self.store.fetch(self.cfg.batch_size)
         if not rows:
             return 0
+        self._prefetch = self._fetcher.submit(self.store.fetch, self.cfg.batch_size,
+                                              [r.id for r in rows])
         self._ensure_topics({r.aggregate_type for r in rows})
         topics = self.settings.topics
         records: list[tuple[OutboxRow, Record]] = []
@@ -298,6 +320,15 @@ class Relay:
         if self.observer is not None:
             self.observer(rows, ack)
         return len(rows)
+
+    def _take_prefetched(self) -> list[OutboxRow] | None:
+        fut, self._prefetch = self._prefetch, None
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"PostgreSQL connection lost: {first_line(exc)}") from exc
 
     def _claim_check(self, row: OutboxRow, over: Oversized, topic: str) -> Record:
         ref = self.claims.put(row.event_id, over.body)

@@ -69,7 +69,7 @@ class SchemaVersion:
     def wire_parsed(self) -> Any:
         """The schema with logical types stripped: what the encoder hands fastavro, the wire
         datum being already in the underlying types (see ``jsonform``)."""
-        return fastavro.parse_schema(_strip_logical(self.raw), _write_hint=False)
+        return fastavro.parse_schema(_strip_logical(self.raw))
 
     @cached_property
     def fingerprint_le(self) -> bytes:
@@ -82,6 +82,8 @@ def _strip_logical(schema: Any) -> Any:
         if "logicalType" in schema:
             schema = {k: v for k, v in schema.items()
                       if k not in ("logicalType", "precision", "scale")}
+            if set(schema) == {"type"} and isinstance(schema["type"], str):
+                return schema["type"]  # {"type": "long"} → "long": fastavro's fast path
         return {k: _strip_logical(v) for k, v in schema.items()}
     if isinstance(schema, list):
         return [_strip_logical(x) for x in schema]
@@ -173,7 +175,7 @@ def parse_version(raw: Any, event_type: str, version: int, origin: str) -> Schem
     if not isinstance(raw, dict) or raw.get("type") != "record":
         raise SchemaError(f"{origin}: an event schema must be an Avro record")
     try:
-        parsed = fastavro.parse_schema(raw, _write_hint=False)
+        parsed = fastavro.parse_schema(raw)
     except Exception as exc:  # fastavro raises several unrelated types
         raise SchemaError(f"{origin}: invalid Avro schema: {exc}") from exc
     return SchemaVersion(event_type=event_type, version=version, raw=raw, parsed=parsed)

@@ -24,25 +24,30 @@ from typing import Any
 
 from pipeline.errors import PayloadError
 
-Converter = Callable[[Any, str], Any]
+Converter = Callable[[Any], Any]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class _Fail(Exception):
-    def __init__(self, path: str, message: str) -> None:
+    """A mismatch; containers prepend their path segment while it propagates (paths cost
+    nothing on the success path)."""
+
+    def __init__(self, message: str, segment: str | None = None) -> None:
         super().__init__(message)
-        self.path = path
         self.message = message
+        self.segments: list[str] = [segment] if segment is not None else []
+
+    @property
+    def path(self) -> str:
+        out = ""
+        for seg in reversed(self.segments):
+            out += seg if seg.startswith("[") or not out else "." + seg
+        return out
 
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def _expect(cond: bool, path: str, what: str, value: Any) -> None:
-    if not cond:
-        raise _Fail(path, f"expected {what}, got {_type_name(value)} {_short(value)}")
 
 
 def _short(value: Any) -> str:
@@ -50,85 +55,93 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _int(v: Any, p: str) -> Any:
-    _expect(isinstance(v, int) and not isinstance(v, bool), p, "an integer", v)
+def _expect(cond: bool, what: str, value: Any) -> None:
+    if not cond:
+        raise _Fail(f"expected {what}, got {_type_name(value)} {_short(value)}")
+
+
+def _int(v: Any) -> Any:
+    _expect(isinstance(v, int) and not isinstance(v, bool), "an integer", v)
     return v
 
 
-def _int32(v: Any, p: str) -> Any:
-    _int(v, p)
+def _int32(v: Any) -> Any:
+    _int(v)
     if not -(2**31) <= v < 2**31:
-        raise _Fail(p, f"integer {v} does not fit Avro int (32-bit)")
+        raise _Fail(f"integer {v} does not fit Avro int (32-bit)")
     return v
 
 
-def _float(v: Any, p: str) -> Any:
-    _expect(isinstance(v, int | float) and not isinstance(v, bool), p, "a number", v)
+def _float(v: Any) -> Any:
+    _expect(isinstance(v, int | float) and not isinstance(v, bool), "a number", v)
     return float(v)
 
 
-def _str(v: Any, p: str) -> Any:
-    _expect(isinstance(v, str), p, "a string", v)
+def _str(v: Any) -> Any:
+    _expect(isinstance(v, str), "a string", v)
     return v
 
 
-def _bool(v: Any, p: str) -> Any:
-    _expect(isinstance(v, bool), p, "true or false", v)
+def _bool(v: Any) -> Any:
+    _expect(isinstance(v, bool), "true or false", v)
     return v
 
 
-def _null(v: Any, p: str) -> Any:
-    _expect(v is None, p, "null", v)
+def _null(v: Any) -> Any:
+    _expect(v is None, "null", v)
     return None
 
 
-def _bytes(v: Any, p: str) -> Any:
+def _bytes(v: Any) -> Any:
     if isinstance(v, bytes | bytearray):
         return bytes(v)
-    _expect(isinstance(v, str), p, "a base64 string", v)
+    _expect(isinstance(v, str), "a base64 string", v)
     try:
         return base64.b64decode(v, validate=True)
     except ValueError:
-        raise _Fail(p, "expected a base64 string") from None
+        raise _Fail("expected a base64 string") from None
 
 
 def _timestamp(unit: int) -> Converter:
-    def conv(v: Any, p: str) -> Any:
+    def conv(v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             return v
         if isinstance(v, dt.datetime):
             ts = v
         else:
-            _expect(isinstance(v, str), p, "an ISO-8601 timestamp string", v)
+            _expect(isinstance(v, str), "an ISO-8601 timestamp string", v)
             try:
                 ts = dt.datetime.fromisoformat(v)
             except ValueError:
-                raise _Fail(p, f"expected an ISO-8601 timestamp, got {_short(v)}") from None
+                raise _Fail(f"expected an ISO-8601 timestamp, got {_short(v)}") from None
         if ts.tzinfo is None:
-            raise _Fail(p, f"timestamp {_short(v)} has no time zone (add +00:00 or Z)")
+            raise _Fail(f"timestamp {_short(v)} has no time zone (add +00:00 or Z)")
         delta = ts - _EPOCH
         return (delta.days * 86_400 + delta.seconds) * unit + delta.microseconds * unit // 1_000_000
 
     return conv
 
 
-def _date(v: Any, p: str) -> Any:
+def _date(v: Any) -> Any:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    _expect(isinstance(v, str), p, "a YYYY-MM-DD date string", v)
+    _expect(isinstance(v, str), "a YYYY-MM-DD date string", v)
     try:
         return (dt.date.fromisoformat(v) - dt.date(1970, 1, 1)).days
     except ValueError:
-        raise _Fail(p, f"expected a YYYY-MM-DD date, got {_short(v)}") from None
+        raise _Fail(f"expected a YYYY-MM-DD date, got {_short(v)}") from None
 
 
-def _uuid(v: Any, p: str) -> Any:
-    _str(v, p)
+def _uuid(v: Any) -> Any:
+    _str(v)
     try:
         uuid.UUID(v)
     except ValueError:
-        raise _Fail(p, f"expected a UUID, got {_short(v)}") from None
+        raise _Fail(f"expected a UUID, got {_short(v)}") from None
     return v
+
+
+_PLAIN_DECIMAL = re.compile(r"^(-?\d+)(?:\.(\d+))?$")
 
 
 def _decimal(precision: int, scale: int, size: int | None = None) -> Converter:
@@ -136,41 +149,51 @@ def _decimal(precision: int, scale: int, size: int | None = None) -> Converter:
     on the common path: a plain ``"123.45"`` string is scaled as text)."""
     limit = 10**precision
 
-    def to_bytes(unscaled: int, p: str, v: Any) -> bytes:
+    def to_bytes(unscaled: int, v: Any) -> bytes:
         if not -limit < unscaled < limit:
-            raise _Fail(p, f"decimal {v} has more than {precision} digits")
+            raise _Fail(f"decimal {v} has more than {precision} digits")
         if size is None:
             return unscaled.to_bytes((unscaled.bit_length() + 8) // 8, "big", signed=True)
         return unscaled.to_bytes(size, "big", signed=True)
 
-    def conv(v: Any, p: str) -> Any:
-        if isinstance(v, str):
+    # Prices repeat: a bounded cache of decimal strings already converted.
+    cache: dict[str, bytes] = {}
+
+    def conv(v: Any) -> Any:
+        if type(v) is str:
+            hit = cache.get(v)
+            if hit is not None:
+                return hit
             m = _PLAIN_DECIMAL.match(v)
             if m is not None:
                 whole, frac = m.group(1), m.group(2) or ""
                 if len(frac) <= scale:
-                    return to_bytes(int(whole + frac.ljust(scale, "0")), p, v)
+                    b = to_bytes(int(whole + frac.ljust(scale, "0")), v)
+                    if len(cache) < 8192:
+                        cache[v] = b
+                    return b
         _expect(
             isinstance(v, str | int | float | decimal.Decimal) and not isinstance(v, bool),
-            p,
             "a decimal (string like \"12.50\" or a number)",
             v,
         )
         try:
             d = decimal.Decimal(str(v)) if not isinstance(v, decimal.Decimal) else v
         except decimal.InvalidOperation:
-            raise _Fail(p, f"expected a decimal, got {_short(v)}") from None
+            raise _Fail(f"expected a decimal, got {_short(v)}") from None
         if not d.is_finite():
-            raise _Fail(p, f"decimal {_short(v)} is not finite")
+            raise _Fail(f"decimal {_short(v)} is not finite")
         scaled = d.scaleb(scale)
         if scaled != scaled.to_integral_value():
-            raise _Fail(p, f"decimal {v} has more than {scale} decimal places")
-        return to_bytes(int(scaled), p, v)
+            raise _Fail(f"decimal {v} has more than {scale} decimal places")
+        return to_bytes(int(scaled), v)
 
     return conv
 
 
-_PLAIN_DECIMAL = re.compile(r"^(-?\d+)(?:\.(\d+))?$")
+# Field kinds the record loop handles inline, without a function call per field.
+_GENERIC, _STRING, _LONG, _INT = 0, 1, 2, 3
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 class Compiler:
@@ -192,17 +215,33 @@ class Compiler:
         if t == "array":
             item = self.compile(schema["items"])
 
-            def arr(v: Any, p: str) -> Any:
-                _expect(isinstance(v, list), p, "an array", v)
-                return [item(x, f"{p}[{i}]") for i, x in enumerate(v)]
+            def arr(v: Any) -> Any:
+                _expect(isinstance(v, list), "an array", v)
+                i = 0
+                try:
+                    out = []
+                    for i, x in enumerate(v):  # noqa: B007 - i is read in the handler
+                        out.append(item(x))
+                    return out
+                except _Fail as e:
+                    e.segments.append(f"[{i}]")
+                    raise
 
             return arr
         if t == "map":
             val = self.compile(schema["values"])
 
-            def mp(v: Any, p: str) -> Any:
-                _expect(isinstance(v, dict), p, "an object", v)
-                return {k: val(x, f"{p}.{k}") for k, x in v.items()}
+            def mp(v: Any) -> Any:
+                _expect(isinstance(v, dict), "an object", v)
+                k = ""
+                try:
+                    out = {}
+                    for k, x in v.items():
+                        out[k] = val(x)
+                    return out
+                except _Fail as e:
+                    e.segments.append(str(k))
+                    raise
 
             return mp
         if t == "fixed" and schema.get("logicalType") == "decimal":
@@ -210,10 +249,10 @@ class Compiler:
         if t == "fixed":
             size = int(schema["size"])
 
-            def fixed(v: Any, p: str) -> Any:
-                b = _bytes(v, p)
+            def fixed(v: Any) -> Any:
+                b = _bytes(v)
                 if len(b) != size:
-                    raise _Fail(p, f"expected {size} bytes, got {len(b)}")
+                    raise _Fail(f"expected {size} bytes, got {len(b)}")
                 return b
 
             return fixed
@@ -253,46 +292,57 @@ class Compiler:
         symbols = frozenset(schema["symbols"])
         listed = ", ".join(schema["symbols"])
 
-        def enum(v: Any, p: str) -> Any:
+        def enum(v: Any) -> Any:
             if v not in symbols:
-                raise _Fail(p, f"expected one of {listed}, got {_short(v)}")
+                raise _Fail(f"expected one of {listed}, got {_short(v)}")
             return v
 
         self._named[schema["name"]] = enum
         return enum
 
     def _record(self, schema: dict[str, Any]) -> Converter:
-        fields: list[tuple[str, Converter, bool, Any]] = []
+        fields: list[tuple[str, int, Converter, bool, Any]] = []
 
-        def rec(v: Any, p: str) -> Any:
-            _expect(isinstance(v, dict), p or "<payload>", "an object", v)
+        def rec(v: Any) -> Any:
+            if type(v) is not dict:
+                _expect(isinstance(v, dict), "an object", v)
             out: dict[str, Any] = {}
-            for name, conv, has_default, default in fields:
-                sub = f"{p}.{name}" if p else name
+            matched = 0
+            for name, kind, conv, has_default, default in fields:
                 if name in v:
-                    out[name] = conv(v[name], sub)
+                    matched += 1
+                    x = v[name]
+                    tx = type(x)
+                    if (kind == _STRING and tx is str or kind == _LONG and tx is int
+                            or kind == _INT and tx is int and _INT_MIN <= x <= _INT_MAX):
+                        out[name] = x
+                        continue
+                    try:
+                        out[name] = conv(x)
+                    except _Fail as e:
+                        e.segments.append(name)
+                        raise
                 elif has_default:
                     out[name] = default
                 else:
-                    raise _Fail(sub, "required field is missing")
-            if len(v) > len(out) or any(k not in out for k in v):
+                    raise _Fail("required field is missing", name)
+            if matched != len(v):
                 extra = sorted(k for k in v if k not in out)
-                if extra:
-                    where = f"{p}." if p else ""
-                    raise _Fail(
-                        f"{where}{extra[0]}",
-                        f"unknown field(s) {', '.join(extra)}: not in the schema",
-                    )
+                raise _Fail(f"unknown field(s) {', '.join(extra)}: not in the schema", extra[0])
             return out
 
         # Register before compiling the fields so recursive references resolve.
         self._named[schema["name"]] = rec
         for f in schema["fields"]:
-            conv = self.compile(f["type"])
+            ftype = f["type"]
+            conv = self.compile(ftype)
+            kind = {"string": _STRING, "long": _LONG, "int": _INT}.get(ftype, _GENERIC) \
+                if isinstance(ftype, str) else _GENERIC
             has_default = "default" in f
-            default = conv(f["default"], f["name"]) if has_default and f["default"] is not None \
-                else f.get("default")
-            fields.append((f["name"], conv, has_default, default))
+            default = f.get("default")
+            if has_default and default is not None:
+                default = conv(default)
+            fields.append((f["name"], kind, conv, has_default, default))
         return rec
 
     def _union(self, branches: list[Any]) -> Converter:
@@ -300,20 +350,20 @@ class Compiler:
         nullable = any(b == "null" for b in branches)
         non_null = [c for b, c in zip(branches, convs, strict=True) if b != "null"]
 
-        def union(v: Any, p: str) -> Any:
+        def union(v: Any) -> Any:
             if v is None:
                 if nullable:
                     return None
-                raise _Fail(p, "expected a value, got null")
+                raise _Fail("expected a value, got null")
             errors: list[_Fail] = []
             for c in non_null:
                 try:
-                    return c(v, p)
+                    return c(v)
                 except _Fail as e:
                     errors.append(e)
-            raise errors[0] if len(errors) == 1 else _Fail(
-                p, "matches no branch of the union: " + "; ".join(e.message for e in errors)
-            )
+            if len(errors) == 1:
+                raise errors[0]
+            raise _Fail("matches no branch of the union: " + "; ".join(e.message for e in errors))
 
         return union
 
@@ -324,13 +374,14 @@ def compile_converter(parsed_schema: Any, event_type: str) -> Callable[[Any], An
 
     def convert(payload: Any) -> Any:
         try:
-            return root(payload, "")
+            return root(payload)
         except _Fail as e:
+            path = e.path
             raise PayloadError(
                 f"payload of {event_type} does not match its schema: "
-                f"{e.path or '<payload>'}: {e.message}",
+                f"{path or '<payload>'}: {e.message}",
                 event_type=event_type,
-                path=e.path,
+                path=path,
             ) from None
 
     return convert

@@ -1,0 +1,522 @@
+"""The relay's delivery guarantees under stress, on a real PostgreSQL and a real broker.
+
+Every scenario ends with the same check: the event topic holds every committed event exactly
+once (by ``ce_id`` and by ``erp_outbox_position``), each key on one partition with its aggregate
+versions 1..n in order and without a gap, and nothing that was rolled back.
+
+* interleaved writers (late commits, rollbacks) while a relay runs;
+* ``kill -9`` of the relay process mid-run, then a restart;
+* two relay processes: the leader is killed, the standby takes over;
+* the broker frozen (SIGSTOP) mid-run;
+* the relay's database connection terminated mid-run.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pipeline.config import Settings
+from pipeline.outbox import emit
+from pipeline.outbox.migrations import install
+from pipeline.relay.relay import Relay
+from pipeline.simulator.payloads import EVENT_TYPES, payload_for
+from tests.conftest import make_settings
+from tests.fixtures.kafka import Rec, read_all
+
+pytestmark = pytest.mark.integration
+
+ORDER_EVENT_TYPES = tuple(t for t in EVENT_TYPES if t != "customer.upserted")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _url(s: Settings) -> str:
+    assert s.database.url is not None
+    return s.database.url.get_secret_value()
+
+
+def outbox_count(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pipeline.outbox").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def relay_leader(url: str) -> str | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT leader FROM pipeline.relay_state WHERE shard = 0").fetchone()
+    return None if row is None else str(row[0])
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1
+             ) -> float:
+    """Poll ``cond`` until true; returns the seconds waited, fails after ``timeout_s``."""
+    start = time.monotonic()
+    while True:
+        if cond():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def assert_exactly_once_in_order(
+    recs: list[Rec],
+    *,
+    expected_ids: set[str] | None = None,
+    forbidden_ids: set[str] | None = None,
+    expected_per_key: dict[str, int] | None = None,
+) -> None:
+    ids = [r.headers["ce_id"] for r in recs]
+    dup_ids = [i for i, n in collections.Counter(ids).items() if n > 1]
+    assert not dup_ids, f"{len(dup_ids)} events published more than once, e.g. {dup_ids[:5]}"
+    positions = [int(r.headers["erp_outbox_position"]) for r in recs]
+    dup_pos = [p for p, n in collections.Counter(positions).items() if n > 1]
+    assert not dup_pos, f"{len(dup_pos)} outbox rows published more than once: {dup_pos[:5]}"
+    if expected_ids is not None:
+        missing = expected_ids - set(ids)
+        extra = set(ids) - expected_ids
+        assert not missing, f"{len(missing)} committed events never published: {sorted(missing)[:5]}"
+        assert not extra, f"{len(extra)} unexpected events published: {sorted(extra)[:5]}"
+    if forbidden_ids is not None:
+        leaked = forbidden_ids & set(ids)
+        assert not leaked, f"{len(leaked)} rolled-back events were published: {sorted(leaked)[:5]}"
+    versions: dict[str, list[int]] = {}
+    partitions: dict[str, set[int]] = {}
+    for r in sorted(recs, key=lambda r: (r.partition, r.offset)):
+        assert r.key is not None
+        key = r.key.decode()
+        assert r.headers["ce_subject"] == key
+        versions.setdefault(key, []).append(int(r.headers["erp_aggregate_version"]))
+        partitions.setdefault(key, set()).add(r.partition)
+    for key, vs in versions.items():
+        assert len(partitions[key]) == 1, f"key {key} spread over partitions {partitions[key]}"
+        assert vs == list(range(1, len(vs) + 1)), (
+            f"key {key}: versions out of order or with a gap: {_first_break(vs)}"
+        )
+    if expected_per_key is not None:
+        got = {k: len(v) for k, v in versions.items()}
+        assert got == expected_per_key
+
+
+def _first_break(vs: list[int]) -> str:
+    for i, v in enumerate(vs):
+        if v != i + 1:
+            return f"position {i} holds v{v} (expected v{i + 1}); around: {vs[max(0, i - 3):i + 4]}"
+    return "ok"
+
+
+class RelayProcs:
+    """``pipeline relay`` subprocesses configured by environment variables only."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.env = env
+        self.procs: list[tuple[subprocess.Popen[bytes], Any, Path]] = []
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        log_path = self.tmp / f"relay-{name}-{len(self.procs)}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "relay"],
+            cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs.append((proc, log, log_path))
+        return proc
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
+        for p, log, path in self.procs:
+            if p is proc:
+                log.flush()
+                return path.read_text(errors="replace")
+        raise KeyError(proc.pid)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            pytest.fail(f"relay {proc.pid} did not stop within {timeout_s}s of SIGTERM:\n"
+                        + self.log_of(proc)[-3000:])
+
+    def close(self) -> None:
+        for proc, log, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+
+
+@pytest.fixture
+def relay_procs(installed: Settings, tmp_path: Path) -> Iterator[RelayProcs]:
+    work = tmp_path / "relay-cwd"
+    work.mkdir()
+    assert not (work / "pipeline.yaml").exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update({
+        "PIPELINE_DATABASE__URL": _url(installed),
+        "PIPELINE_KAFKA__BOOTSTRAP_SERVERS": str(installed.kafka.bootstrap_servers),
+        "PIPELINE_TOPICS__PREFIX": installed.topics.prefix,
+        "PIPELINE_TOPICS__PARTITIONS": "3",
+        "PIPELINE_RELAY__POLL_INTERVAL_S": "0.2",
+        "PIPELINE_RELAY__LOCK_RETRY_S": "0.2",
+        "PIPELINE_LOG__FORMAT": "json",
+    })
+    procs = RelayProcs(work, env)
+    try:
+        yield procs
+    finally:
+        procs.close()
+
+
+class Writer(threading.Thread):
+    """Emits ``total`` events over ``keys`` in transactions of ``per_txn``, pausing between
+    transactions; records the committed event ids."""
+
+    def __init__(self, url: str, keys: list[str], total: int, per_txn: int, pause_s: float,
+                 seed: int = 1, deadline_s: float = 40.0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.keys, self.total = url, keys, total
+        self.per_txn, self.pause_s = per_txn, pause_s
+        self.rng = random.Random(seed)
+        self.deadline = time.monotonic() + deadline_s
+        self.committed: list[str] = []
+        self.written = 0
+        self.error: BaseException | None = None
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        try:
+            now = dt.datetime.now(dt.UTC)
+            with psycopg.connect(self.url) as conn:
+                while self.written < self.total and not self.stop_flag.is_set():
+                    if time.monotonic() > self.deadline:
+                        raise TimeoutError(f"writer wrote only {self.written}/{self.total}")
+                    ids = []
+                    for _ in range(min(self.per_txn, self.total - self.written)):
+                        key = self.rng.choice(self.keys)
+                        et = self.rng.choice(ORDER_EVENT_TYPES)
+                        eid = str(uuid.uuid4())
+                        emit(conn, "order", key, et,
+                             payload_for(et, self.rng, aggregate_id=key, now=now), event_id=eid)
+                        ids.append(eid)
+                    conn.commit()
+                    self.committed.extend(ids)
+                    self.written += len(ids)
+                    time.sleep(self.pause_s)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def finish(self, timeout_s: float = 45.0) -> set[str]:
+        self.join(timeout_s)
+        assert not self.is_alive(), "writer did not finish"
+        if self.error is not None:
+            raise self.error
+        return set(self.committed)
+
+
+# -- 1. interleaved writers ----------------------------------------------------------------------
+def test_interleaved_writers_late_commits_and_rollbacks(installed: Settings, read_topic):
+    url = _url(installed)
+    orders = [f"SO-{i:06d}" for i in range(20)]
+    committed: list[str] = []
+    rolled_back: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    late_commits = [0]
+    start = threading.Barrier(9)
+
+    def writer(idx: int) -> None:
+        rng = random.Random(1000 + idx)
+        deadline = time.monotonic() + 40
+        try:
+            with psycopg.connect(url) as conn:
+                start.wait(10)
+                for _ in range(25):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"writer {idx} too slow")
+                    # locks on aggregate_versions are taken in key order: no deadlocks
+                    aggs = sorted(rng.sample(orders, rng.randint(1, 4)))
+                    ids = []
+                    for agg in aggs:
+                        for _ in range(rng.randint(1, 2)):
+                            et = rng.choice(ORDER_EVENT_TYPES)
+                            eid = str(uuid.uuid4())
+                            emit(conn, "order", agg, et,
+                                 payload_for(et, rng, aggregate_id=agg,
+                                             now=dt.datetime.now(dt.UTC)),
+                                 event_id=eid)
+                            ids.append(eid)
+                    roll = rng.random()
+                    if roll < 0.2:
+                        if rng.random() < 0.5:
+                            time.sleep(rng.uniform(0.05, 0.3))
+                        conn.rollback()
+                        with lock:
+                            rolled_back.extend(ids)
+                    else:
+                        if roll < 0.45:  # a late commit: others commit higher ids meanwhile
+                            time.sleep(rng.uniform(0.2, 0.5))
+                            with lock:
+                                late_commits[0] += 1
+                        conn.commit()
+                        with lock:
+                            committed.extend(ids)
+                    time.sleep(rng.uniform(0, 0.02))
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+
+    relay = Relay(installed)
+    stop = threading.Event()
+    relay_thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    relay_thread.start()
+    writers = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(8)]
+    try:
+        for w in writers:
+            w.start()
+        start.wait(10)
+        for w in writers:
+            w.join(45)
+        assert not any(w.is_alive() for w in writers), "writers did not finish in time"
+        assert not errors, f"writer failed: {errors[0]!r}"
+        assert late_commits[0] >= 5 and rolled_back, "the scenario lacks late commits/rollbacks"
+        wait_for(lambda: outbox_count(url) == 0, 30, "the relay to drain the outbox")
+    finally:
+        stop.set()
+        relay_thread.join(30)
+    assert not relay_thread.is_alive()
+
+    recs = read_topic(f"{installed.topics.prefix}.order", expect=len(committed), timeout_s=30)
+    assert_exactly_once_in_order(recs, expected_ids=set(committed),
+                                 forbidden_ids=set(rolled_back))
+    assert relay.stats.published == len(committed)
+    assert relay.stats.dead_lettered == 0
+    # versions are gapless among committed events: the counter matches what was published
+    with psycopg.connect(url, autocommit=True) as conn:
+        counters = dict(conn.execute(
+            "SELECT aggregate_id, version FROM pipeline.aggregate_versions").fetchall())
+    per_key = collections.Counter(r.key.decode() for r in recs if r.key)
+    assert counters == dict(per_key)
+
+
+# -- 2. kill -9 mid-run --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_9_mid_run_then_restart_publishes_exactly_once(installed: Settings, relay_procs,
+                                                            read_topic):
+    url = _url(installed)
+    total, keys = 50_000, 500
+    payload = json.dumps(payload_for("order.created", random.Random(3), aggregate_id="SO-1",
+                                     now=dt.datetime.now(dt.UTC)))
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "SELECT count(pipeline.outbox_emit('order', 'SO-' || (i %% %s), 'order.created', "
+            "%s::jsonb)) FROM generate_series(1, %s) i",
+            (keys, payload, total),
+        )
+        conn.commit()
+    assert outbox_count(url) == total
+    relay_procs.env["PIPELINE_RELAY__BATCH_SIZE"] = "500"
+
+    first = relay_procs.start("first")
+    deadline = time.monotonic() + 30
+    left = total
+    while True:
+        left = outbox_count(url)
+        if left <= total - 3000:
+            break
+        assert first.poll() is None, "relay died:\n" + relay_procs.log_of(first)[-3000:]
+        assert time.monotonic() < deadline, "relay did not start publishing in 30s:\n" + \
+            relay_procs.log_of(first)[-3000:]
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    left_at_kill = outbox_count(url)
+    assert 0 < left_at_kill < total, "the kill did not land mid-run"
+
+    second = relay_procs.start("second")
+    wait_for(lambda: outbox_count(url) == 0 or second.poll() is not None, 45,
+             "the restarted relay to drain the outbox", interval_s=0.2)
+    assert second.poll() is None, "restarted relay died:\n" + relay_procs.log_of(second)[-3000:]
+    rc = relay_procs.stop(second)
+    assert rc == 0, relay_procs.log_of(second)[-3000:]
+
+    recs = read_topic(f"{installed.topics.prefix}.order", expect=total, timeout_s=60)
+    assert_exactly_once_in_order(recs, expected_per_key={f"SO-{i}": total // keys
+                                                         for i in range(keys)})
+    assert sorted(int(r.headers["erp_outbox_position"]) for r in recs) == \
+        list(range(1, total + 1))
+
+
+# -- 3. leader killed, standby takes over --------------------------------------------------------
+@pytest.mark.slow
+def test_standby_takes_over_when_leader_is_killed(installed: Settings, relay_procs, read_topic):
+    url = _url(installed)
+    host = socket.gethostname()
+    a = relay_procs.start("a")
+    wait_for(lambda: relay_leader(url) == f"{host}:{a.pid}" or a.poll() is not None, 20,
+             "relay A to lead")
+    assert a.poll() is None, relay_procs.log_of(a)[-3000:]
+    b = relay_procs.start("b")
+    wait_for(lambda: "standby" in relay_procs.log_of(b) or b.poll() is not None, 20,
+             "relay B to report standby")
+    assert b.poll() is None, relay_procs.log_of(b)[-3000:]
+    assert relay_leader(url) == f"{host}:{a.pid}"
+
+    keys = [f"SO-{i:06d}" for i in range(20)]
+    writer = Writer(url, keys, total=2000, per_txn=20, pause_s=0.06, seed=3)
+    writer.start()
+    try:
+        wait_for(lambda: writer.written >= 600, 30, "600 events written")
+        assert outbox_count(url) < writer.written, "relay A published nothing before the kill"
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(10)
+        assert writer.written < writer.total, "the kill did not land mid-stream"
+        took = wait_for(lambda: relay_leader(url) == f"{host}:{b.pid}", 10,
+                        "relay B to take over")
+        committed = writer.finish()
+    finally:
+        writer.stop_flag.set()
+        writer.join(45)
+    wait_for(lambda: outbox_count(url) == 0, 20,
+             "relay B to drain the outbox")
+    assert took < 10
+    assert b.poll() is None, relay_procs.log_of(b)[-3000:]
+    assert relay_procs.stop(b) == 0, relay_procs.log_of(b)[-3000:]
+
+    recs = read_topic(f"{installed.topics.prefix}.order", expect=len(committed), timeout_s=30)
+    assert_exactly_once_in_order(recs, expected_ids=committed)
+    assert relay_leader(url) == f"{host}:{b.pid}"
+
+
+# -- 4. broker frozen mid-run --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP")),
+                    reason="needs a broker process this test controls")
+def test_broker_paused_mid_run(database_url: str, topic_prefix: str, tmp_path: Path):
+    from pipeline.embedded.broker import EmbeddedBroker
+
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
+        settings = make_settings(database_url, broker.bootstrap, topic_prefix)
+        url = _url(settings)
+        with psycopg.connect(url, autocommit=True) as conn:
+            install(conn, settings.database.schema_name)
+        relay = Relay(settings)
+        stop = threading.Event()
+        relay_thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+        relay_thread.start()
+        keys = [f"SO-{i:06d}" for i in range(10)]
+        try:
+            first = Writer(url, keys, total=200, per_txn=20, pause_s=0.0, seed=4)
+            first.start()
+            committed = first.finish()
+            wait_for(lambda: outbox_count(url) == 0, 30, "the first events to be published")
+
+            second = Writer(url, keys, total=400, per_txn=10, pause_s=0.1, seed=5)
+            second.start()
+            try:
+                wait_for(lambda: second.written >= 80, 20, "writes before the pause")
+                broker.pause()
+                try:
+                    paused_at = second.written
+                    time.sleep(5)
+                    # the relay cannot publish, the outbox keeps what was written meanwhile
+                    assert second.written > paused_at, "writes stopped during the broker pause"
+                    assert outbox_count(url) > 0
+                finally:
+                    broker.resume()
+                committed |= second.finish()
+            finally:
+                second.stop_flag.set()
+                second.join(45)
+            wait_for(lambda: outbox_count(url) == 0, 40,
+                     "the relay to drain the outbox after the broker resumed")
+        finally:
+            stop.set()
+            relay_thread.join(40)
+        assert not relay_thread.is_alive()
+        recs = read_all(broker.bootstrap, f"{topic_prefix}.order", expect=len(committed),
+                        timeout_s=30)
+    assert_exactly_once_in_order(recs, expected_ids=committed)
+    assert relay.stats.published == len(committed)
+
+
+# -- 5. database connection lost mid-run ---------------------------------------------------------
+_RELAY_BACKENDS = ("SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pipeline-relay%' "
+                   "AND datname = current_database() AND backend_type = 'client backend'")
+
+
+@pytest.mark.slow
+def test_relay_survives_database_connection_loss(database_url: str, kafka_bootstrap: str,
+                                                 topic_prefix: str, read_topic):
+    settings = make_settings(database_url, kafka_bootstrap, topic_prefix,
+                             relay={"batch_size": 200})
+    url = _url(settings)
+    keys = [f"SO-{i:06d}" for i in range(15)]
+    backlog = 6000
+    payload = json.dumps(payload_for("order.status_changed", random.Random(5),
+                                     aggregate_id="SO-000001", now=dt.datetime.now(dt.UTC)))
+    with psycopg.connect(url) as conn:
+        install(conn, settings.database.schema_name)
+        conn.execute(
+            "SELECT count(pipeline.outbox_emit('order', 'SO-' || lpad((i %% 15)::text, 6, '0'), "
+            "'order.status_changed', %s::jsonb)) FROM generate_series(1, %s) i",
+            (payload, backlog))
+        committed = {r[0] for r in conn.execute("SELECT event_id::text FROM pipeline.outbox")}
+        conn.commit()
+    assert len(committed) == backlog
+
+    relay = Relay(settings)
+    stop = threading.Event()
+    relay_thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    writer = Writer(url, keys, total=1500, per_txn=15, pause_s=0.03, seed=6)
+    killed: set[int] = set()
+    try:
+        relay_thread.start()
+        writer.start()
+        with psycopg.connect(url, autocommit=True) as admin:
+
+            def relay_pids() -> set[int]:
+                return {r[0] for r in admin.execute(_RELAY_BACKENDS).fetchall()}
+
+            for n in range(3):
+                # an outage while the relay is busy: every ~1,200 rows of the backlog
+                wait_for(lambda n=n: outbox_count(url) <= backlog - 1200 * (n + 1)
+                         or not writer.is_alive() and outbox_count(url) == 0, 30,
+                         "the relay to make progress")
+                wait_for(lambda: bool(relay_pids() - killed), 20, "the relay to (re)connect",
+                         interval_s=0.02)
+                for pid in relay_pids() - killed:
+                    if admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() \
+                            == (True,):
+                        killed.add(pid)
+        committed |= writer.finish()
+        wait_for(lambda: outbox_count(url) == 0, 40, "the relay to drain the outbox")
+    finally:
+        writer.stop_flag.set()
+        writer.join(45)
+        stop.set()
+        relay_thread.join(40)
+    assert not relay_thread.is_alive()
+    assert len(killed) >= 3, f"the relay's backend was terminated only {len(killed)} times"
+    recs = read_topic(f"{topic_prefix}.order", expect=len(committed), timeout_s=30)
+    assert_exactly_once_in_order(recs, expected_ids=committed)
+    assert relay.stats.published + relay.stats.skipped_duplicates == len(committed)
