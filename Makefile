@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
 run: $(STAMP) ## run the pipeline (embedded PostgreSQL and broker when none is configured)
-	$(BIN)/pipeline run $(ARGS)
+	$(BIN)/pipeline up $(ARGS)
 
 test: $(STAMP) ## run every test (unit + integration against real PostgreSQL and broker)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

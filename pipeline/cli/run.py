@@ -14,7 +14,7 @@ from pipeline.cli import Context, pass_ctx
 from pipeline.cli.relay import stop_on_signals
 
 
-@click.command("run")
+@click.command("up")
 @click.option("--rate", type=float, default=200.0, show_default=True,
               help="simulated ERP events per second (0 = as fast as possible)")
 @click.option("--writers", type=int, default=4, show_default=True,

@@ -174,6 +174,10 @@ class Relay:
             log.info("relay is leader for shard %d/%d", self.shard, self.cfg.shards,
                      extra={"shard": self.shard, "leader": self.name})
             self.store.complete([], self.name, 0, 0)
+            # Topics of the configured aggregate types up front: creating one mid-stream
+            # stalls the batch that first needs it.
+            self._ensure_topics(set(self.settings.topics.aggregate_types))
+            self._warm_producer()
             self._skip_already_published()
             while not stop.is_set():
                 if self.step(stop) == 0:
@@ -244,6 +248,13 @@ class Relay:
         ensure_topics(self.settings, sorted(missing))
         self._known_topics.update(topics)
         self._known_topics.add(self.settings.topics.outbox_dlq)
+
+    def _warm_producer(self) -> None:
+        """Connect and load topic metadata now, so the first events do not pay for it."""
+        try:
+            self.producer.list_topics(timeout=self.settings.kafka.request_timeout_s)
+        except KafkaException as exc:
+            raise wrap_kafka_error(exc, "connecting the relay's producer") from exc
 
     # -- decision 4: no duplicates after a crash ---------------------------------------------
     def _skip_already_published(self) -> None:

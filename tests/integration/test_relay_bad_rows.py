@@ -277,13 +277,19 @@ def test_payload_over_max_inline_bytes_travels_by_claim_check(small_limits: Sett
 
 
 # -- (e) relay.on_invalid: halt --------------------------------------------------------------
+def _halt_settings(database_url: str, kafka_bootstrap: str, topic_prefix: str,
+                   **relay: Any) -> Settings:
+    settings = make_settings(database_url, kafka_bootstrap, topic_prefix,
+                             relay={"on_invalid": "halt", **relay})
+    with psycopg.connect(_url(settings), autocommit=True) as conn:
+        install(conn, settings.database.schema_name)
+    return settings
+
+
 def test_on_invalid_halt_stops_and_keeps_the_bad_row(database_url: str, kafka_bootstrap: str,
                                                      topic_prefix: str, read_topic):
-    settings = make_settings(database_url, kafka_bootstrap, topic_prefix,
-                             relay={"on_invalid": "halt"})
+    settings = _halt_settings(database_url, kafka_bootstrap, topic_prefix)
     url = _url(settings)
-    with psycopg.connect(url, autocommit=True) as conn:
-        install(conn, settings.database.schema_name)
     before_id, _ = sql_emit(url, "SO-GOOD", "order.created", good_payload("SO-GOOD", 1))
     bad_payload = good_payload("SO-BAD")
     del bad_payload["customer"]
@@ -296,14 +302,12 @@ def test_on_invalid_halt_stops_and_keeps_the_bad_row(database_url: str, kafka_bo
         assert relay.store.try_lead()
         with pytest.raises(RelayHalted) as exc_info:
             relay.step()
-        message = str(exc_info.value)
-        assert bad_event in message
-        assert "customer" in message
-        # still halted on a second attempt: the bad row is never skipped
-        with pytest.raises(RelayHalted, match=bad_event):
-            relay.step()
     finally:
         relay._shutdown()
+    message = str(exc_info.value)
+    assert bad_event in message
+    assert "customer" in message
+    assert f"outbox id {bad_id}" in message
 
     assert relay.stats.dead_lettered == 0
     left = outbox_ids(url)
@@ -313,6 +317,42 @@ def test_on_invalid_halt_stops_and_keeps_the_bad_row(database_url: str, kafka_bo
     assert sorted(left + positions(published)) == [before_id, bad_id, after_id]
     assert bad_id not in positions(published)
     assert read_topic(settings.topics.outbox_dlq) == []
+
+
+def test_halted_relay_does_not_skip_past_the_bad_row(database_url: str, kafka_bootstrap: str,
+                                                     topic_prefix: str, read_topic):
+    """A second ``step()`` after RelayHalted must halt again on the same row, never publish
+    the rows behind it (that would put v3 of the aggregate on Kafka before v1 and v2)."""
+    settings = _halt_settings(database_url, kafka_bootstrap, topic_prefix, batch_size=2)
+    url = _url(settings)
+    bad_payload = good_payload("SO-A")
+    bad_payload["lines"][0]["qty"] = "three"
+    ids = [sql_emit(url, "SO-A", "order.created", good_payload("SO-A", 1))[0]]
+    bad_id, bad_event = sql_emit(url, "SO-A", "order.created", bad_payload)
+    ids.append(bad_id)
+    for seed in (2, 3, 4):
+        ids.append(sql_emit(url, "SO-A", "order.created", good_payload("SO-A", seed))[0])
+
+    relay = Relay(settings)
+    relay.store.connect()
+    outcomes: list[str] = []
+    try:
+        assert relay.store.try_lead()
+        for _ in range(3):
+            try:
+                outcomes.append(f"published {relay.step()}")
+            except RelayHalted as exc:
+                assert bad_event in str(exc)
+                outcomes.append("halted")
+    finally:
+        relay._shutdown()
+    published = read_topic(f"{settings.topics.prefix}.order")
+    assert outcomes == ["halted"] * 3, (
+        f"step() after RelayHalted did not halt again: {outcomes}; published positions "
+        f"{positions(published)} while the bad row {bad_id} is still in the outbox"
+    )
+    assert positions(published) == []
+    assert outbox_ids(url) == ids
 
 
 # -- (f) emit() validates in the writer's transaction ----------------------------------------
