@@ -7,6 +7,7 @@ or bootstrap server means "embedded": ``make run`` and the tests start a local s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -41,25 +42,28 @@ class DatabaseConfig(_Model):
         pattern=r"^[a-z_][a-z0-9_]*$",
         description="schema holding the outbox table, counters and functions",
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="seconds to wait for a connection")
 
 
 class KafkaConfig(_Model):
     bootstrap_servers: str | None = Field(
         default=None, description="host:port[,host:port]; unset = embedded broker"
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    client_id: str = "erp-pipeline"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="librdkafka security.protocol")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism when security_protocol is SASL_*")
+    sasl_username: str | None = Field(default=None, description="SASL user")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password (secret)")
+    client_id: str = Field(default="erp-pipeline", description="Kafka client.id")
     producer: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="extra librdkafka producer properties"
     )
     consumer: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="extra librdkafka consumer properties"
     )
-    request_timeout_s: float = Field(default=10.0, gt=0)
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, description="timeout of metadata/admin requests and connection setup")
 
 
 class SchemaRegistryConfig(_Model):
@@ -67,19 +71,22 @@ class SchemaRegistryConfig(_Model):
         default=None,
         description="Confluent-compatible Schema Registry; unset = Avro single-object encoding",
     )
-    basic_auth_user: str | None = None
-    basic_auth_password: SecretStr | None = None
+    basic_auth_user: str | None = Field(default=None, description="registry basic-auth user")
+    basic_auth_password: SecretStr | None = Field(
+        default=None, description="registry basic-auth password (secret)")
 
 
 class TopicOverride(_Model):
-    partitions: int | None = Field(default=None, ge=1)
-    config: dict[str, str] = Field(default_factory=dict)
+    partitions: int | None = Field(default=None, ge=1, description="partitions of this topic")
+    config: dict[str, str] = Field(default_factory=dict, description="topic configs")
 
 
 class TopicsConfig(_Model):
-    prefix: str = Field(default="erp", pattern=r"^[A-Za-z0-9._-]+$")
-    partitions: int = Field(default=6, ge=1)
-    replication_factor: int = Field(default=1, ge=1)
+    prefix: str = Field(
+        default="erp", pattern=r"^[A-Za-z0-9._-]+$",
+        description="topics are <prefix>.<aggregate_type>; the outbox DLQ <prefix>.outbox.dlq")
+    partitions: int = Field(default=6, ge=1, description="partitions of each event topic")
+    replication_factor: int = Field(default=1, ge=1, description="replication factor (3 in production)")
     config: dict[str, str] = Field(
         default_factory=lambda: {"retention.ms": str(7 * 24 * 3600 * 1000)},
         description="topic configs applied to every event topic",
@@ -103,7 +110,8 @@ class TopicsConfig(_Model):
 
 
 class ClaimCheckConfig(_Model):
-    store: Literal["table", "dir"] = "table"
+    store: Literal["table", "dir"] = Field(
+        default="table", description="table: <schema>.claim_check; dir: files under path")
     path: Path | None = Field(default=None, description="directory for store: dir")
 
     @field_validator("path")
@@ -113,18 +121,21 @@ class ClaimCheckConfig(_Model):
 
 
 class RelayConfig(_Model):
-    shards: int = Field(default=1, ge=1, le=1024)
-    batch_size: int = Field(default=2000, ge=1, le=100_000)
+    shards: int = Field(
+        default=1, ge=1, le=1024, description="aggregates split by hash of id; one leader each")
+    batch_size: int = Field(default=2000, ge=1, le=100_000, description="rows per publish batch")
     poll_interval_s: float = Field(default=1.0, gt=0, description="backstop when no NOTIFY")
     lock_retry_s: float = Field(default=1.0, gt=0, description="standby's leadership check")
-    on_invalid: Literal["dlq", "halt"] = "dlq"
+    on_invalid: Literal["dlq", "halt"] = Field(
+        default="dlq", description="a row that cannot be encoded: outbox DLQ, or stop the relay")
     max_inline_bytes: int = Field(
         default=256 * 1024, ge=1024, description="larger encoded events go to the claim-check store"
     )
     max_payload_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="larger payloads are rejected (outbox DLQ)"
     )
-    claim_check: ClaimCheckConfig = Field(default_factory=ClaimCheckConfig)
+    claim_check: ClaimCheckConfig = Field(
+        default_factory=ClaimCheckConfig, description="where oversized events are stored")
     source: str = Field(default="/erp/outbox", description="CloudEvents ce_source of the events")
     dedupe_window: int = Field(
         default=0,
@@ -132,7 +143,8 @@ class RelayConfig(_Model):
         description="records read back per partition on start to skip already-published rows "
         "(0 = 2 x batch_size x shards)",
     )
-    flush_timeout_s: float = Field(default=30.0, gt=0)
+    flush_timeout_s: float = Field(
+        default=30.0, gt=0, description="on stop, how long to wait for unacknowledged records")
 
 
 class SchemasConfig(_Model):
@@ -140,8 +152,9 @@ class SchemasConfig(_Model):
 
 
 class LogConfig(_Model):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["auto", "json", "text"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+    format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="json lines; text; auto = text on a terminal, else json")
 
 
 class Settings(BaseSettings):
@@ -242,3 +255,36 @@ def _mask_url(url: str) -> str:
 def env_bootstrap() -> str | None:
     """The broker named by ``KAFKA_BOOTSTRAP`` (tests and benchmarks honour it)."""
     return os.environ.get("KAFKA_BOOTSTRAP") or None
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from the models (a test keeps the file in step)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `pipeline/config.py` by `pipeline config docs`; do not edit by hand.",
+        "",
+        "Every key of `pipeline.yaml`. Environment variables override the file:",
+        "`PIPELINE_<SECTION>__<KEY>` (nested keys joined by `__`), e.g.",
+        "`PIPELINE_RELAY__BATCH_SIZE=5000`. Unknown keys are rejected. Secrets are masked in every",
+        "output.",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            path = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.extend(["", f"## `{path}`", "", "| key | type | default | meaning |",
+                              "|---|---|---|---|"])
+                walk(ann, path + ".")
+                continue
+            default = f.get_default(call_default_factory=True)
+            shown = json.dumps(default, default=str)
+            kind = (str(ann).replace("typing.", "").replace("pydantic.types.", "")
+                    .replace("<class '", "").replace("'>", "").replace("pathlib.", "")
+                    .replace("Optional[", "").replace("|", "or"))
+            lines.append(f"| `{path}` | {kind} | `{shown}` | {f.description or ''} |")
+
+    walk(Settings, "")
+    return "\n".join(lines) + "\n"

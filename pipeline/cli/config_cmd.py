@@ -29,4 +29,12 @@ def check(ctx: Context, as_json: bool) -> None:
     click.echo("configuration ok", err=True)
 
 
+@config.command("docs")
+def docs() -> None:
+    """Print the configuration reference (docs/configuration.md) as Markdown."""
+    from pipeline.config import reference_markdown
+
+    click.echo(reference_markdown(), nl=False)
+
+
 COMMANDS = [config]

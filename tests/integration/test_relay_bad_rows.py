@@ -380,7 +380,7 @@ def test_emit_refuses_invalid_payload(installed: Settings, make):
 def test_emit_refuses_unknown_event_type(installed: Settings):
     url = _url(installed)
     with psycopg.connect(url) as conn:
-        with pytest.raises(SchemaError, match="order.exploded"):
+        with pytest.raises(SchemaError, match=r"order\.exploded"):
             emit(conn, "order", "SO-1", "order.exploded", good_payload("SO-1"))
         conn.rollback()
         assert conn.execute("SELECT count(*) FROM pipeline.outbox").fetchone() == (0,)

@@ -92,7 +92,8 @@ def assert_exactly_once_in_order(
     if expected_ids is not None:
         missing = expected_ids - set(ids)
         extra = set(ids) - expected_ids
-        assert not missing, f"{len(missing)} committed events never published: {sorted(missing)[:5]}"
+        assert not missing, \
+            f"{len(missing)} committed events never published: {sorted(missing)[:5]}"
         assert not extra, f"{len(extra)} unexpected events published: {sorted(extra)[:5]}"
     if forbidden_ids is not None:
         leaked = forbidden_ids & set(ids)
@@ -500,7 +501,7 @@ def test_relay_survives_database_connection_loss(database_url: str, kafka_bootst
             for n in range(3):
                 # an outage while the relay is busy: every ~1,200 rows of the backlog
                 wait_for(lambda n=n: outbox_count(url) <= backlog - 1200 * (n + 1)
-                         or not writer.is_alive() and outbox_count(url) == 0, 30,
+                         or (not writer.is_alive() and outbox_count(url) == 0), 30,
                          "the relay to make progress")
                 wait_for(lambda: bool(relay_pids() - killed), 20, "the relay to (re)connect",
                          interval_s=0.02)
