@@ -54,14 +54,20 @@ class TableClaimStore:
         return ref
 
     def get(self, ref: str) -> bytes:
-        row = self._c().execute(
-            sql.SQL("SELECT body FROM {}.claim_check WHERE ref = %s").format(
-                sql.Identifier(self._schema)
-            ),
-            (ref,),
-        ).fetchone()
+        row = (
+            self._c()
+            .execute(
+                sql.SQL("SELECT body FROM {}.claim_check WHERE ref = %s").format(
+                    sql.Identifier(self._schema)
+                ),
+                (ref,),
+            )
+            .fetchone()
+        )
         if row is None:
-            raise DecodeError(f"claim-check reference {ref} not found in {self._schema}.claim_check")
+            raise DecodeError(
+                f"claim-check reference {ref} not found in {self._schema}.claim_check"
+            )
         return bytes(row[0])
 
     def close(self) -> None:

@@ -42,7 +42,9 @@ class DatabaseConfig(_Model):
         pattern=r"^[a-z_][a-z0-9_]*$",
         description="schema holding the outbox table, counters and functions",
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0, description="seconds to wait for a connection")
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="seconds to wait for a connection"
+    )
 
 
 class KafkaConfig(_Model):
@@ -50,9 +52,11 @@ class KafkaConfig(_Model):
         default=None, description="host:port[,host:port]; unset = embedded broker"
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        default="PLAINTEXT", description="librdkafka security.protocol")
+        default="PLAINTEXT", description="librdkafka security.protocol"
+    )
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
-        default=None, description="SASL mechanism when security_protocol is SASL_*")
+        default=None, description="SASL mechanism when security_protocol is SASL_*"
+    )
     sasl_username: str | None = Field(default=None, description="SASL user")
     sasl_password: SecretStr | None = Field(default=None, description="SASL password (secret)")
     client_id: str = Field(default="erp-pipeline", description="Kafka client.id")
@@ -63,7 +67,8 @@ class KafkaConfig(_Model):
         default_factory=dict, description="extra librdkafka consumer properties"
     )
     request_timeout_s: float = Field(
-        default=10.0, gt=0, description="timeout of metadata/admin requests and connection setup")
+        default=10.0, gt=0, description="timeout of metadata/admin requests and connection setup"
+    )
 
 
 class SchemaRegistryConfig(_Model):
@@ -73,7 +78,8 @@ class SchemaRegistryConfig(_Model):
     )
     basic_auth_user: str | None = Field(default=None, description="registry basic-auth user")
     basic_auth_password: SecretStr | None = Field(
-        default=None, description="registry basic-auth password (secret)")
+        default=None, description="registry basic-auth password (secret)"
+    )
 
 
 class TopicOverride(_Model):
@@ -83,17 +89,26 @@ class TopicOverride(_Model):
 
 class TopicsConfig(_Model):
     prefix: str = Field(
-        default="erp", pattern=r"^[A-Za-z0-9._-]+$",
-        description="topics are <prefix>.<aggregate_type>; the outbox DLQ <prefix>.outbox.dlq")
+        default="erp",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="topics are <prefix>.<aggregate_type>; the outbox DLQ <prefix>.outbox.dlq",
+    )
     partitions: int = Field(default=6, ge=1, description="partitions of each event topic")
-    replication_factor: int = Field(default=1, ge=1, description="replication factor (3 in production)")
+    replication_factor: int = Field(
+        default=1, ge=1, description="replication factor (3 in production)"
+    )
     config: dict[str, str] = Field(
         default_factory=lambda: {"retention.ms": str(7 * 24 * 3600 * 1000)},
         description="topic configs applied to every event topic",
     )
     aggregate_types: list[str] = Field(
         default_factory=lambda: [
-            "customer", "order", "inventory", "payment", "invoice", "shipment",
+            "customer",
+            "order",
+            "inventory",
+            "payment",
+            "invoice",
+            "shipment",
         ],
         description="aggregate types whose topics `topics apply` creates",
     )
@@ -111,7 +126,8 @@ class TopicsConfig(_Model):
 
 class ClaimCheckConfig(_Model):
     store: Literal["table", "dir"] = Field(
-        default="table", description="table: <schema>.claim_check; dir: files under path")
+        default="table", description="table: <schema>.claim_check; dir: files under path"
+    )
     path: Path | None = Field(default=None, description="directory for store: dir")
 
     @field_validator("path")
@@ -122,12 +138,14 @@ class ClaimCheckConfig(_Model):
 
 class RelayConfig(_Model):
     shards: int = Field(
-        default=1, ge=1, le=1024, description="aggregates split by hash of id; one leader each")
+        default=1, ge=1, le=1024, description="aggregates split by hash of id; one leader each"
+    )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="rows per publish batch")
     poll_interval_s: float = Field(default=1.0, gt=0, description="backstop when no NOTIFY")
     lock_retry_s: float = Field(default=1.0, gt=0, description="standby's leadership check")
     on_invalid: Literal["dlq", "halt"] = Field(
-        default="dlq", description="a row that cannot be encoded: outbox DLQ, or stop the relay")
+        default="dlq", description="a row that cannot be encoded: outbox DLQ, or stop the relay"
+    )
     max_inline_bytes: int = Field(
         default=256 * 1024, ge=1024, description="larger encoded events go to the claim-check store"
     )
@@ -135,7 +153,8 @@ class RelayConfig(_Model):
         default=16 * 1024 * 1024, ge=1024, description="larger payloads are rejected (outbox DLQ)"
     )
     claim_check: ClaimCheckConfig = Field(
-        default_factory=ClaimCheckConfig, description="where oversized events are stored")
+        default_factory=ClaimCheckConfig, description="where oversized events are stored"
+    )
     source: str = Field(default="/erp/outbox", description="CloudEvents ce_source of the events")
     dedupe_window: int = Field(
         default=0,
@@ -144,7 +163,8 @@ class RelayConfig(_Model):
         "(0 = 2 x batch_size x shards)",
     )
     flush_timeout_s: float = Field(
-        default=30.0, gt=0, description="on stop, how long to wait for unacknowledged records")
+        default=30.0, gt=0, description="on stop, how long to wait for unacknowledged records"
+    )
 
 
 class SchemasConfig(_Model):
@@ -152,9 +172,12 @@ class SchemasConfig(_Model):
 
 
 class LogConfig(_Model):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="log level"
+    )
     format: Literal["auto", "json", "text"] = Field(
-        default="auto", description="json lines; text; auto = text on a terminal, else json")
+        default="auto", description="json lines; text; auto = text on a terminal, else json"
+    )
 
 
 class Settings(BaseSettings):
@@ -195,8 +218,11 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a configuration option; check the spelling)"
-        lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "missing"
-                     else f"  {path}: {msg}")
+        lines.append(
+            f"  {path}: {msg} (got {e.get('input')!r})"
+            if e["type"] != "missing"
+            else f"  {path}: {msg}"
+        )
     return "\n".join(lines)
 
 
@@ -243,12 +269,18 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
 
 
 def _mask_url(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+    """A libpq URL or key=value string with its password (user info or parameter) masked."""
+    from psycopg.conninfo import conninfo_to_dict
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":**********@")
-        return urlunsplit(parts._replace(netloc=netloc))
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except Exception:
+        return "**********"
+    if password:
+        from urllib.parse import quote
+
+        for form in {str(password), quote(str(password), safe="")}:
+            url = url.replace(form, "**********")
     return url
 
 
@@ -275,15 +307,29 @@ def reference_markdown() -> str:
             ann = f.annotation
             path = f"{prefix}{name}"
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                lines.extend(["", f"## `{path}`", "", "| key | type | default | meaning |",
-                              "|---|---|---|---|"])
+                lines.extend(
+                    [
+                        "",
+                        f"## `{path}`",
+                        "",
+                        "| key | type | default | meaning |",
+                        "|---|---|---|---|",
+                    ]
+                )
                 walk(ann, path + ".")
                 continue
             default = f.get_default(call_default_factory=True)
             shown = json.dumps(default, default=str)
-            kind = (str(ann).replace("typing.", "").replace("pydantic.types.", "")
-                    .replace("<class '", "").replace("'>", "").replace("pathlib.", "")
-                    .replace("Optional[", "").replace("|", "or"))
+            kind = (
+                str(ann)
+                .replace("typing.", "")
+                .replace("pydantic.types.", "")
+                .replace("<class '", "")
+                .replace("'>", "")
+                .replace("pathlib.", "")
+                .replace("Optional[", "")
+                .replace("|", "or")
+            )
             lines.append(f"| `{path}` | {kind} | `{shown}` | {f.description or ''} |")
 
     walk(Settings, "")

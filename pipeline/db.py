@@ -21,7 +21,9 @@ def database_url(settings: Settings) -> str:
     return settings.database.url.get_secret_value()
 
 
-def connect(settings: Settings, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection[Any]:
+def connect(
+    settings: Settings, *, autocommit: bool = True, **kwargs: Any
+) -> psycopg.Connection[Any]:
     url = database_url(settings)
     try:
         return psycopg.connect(

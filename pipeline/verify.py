@@ -23,8 +23,9 @@ class VerifyReport:
     examples: list[str] = field(default_factory=list)
 
 
-def verify_topics(settings: Settings, written_ids: set[str] | None = None,
-                  timeout_s: float = 60.0) -> VerifyReport:
+def verify_topics(
+    settings: Settings, written_ids: set[str] | None = None, timeout_s: float = 60.0
+) -> VerifyReport:
     topics = [settings.topics.event_topic(a) for a in settings.topics.aggregate_types]
     c = Consumer(consumer_config(settings, f"pipeline-verify-{uuid.uuid4().hex[:8]}"))
     report = VerifyReport()
@@ -36,7 +37,8 @@ def verify_topics(settings: Settings, written_ids: set[str] | None = None,
             md = c.list_topics(timeout=10)
         except KafkaException as exc:
             raise wrap_kafka_error(exc, "listing topics for verification") from exc
-        assign, ends = [], {}
+        assign: list[TopicPartition] = []
+        ends: dict[tuple[str, int], int] = {}
         for t in topics:
             tmd = md.topics.get(t)
             if tmd is None or tmd.error is not None:
@@ -53,10 +55,10 @@ def verify_topics(settings: Settings, written_ids: set[str] | None = None,
             for m in c.consume(5000, timeout=0.5):
                 if m.error() is not None:
                     continue
-                hd = dict(m.headers() or ())
-                if (m.topic(), m.partition()) in ends and m.offset() >= ends[(m.topic(),
-                                                                              m.partition())]:
-                    del ends[(m.topic(), m.partition())]
+                hd = {i[0]: i[1] if isinstance(i[1], bytes) else b"" for i in m.headers() or []}
+                tp = (str(m.topic()), int(m.partition() or 0))
+                if tp in ends and (m.offset() or 0) >= ends[tp]:
+                    del ends[tp]
                 if hd.get(h.CE_SOURCE) != src:
                     continue
                 report.records += 1
@@ -65,7 +67,7 @@ def verify_topics(settings: Settings, written_ids: set[str] | None = None,
                     report.duplicates += 1
                     _example(report, f"duplicate event {ce_id.decode()}")
                 seen.add(ce_id)
-                key = (m.topic(), m.key() or b"")
+                key = (tp[0], m.key() or b"")
                 version = int(hd.get(h.AGGREGATE_VERSION, b"0"))
                 prev = last.get(key)
                 if prev is not None and version != prev + 1:

@@ -43,8 +43,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _prewrite(conn: psycopg.Connection[Any], schema: str, n: int) -> int:
-    payload = payload_for("order.created", random.Random(1), aggregate_id="SO-0000001",
-                          now=dt.datetime.now(dt.UTC))
+    payload = payload_for(
+        "order.created", random.Random(1), aggregate_id="SO-0000001", now=dt.datetime.now(dt.UTC)
+    )
     text = json.dumps(payload, separators=(",", ":"))
     conn.execute(
         f"SELECT {schema}.outbox_emit('order', 'SO-' || lpad((i %% %s)::text, 7, '0'), "
@@ -66,7 +67,7 @@ def _baseline_produce(settings: Settings, topic: str, n: int, value_size: int) -
     p = Producer(producer_config(settings))
     value = bytes(random.Random(2).getrandbits(8) for _ in range(value_size))
     keys = [f"SO-{i:07d}".encode() for i in range(AGGREGATES)]
-    hdrs = [("ce_id", uuid.uuid4().bytes.hex().encode())] * 10
+    hdrs: list[tuple[str, str | bytes | None]] = [("ce_id", uuid.uuid4().hex.encode())] * 10
     t0 = time.perf_counter()
     for i in range(n):
         while True:
@@ -82,8 +83,9 @@ def _baseline_produce(settings: Settings, topic: str, n: int, value_size: int) -
     return n / elapsed
 
 
-def run_relay_bench(settings: Settings, *, events: int, rate: int | None, seconds: float,
-                    repeat: int) -> dict[str, Any]:
+def run_relay_bench(
+    settings: Settings, *, events: int, rate: int | None, seconds: float, repeat: int
+) -> dict[str, Any]:
     with local_stack(settings) as s:
         conninfo = database_url(s)
         schema = s.database.schema_name
@@ -92,16 +94,19 @@ def run_relay_bench(settings: Settings, *, events: int, rate: int | None, second
         base: dict[str, Any] = {
             "machine": {"cpus": _cpus()},
             "broker": s.kafka.bootstrap_servers,
-            "embedded": {"database": settings.database.url is None,
-                         "broker": settings.kafka.bootstrap_servers is None},
+            "embedded": {
+                "database": settings.database.url is None,
+                "broker": settings.kafka.bootstrap_servers is None,
+            },
         }
         if rate:
             return {**base, "mode": "latency", **_latency(s, rate, seconds, repeat)}
         return {**base, "mode": "throughput", **_throughput(s, conninfo, schema, events, repeat)}
 
 
-def _throughput(s: Settings, conninfo: str, schema: str, events: int, repeat: int
-                ) -> dict[str, Any]:
+def _throughput(
+    s: Settings, conninfo: str, schema: str, events: int, repeat: int
+) -> dict[str, Any]:
     rates, baselines, sizes = [], [], []
     for _ in range(repeat):
         with psycopg.connect(conninfo) as conn:
@@ -115,15 +120,18 @@ def _throughput(s: Settings, conninfo: str, schema: str, events: int, repeat: in
         relay._drain(30)
         relay.store.close()
         rates.append(rest / elapsed)
-        baselines.append(_baseline_produce(s, s.topics.event_topic("order") + ".baseline",
-                                           events, 120))
+        baselines.append(
+            _baseline_produce(s, s.topics.event_topic("order") + ".baseline", events, 120)
+        )
     return {
         "events": events,
         "payload_json_bytes": sizes[0],
         "events_per_s": round(statistics.median(rates)),
         "runs_events_per_s": [round(r) for r in rates],
-        "baseline": {"produce_per_s": round(statistics.median(baselines)),
-                     "runs": [round(b) for b in baselines]},
+        "baseline": {
+            "produce_per_s": round(statistics.median(baselines)),
+            "runs": [round(b) for b in baselines],
+        },
         "ratio_to_baseline": round(statistics.median(rates) / statistics.median(baselines), 3),
     }
 
@@ -138,9 +146,13 @@ def _latency(s: Settings, rate: int, seconds: float, repeat: int) -> dict[str, A
                 acks[r.event_id] = ack
 
         relay = Relay(s, observer=observe)
-        sim = ErpSimulator(database_url(s), s.database.schema_name,
-                           SimulatorConfig(writers=4, rate=rate, rollback_ratio=0.0,
-                                           late_commit_ratio=0.0, track_latency=True))
+        sim = ErpSimulator(
+            database_url(s),
+            s.database.schema_name,
+            SimulatorConfig(
+                writers=4, rate=rate, rollback_ratio=0.0, late_commit_ratio=0.0, track_latency=True
+            ),
+        )
         stop_relay, stop_sim = threading.Event(), threading.Event()
         rt = threading.Thread(target=relay.run, args=(stop_relay,), daemon=True)
         rt.start()
@@ -156,22 +168,27 @@ def _latency(s: Settings, rate: int, seconds: float, repeat: int) -> dict[str, A
         stop_relay.set()
         rt.join(30)
         lat = [(acks[e] - c) * 1000 for e, c in sim.stats.committed_at.items() if e in acks]
-        runs.append({
-            "written": sim.stats.written,
-            "acknowledged": len(lat),
-            "achieved_rate": round(sim.stats.written / seconds, 1),
-            "p50": round(_percentile(lat, 0.50), 2),
-            "p99": round(_percentile(lat, 0.99), 2),
-            "max": round(max(lat) if lat else float("nan"), 2),
-        })
+        runs.append(
+            {
+                "written": sim.stats.written,
+                "acknowledged": len(lat),
+                "achieved_rate": round(sim.stats.written / seconds, 1),
+                "p50": round(_percentile(lat, 0.50), 2),
+                "p99": round(_percentile(lat, 0.99), 2),
+                "max": round(max(lat) if lat else float("nan"), 2),
+            }
+        )
     med = {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "max")}
     return {
         "rate": rate,
         "seconds": seconds,
         "latency_ms": {k: round(v, 2) for k, v in med.items()},
         "runs": runs,
-        "baseline": {"produce_per_s": round(_baseline_produce(
-            s, s.topics.event_topic("order") + ".baseline", 20000, 120))},
+        "baseline": {
+            "produce_per_s": round(
+                _baseline_produce(s, s.topics.event_topic("order") + ".baseline", 20000, 120)
+            )
+        },
     }
 
 

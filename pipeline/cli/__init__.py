@@ -43,8 +43,12 @@ class PipelineGroup(click.Group):
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-    envvar="PIPELINE_CONFIG", help="YAML configuration file [default: pipeline.yaml if present]",
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="PIPELINE_CONFIG",
+    help="YAML configuration file [default: pipeline.yaml if present]",
 )
 @click.version_option(package_name="erp-pipeline")
 @click.pass_context

@@ -15,22 +15,33 @@ def bench() -> None:
 
 
 @bench.command("relay")
-@click.option("--events", type=int, default=50_000, show_default=True,
-              help="throughput mode: drain this many pre-written events")
+@click.option(
+    "--events",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="throughput mode: drain this many pre-written events",
+)
 @click.option("--rate", type=int, default=None, help="latency mode: write events at this rate")
-@click.option("--seconds", type=float, default=20.0, show_default=True,
-              help="latency mode duration")
-@click.option("--repeat", type=int, default=3, show_default=True,
-              help="runs of each measurement; the median is reported")
+@click.option(
+    "--seconds", type=float, default=20.0, show_default=True, help="latency mode duration"
+)
+@click.option(
+    "--repeat",
+    type=int,
+    default=3,
+    show_default=True,
+    help="runs of each measurement; the median is reported",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
 @pass_ctx
-def relay_cmd(ctx: Context, events: int, rate: int | None, seconds: float, repeat: int,
-              as_json: bool) -> None:
+def relay_cmd(
+    ctx: Context, events: int, rate: int | None, seconds: float, repeat: int, as_json: bool
+) -> None:
     """Relay throughput (events/s) or latency at a fixed rate, ERP commit → Kafka ack."""
     from pipeline.bench.relay import run_relay_bench
 
-    result = run_relay_bench(ctx.settings, events=events, rate=rate, seconds=seconds,
-                             repeat=repeat)
+    result = run_relay_bench(ctx.settings, events=events, rate=rate, seconds=seconds, repeat=repeat)
     click.echo(json.dumps(result, indent=None if as_json else 2))
 
 

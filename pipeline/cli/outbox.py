@@ -76,14 +76,27 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
 @click.option("--table", required=True, help="ERP table, e.g. sale_order or public.sale_order")
 @click.option("--aggregate-type", help="aggregate type (topic <prefix>.<type>)")
 @click.option("--key-column", default="id", show_default=True, help="column holding the key")
-@click.option("--events", default=",".join(EVENTS), show_default=True,
-              help="comma-separated subset of insert,update,delete")
-@click.option("--event-type-prefix", help="event types <prefix>.created/.updated/.deleted "
-              "[default: the table name]")
+@click.option(
+    "--events",
+    default=",".join(EVENTS),
+    show_default=True,
+    help="comma-separated subset of insert,update,delete",
+)
+@click.option(
+    "--event-type-prefix",
+    help="event types <prefix>.created/.updated/.deleted [default: the table name]",
+)
 @click.option("--drop", is_flag=True, help="remove the capture trigger instead")
 @pass_ctx
-def capture_cmd(ctx: Context, table: str, aggregate_type: str | None, key_column: str,
-                events: str, event_type_prefix: str | None, drop: bool) -> None:
+def capture_cmd(
+    ctx: Context,
+    table: str,
+    aggregate_type: str | None,
+    key_column: str,
+    events: str,
+    event_type_prefix: str | None,
+    drop: bool,
+) -> None:
     """Install a trigger that turns an ERP table's row changes into outbox events."""
     schema = ctx.settings.database.schema_name
     with connect(ctx.settings) as conn:

@@ -19,8 +19,9 @@ def stop_on_signals() -> threading.Event:
     def handler(signum: int, _frame: object) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        logging.getLogger("pipeline").info("received %s: finishing in-flight work",
-                                           signal.Signals(signum).name)
+        logging.getLogger("pipeline").info(
+            "received %s: finishing in-flight work", signal.Signals(signum).name
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -29,8 +30,13 @@ def stop_on_signals() -> threading.Event:
 
 
 @click.command("relay")
-@click.option("--shard", type=int, default=0, show_default=True,
-              help="which shard of relay.shards this process leads (or stands by for)")
+@click.option(
+    "--shard",
+    type=int,
+    default=0,
+    show_default=True,
+    help="which shard of relay.shards this process leads (or stands by for)",
+)
 @pass_ctx
 def relay(ctx: Context, shard: int) -> None:
     """Publish outbox rows to Kafka (leader per shard; a second process waits as standby)."""
@@ -43,7 +49,10 @@ def relay(ctx: Context, shard: int) -> None:
     r.run(stop)
     logging.getLogger("pipeline.relay").info(
         "relay stopped: published %d, dead-lettered %d, duplicates skipped %d",
-        r.stats.published, r.stats.dead_lettered, r.stats.skipped_duplicates)
+        r.stats.published,
+        r.stats.dead_lettered,
+        r.stats.skipped_duplicates,
+    )
 
 
 COMMANDS = [relay]

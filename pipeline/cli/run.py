@@ -15,16 +15,27 @@ from pipeline.cli.relay import stop_on_signals
 
 
 @click.command("up")
-@click.option("--rate", type=float, default=200.0, show_default=True,
-              help="simulated ERP events per second (0 = as fast as possible)")
-@click.option("--writers", type=int, default=4, show_default=True,
-              help="concurrent simulated ERP writers")
-@click.option("--duration", type=float, default=None,
-              help="stop after this many seconds [default: until Ctrl-C]")
+@click.option(
+    "--rate",
+    type=float,
+    default=200.0,
+    show_default=True,
+    help="simulated ERP events per second (0 = as fast as possible)",
+)
+@click.option(
+    "--writers", type=int, default=4, show_default=True, help="concurrent simulated ERP writers"
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    help="stop after this many seconds [default: until Ctrl-C]",
+)
 @click.option("--no-simulator", is_flag=True, help="relay only: publish what the ERP writes")
 @pass_ctx
-def run(ctx: Context, rate: float, writers: int, duration: float | None,
-        no_simulator: bool) -> None:
+def run(
+    ctx: Context, rate: float, writers: int, duration: float | None, no_simulator: bool
+) -> None:
     """Run the outbox relay with the ERP simulator; Ctrl-C stops and prints a verdict."""
     import psycopg
 
@@ -38,8 +49,11 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
     from pipeline.verify import verify_topics
 
     settings = ctx.settings
-    logs.setup("run", "WARNING" if settings.log.level == "INFO" else settings.log.level,
-               settings.log.format)
+    logs.setup(
+        "run",
+        "WARNING" if settings.log.level == "INFO" else settings.log.level,
+        settings.log.format,
+    )
     log = logging.getLogger("pipeline.run")
     stop = stop_on_signals()
     embedded_note = []
@@ -54,8 +68,10 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
         with psycopg.connect(url, autocommit=True) as conn:
             install(conn, schema)
         ensure_topics(s, list(s.topics.aggregate_types))
-        click.echo(f"database ready, broker {s.kafka.bootstrap_servers}, topics "
-                   f"{s.topics.prefix}.*; Ctrl-C to stop")
+        click.echo(
+            f"database ready, broker {s.kafka.bootstrap_servers}, topics "
+            f"{s.topics.prefix}.*; Ctrl-C to stop"
+        )
         relay = Relay(s)
         relay_stop = threading.Event()
         relay_thread = threading.Thread(target=relay.run, args=(relay_stop,), name="relay")
@@ -65,8 +81,9 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
         sim_thread = None
         if not no_simulator:
             sim = ErpSimulator(url, schema, SimulatorConfig(writers=writers, rate=rate))
-            sim_thread = threading.Thread(target=sim.run, args=(sim_stop,), name="simulator",
-                                          daemon=True)
+            sim_thread = threading.Thread(
+                target=sim.run, args=(sim_stop,), name="simulator", daemon=True
+            )
             sim_thread.start()
         started = time.monotonic()
         last_pub, last_t = 0, started

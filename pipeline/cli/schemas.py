@@ -15,8 +15,11 @@ def schemas() -> None:
 
 
 @schemas.command("check")
-@click.option("--path", type=click.Path(file_okay=False, exists=True),
-              help="catalogue folder [default: schemas.path or the built-in catalogue]")
+@click.option(
+    "--path",
+    type=click.Path(file_okay=False, exists=True),
+    help="catalogue folder [default: schemas.path or the built-in catalogue]",
+)
 @pass_ctx
 def check_cmd(ctx: Context, path: str | None) -> None:
     """Validate every schema and check BACKWARD compatibility of each version (exit 1 if not)."""
@@ -38,8 +41,10 @@ def check_cmd(ctx: Context, path: str | None) -> None:
     if findings:
         click.echo(f"{len(findings)} problem(s) in {cat.path}", err=True)
         raise SystemExit(1)
-    click.echo(f"{len(cat.event_types)} event types, {n} schema versions in {cat.path}: all valid "
-               "and BACKWARD compatible")
+    click.echo(
+        f"{len(cat.event_types)} event types, {n} schema versions in {cat.path}: all valid "
+        "and BACKWARD compatible"
+    )
 
 
 @schemas.command("list")

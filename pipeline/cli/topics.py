@@ -24,8 +24,12 @@ def topics() -> None:
 def apply_cmd(ctx: Context, dry_run: bool, as_json: bool) -> None:
     """Create or update the event topics from the configuration and report drift."""
     s = ctx.settings
-    reports = apply_topics(AdminClient(admin_config(s)), desired_topics(s),
-                           timeout_s=s.kafka.request_timeout_s, dry_run=dry_run)
+    reports = apply_topics(
+        AdminClient(admin_config(s)),
+        desired_topics(s),
+        timeout_s=s.kafka.request_timeout_s,
+        dry_run=dry_run,
+    )
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in reports], indent=2))
     else:

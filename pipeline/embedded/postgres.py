@@ -34,14 +34,16 @@ class EmbeddedPostgres:
 
     def start(self) -> EmbeddedPostgres:
         try:
-            import pgserver
+            import pgserver  # type: ignore[attr-defined,unused-ignore]
         except ImportError as exc:
             raise RuntimeError(
                 "no PostgreSQL answers and the embedded one needs the pgserver wheel: "
                 "pip install 'erp-pipeline[embedded]' (make install does)"
             ) from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        self._server = pgserver.get_server(  # type: ignore[attr-defined,unused-ignore]
+            self.data_dir, cleanup_mode="stop"
+        )
         return self
 
     @property
@@ -63,9 +65,9 @@ def admin_url() -> str | None:
 def with_database(url: str, dbname: str) -> str:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    params = conninfo_to_dict(url)
+    params = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def create_database(admin: str, prefix: str = "pipeline") -> str:

@@ -20,8 +20,9 @@ log = logging.getLogger("pipeline.embedded")
 
 
 @contextmanager
-def local_stack(settings: Settings, *, fresh_database: bool = True,
-                data_dir: Path | None = None) -> Iterator[Settings]:
+def local_stack(
+    settings: Settings, *, fresh_database: bool = True, data_dir: Path | None = None
+) -> Iterator[Settings]:
     """Settings with ``database.url`` and ``kafka.bootstrap_servers`` filled in."""
     with ExitStack() as stack:
         update_db = settings.database
@@ -33,14 +34,16 @@ def local_stack(settings: Settings, *, fresh_database: bool = True,
                 stack.callback(pg.stop)
                 admin = pg.url
                 log.info("started embedded PostgreSQL (pgserver) in %s", base / "pg")
-            url = stack.enter_context(scratch_database(admin, "pipeline_run")) \
-                if fresh_database else admin
+            url = (
+                stack.enter_context(scratch_database(admin, "pipeline_run"))
+                if fresh_database
+                else admin
+            )
             update_db = settings.database.model_copy(update={"url": SecretStr(url)})
             log.info("using a fresh database %s", url.rsplit("/", 1)[-1].split("?")[0])
         update_kafka = settings.kafka
         if not settings.kafka.bootstrap_servers:
             broker = stack.enter_context(EmbeddedBroker())
-            update_kafka = settings.kafka.model_copy(
-                update={"bootstrap_servers": broker.bootstrap})
+            update_kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
             log.info("started embedded broker (tansu) on %s", broker.bootstrap)
         yield settings.model_copy(update={"database": update_db, "kafka": update_kafka})

@@ -80,8 +80,9 @@ def admin_config(settings: Settings) -> dict[str, Any]:
 
 def wrap_kafka_error(err: Any, doing: str) -> BrokerUnavailable:
     """A KafkaError (or KafkaException) as BrokerUnavailable, keeping ``.code``."""
-    inner = err.args[0] if hasattr(err, "args") and err.args and hasattr(err.args[0], "code") \
-        else err
+    inner = (
+        err.args[0] if hasattr(err, "args") and err.args and hasattr(err.args[0], "code") else err
+    )
     code = inner.code() if hasattr(inner, "code") else None
     text = inner.str() if hasattr(inner, "str") else str(inner)
     exc = BrokerUnavailable(f"Kafka error while {doing}: {text}", code=code)

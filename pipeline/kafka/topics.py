@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
 
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable
@@ -74,8 +79,12 @@ def apply_topics(
     if missing and not dry_run:
         futures = admin.create_topics(
             [
-                NewTopic(s.name, num_partitions=s.partitions,
-                         replication_factor=s.replication_factor, config=s.config)
+                NewTopic(
+                    s.name,
+                    num_partitions=s.partitions,
+                    replication_factor=s.replication_factor,
+                    config=s.config,
+                )
                 for s in missing
             ],
             request_timeout=timeout_s,
@@ -87,23 +96,39 @@ def apply_topics(
                 if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: created concurrently
                     raise wrap_kafka_error(exc, f"creating topic {name}") from exc
     for s in missing:
-        reports.append(TopicReport(s.name, "created" if not dry_run else "would-create",
-                                   f"{s.partitions} partitions, rf {s.replication_factor}"))
+        reports.append(
+            TopicReport(
+                s.name,
+                "created" if not dry_run else "would-create",
+                f"{s.partitions} partitions, rf {s.replication_factor}",
+            )
+        )
     for s in specs:
         if s.name not in md.topics or create_only:
             continue
         have = len(md.topics[s.name].partitions)
         if have < s.partitions:
             if not dry_run:
-                _result(admin.create_partitions([NewPartitions(s.name, s.partitions)])[s.name],
-                        f"raising partitions of {s.name}")
-            reports.append(TopicReport(
-                s.name, "partitions-raised" if not dry_run else "would-raise-partitions",
-                f"{have} -> {s.partitions} (keys written before now may map to other partitions)"))
+                _result(
+                    admin.create_partitions([NewPartitions(s.name, s.partitions)])[s.name],
+                    f"raising partitions of {s.name}",
+                )
+            reports.append(
+                TopicReport(
+                    s.name,
+                    "partitions-raised" if not dry_run else "would-raise-partitions",
+                    f"{have} -> {s.partitions} (keys written before now may map to other "
+                    "partitions)",
+                )
+            )
         elif have > s.partitions:
-            reports.append(TopicReport(
-                s.name, "drift",
-                f"has {have} partitions, config says {s.partitions}; Kafka cannot lower it"))
+            reports.append(
+                TopicReport(
+                    s.name,
+                    "drift",
+                    f"has {have} partitions, config says {s.partitions}; Kafka cannot lower it",
+                )
+            )
         else:
             reports.append(TopicReport(s.name, "unchanged", f"{have} partitions"))
         drift = _config_drift(admin, s, timeout_s)
@@ -137,7 +162,10 @@ def _config_drift(admin: AdminClient, s: TopicSpec, timeout_s: float) -> list[st
 
 
 def _alter_config(admin: AdminClient, s: TopicSpec, timeout_s: float) -> None:
-    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AlterConfigOpType,
+        ConfigEntry,
+    )
 
     res = ConfigResource(
         ConfigResource.Type.TOPIC,
@@ -147,13 +175,20 @@ def _alter_config(admin: AdminClient, s: TopicSpec, timeout_s: float) -> None:
             for k, v in s.config.items()
         ],
     )
-    _result(admin.incremental_alter_configs([res], request_timeout=timeout_s)[res],
-            f"configuring {s.name}")
+    _result(
+        admin.incremental_alter_configs([res], request_timeout=timeout_s)[res],
+        f"configuring {s.name}",
+    )
 
 
-def ensure_topics(settings: Settings, aggregate_types: list[str], admin: AdminClient | None = None
-                  ) -> None:
+def ensure_topics(
+    settings: Settings, aggregate_types: list[str], admin: AdminClient | None = None
+) -> None:
     """Create the event topics of these aggregate types if missing (the relay calls this)."""
     admin = admin or AdminClient(admin_config(settings))
-    apply_topics(admin, desired_topics(settings, aggregate_types),
-                 timeout_s=settings.kafka.request_timeout_s, create_only=True)
+    apply_topics(
+        admin,
+        desired_topics(settings, aggregate_types),
+        timeout_s=settings.kafka.request_timeout_s,
+        create_only=True,
+    )

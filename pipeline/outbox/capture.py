@@ -111,8 +111,6 @@ def drop_capture(conn: psycopg.Connection[Any], table: str) -> bool:
         (name, table),
     ).fetchone()
     conn.execute(
-        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-            sql.Identifier(name), _table_ident(table)
-        )
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), _table_ident(table))
     )
     return exists is not None

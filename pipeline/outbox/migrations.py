@@ -70,9 +70,7 @@ def install(conn: psycopg.Connection[object], schema: str) -> list[Migration]:
 
 def installed_version(conn: psycopg.Connection[object], schema: str) -> int | None:
     """The highest applied migration, or None when the outbox is not installed."""
-    cur = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.schema_migrations",)
-    )
+    cur = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.schema_migrations",))
     row = cur.fetchone()
     if not row or not row[0]:  # type: ignore[index]
         return None
@@ -80,4 +78,4 @@ def installed_version(conn: psycopg.Connection[object], schema: str) -> int | No
         sql.SQL("SELECT max(version) FROM {}.schema_migrations").format(sql.Identifier(schema))
     )
     row = cur.fetchone()
-    return None if row is None else row[0]  # type: ignore[index,no-any-return]
+    return None if row is None else row[0]  # type: ignore[index]

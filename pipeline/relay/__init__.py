@@ -1,1 +1,2 @@
-"""The outbox relay: publishes outbox rows to Kafka, one leader per shard (DESIGN decisions 2, 4)."""
+"""The outbox relay: publishes outbox rows to Kafka, one leader per shard
+(DESIGN decisions 2 and 4)."""

@@ -18,8 +18,19 @@ from pipeline.schemas.codec import Encoder
 # Row headers that become record headers verbatim (W3C trace context and user headers);
 # the ones the relay sets itself are not overridable by the row.
 _RESERVED = frozenset(
-    {h.CE_SPECVERSION, h.CE_ID, h.CE_TYPE, h.CE_SOURCE, h.CE_SUBJECT, h.CE_TIME, h.CONTENT_TYPE,
-     h.AGGREGATE_TYPE, h.AGGREGATE_VERSION, h.OUTBOX_POSITION, h.CLAIM_CHECK}
+    {
+        h.CE_SPECVERSION,
+        h.CE_ID,
+        h.CE_TYPE,
+        h.CE_SOURCE,
+        h.CE_SUBJECT,
+        h.CE_TIME,
+        h.CONTENT_TYPE,
+        h.AGGREGATE_TYPE,
+        h.AGGREGATE_VERSION,
+        h.OUTBOX_POSITION,
+        h.CLAIM_CHECK,
+    }
 )
 
 
@@ -54,7 +65,7 @@ class Record:
     topic: str
     key: bytes
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +77,8 @@ class Oversized:
     event_type: str
 
 
-def event_headers(row: OutboxRow, source: str) -> list[tuple[str, bytes]]:
-    hdrs = [
+def event_headers(row: OutboxRow, source: str) -> list[tuple[str, str | bytes | None]]:
+    hdrs: list[tuple[str, str | bytes | None]] = [
         (h.CE_SPECVERSION, b"1.0"),
         (h.CE_ID, row.event_id.encode()),
         (h.CE_TYPE, row.event_type.encode()),
@@ -109,8 +120,15 @@ def build_record(
 
 
 def claim_check_record(
-    row: OutboxRow, encoder: Encoder, oversized: Oversized, *, topic: str, source: str,
-    store: str, ref: str, sha256: str,
+    row: OutboxRow,
+    encoder: Encoder,
+    oversized: Oversized,
+    *,
+    topic: str,
+    source: str,
+    store: str,
+    ref: str,
+    sha256: str,
 ) -> Record:
     ref_payload = {
         "event_type": oversized.event_type,
@@ -136,7 +154,9 @@ def dead_letter_record(
     hdrs = event_headers(row, source)
     hdrs.append((h.ERROR_CLASS, _error_class(error).encode()))
     hdrs.append((h.ERROR_MESSAGE, str(error)[:4000].encode()))
-    hdrs = [(n, v) for n, v in hdrs if n != h.CONTENT_TYPE] + [(h.CONTENT_TYPE, b"application/json")]
+    hdrs = [(n, v) for n, v in hdrs if n != h.CONTENT_TYPE] + [
+        (h.CONTENT_TYPE, b"application/json")
+    ]
     if len(body) > max_inline_bytes:
         return Record(topic, row.aggregate_id.encode(), b"", hdrs), body
     return Record(topic, row.aggregate_id.encode(), body, hdrs), None
@@ -147,7 +167,9 @@ def dead_letter_stub(record: Record, row: OutboxRow, store: str, ref: str, size:
     del meta["payload"]
     meta["payload_claim_check"] = {"store": store, "ref": ref, "size_bytes": size}
     value = json.dumps(meta, separators=(",", ":"), default=str).encode()
-    return Record(record.topic, record.key, value, [*record.headers, (h.CLAIM_CHECK, store.encode())])
+    return Record(
+        record.topic, record.key, value, [*record.headers, (h.CLAIM_CHECK, store.encode())]
+    )
 
 
 def _error_class(error: BaseException) -> str:
@@ -157,5 +179,3 @@ def _error_class(error: BaseException) -> str:
 
 def is_permanent(error: BaseException) -> bool:
     return isinstance(error, PermanentError)
-
-

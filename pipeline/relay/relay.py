@@ -130,7 +130,7 @@ class Relay:
             retry=retry_if_exception_type(TransientError),
             wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
             stop=lambda _: stop.is_set(),
-            sleep=stop.wait,
+            sleep=_interruptible_sleep(stop),
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -163,7 +163,9 @@ class Relay:
                 if not announced:
                     log.info(
                         "relay is standby for shard %d/%d: leader is %s",
-                        self.shard, self.cfg.shards, self.store.current_leader() or "unknown",
+                        self.shard,
+                        self.cfg.shards,
+                        self.store.current_leader() or "unknown",
                         extra={"shard": self.shard},
                     )
                     announced = True
@@ -171,8 +173,12 @@ class Relay:
                     return
             self.is_leader = True
             self.stats.leader_since = time.time()
-            log.info("relay is leader for shard %d/%d", self.shard, self.cfg.shards,
-                     extra={"shard": self.shard, "leader": self.name})
+            log.info(
+                "relay is leader for shard %d/%d",
+                self.shard,
+                self.cfg.shards,
+                extra={"shard": self.shard, "leader": self.name},
+            )
             self.store.complete([], self.name, 0, 0)
             # Topics of the configured aggregate types up front: creating one mid-stream
             # stalls the batch that first needs it.
@@ -198,7 +204,7 @@ class Relay:
         if fut is not None:
             try:
                 fut.result(timeout=30)
-            except Exception:  # noqa: BLE001 - the session is ending anyway
+            except Exception:
                 log.debug("discarded look-ahead fetch failed", exc_info=True)
 
     def _shutdown(self) -> None:
@@ -213,8 +219,11 @@ class Relay:
         if self._producer is not None:
             left = self._producer.flush(timeout)
             if left:
-                log.error("relay exits with %d records unacknowledged; their rows stay in the "
-                          "outbox and are checked against Kafka on the next start", left)
+                log.error(
+                    "relay exits with %d records unacknowledged; their rows stay in the "
+                    "outbox and are checked against Kafka on the next start",
+                    left,
+                )
                 self._producer.purge()
                 self._producer = None
 
@@ -222,8 +231,9 @@ class Relay:
     @property
     def producer(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(producer_config(self.settings, **{
-                "error_cb": _log_kafka_error}))
+            self._producer = Producer(
+                producer_config(self.settings, **{"error_cb": _log_kafka_error})
+            )
         return self._producer
 
     @property
@@ -266,16 +276,22 @@ class Relay:
         topics = [self.settings.topics.event_topic(t) for t in types]
         topics.append(self.settings.topics.outbox_dlq)
         positions = read_back_positions(
-            self.settings, topics, window, self.cfg.source,
+            self.settings,
+            topics,
+            window,
+            self.cfg.source,
             timeout_s=self.settings.kafka.request_timeout_s,
         )
         published = self.store.existing(sorted(positions))
         if published:
             self.store.complete(published, self.name, 0, 0)
             self.stats.skipped_duplicates += len(published)
-            log.warning("relay found %d outbox rows already in Kafka (acknowledged before the "
-                        "last stop but not deleted): removed without publishing again",
-                        len(published), extra={"shard": self.shard})
+            log.warning(
+                "relay found %d outbox rows already in Kafka (acknowledged before the "
+                "last stop but not deleted): removed without publishing again",
+                len(published),
+                extra={"shard": self.shard},
+            )
 
     # -- one batch --------------------------------------------------------------------------
     def step(self, stop: threading.Event | None = None) -> int:
@@ -290,8 +306,17 @@ class Relay:
             rows = self.store.fetch(self.cfg.batch_size)
         if not rows:
             return 0
-        self._prefetch = self._fetcher.submit(self.store.fetch, self.cfg.batch_size,
-                                              [r.id for r in rows])
+        self._prefetch = self._fetcher.submit(
+            self.store.fetch, self.cfg.batch_size, [r.id for r in rows]
+        )
+        try:
+            return self._publish_batch(rows, stop)
+        except BaseException:
+            # The look-ahead assumed this batch would be deleted: it must not outlive it.
+            self._discard_prefetch()
+            raise
+
+    def _publish_batch(self, rows: list[OutboxRow], stop: threading.Event | None) -> int:
         self._ensure_topics({r.aggregate_type for r in rows})
         topics = self.settings.topics
         records: list[tuple[OutboxRow, Record]] = []
@@ -300,7 +325,10 @@ class Relay:
             topic = topics.event_topic(row.aggregate_type)
             try:
                 rec = build_record(
-                    row, self.encoder, topic=topic, source=self.cfg.source,
+                    row,
+                    self.encoder,
+                    topic=topic,
+                    source=self.cfg.source,
                     max_inline_bytes=self.cfg.max_inline_bytes,
                     max_payload_bytes=self.cfg.max_payload_bytes,
                 )
@@ -310,18 +338,17 @@ class Relay:
             except PermanentError as exc:
                 self._invalid(row, exc)
                 dead.append((row, exc))
-        failures = self._publish(records, stop)
-        for row, exc in failures:
-            self._invalid(row, exc)
-            dead.append((row, exc))
+        for failed_row, error in self._publish(records, stop):
+            self._invalid(failed_row, error)
+            dead.append((failed_row, error))
         if dead:
-            dlq_failures = self._publish([(row, self._dead_letter(row, exc)) for row, exc in dead],
-                                         stop)
+            dlq_failures = self._publish([(r, self._dead_letter(r, e)) for r, e in dead], stop)
             if dlq_failures:
-                row, exc = dlq_failures[0]
+                lost_row, error = dlq_failures[0]
                 raise RelayHalted(
-                    f"cannot write event {row.event_id} (outbox id {row.id}) to the outbox DLQ "
-                    f"{topics.outbox_dlq}: {exc}; the relay stops so that nothing is lost"
+                    f"cannot write event {lost_row.event_id} (outbox id {lost_row.id}) to the "
+                    f"outbox DLQ {topics.outbox_dlq}: {error}; the relay stops so that nothing "
+                    "is lost"
                 )
         ack = time.time()
         self.store.complete([r.id for r in rows], self.name, len(rows) - len(dead), len(dead))
@@ -344,17 +371,32 @@ class Relay:
     def _claim_check(self, row: OutboxRow, over: Oversized, topic: str) -> Record:
         ref = self.claims.put(row.event_id, over.body)
         self.stats.claim_checked += 1
-        log.info("event %s (%s) is %d bytes encoded: stored in the %s claim-check store as %s",
-                 row.event_id, row.event_type, len(over.body), self.claims.name, ref,
-                 extra={"event_id": row.event_id})
+        log.info(
+            "event %s (%s) is %d bytes encoded: stored in the %s claim-check store as %s",
+            row.event_id,
+            row.event_type,
+            len(over.body),
+            self.claims.name,
+            ref,
+            extra={"event_id": row.event_id},
+        )
         return claim_check_record(
-            row, self.encoder, over, topic=topic, source=self.cfg.source,
-            store=self.claims.name, ref=ref, sha256=sha256(over.body),
+            row,
+            self.encoder,
+            over,
+            topic=topic,
+            source=self.cfg.source,
+            store=self.claims.name,
+            ref=ref,
+            sha256=sha256(over.body),
         )
 
     def _dead_letter(self, row: OutboxRow, exc: BaseException) -> Record:
         rec, body = dead_letter_record(
-            row, exc, topic=self.settings.topics.outbox_dlq, source=self.cfg.source,
+            row,
+            exc,
+            topic=self.settings.topics.outbox_dlq,
+            source=self.cfg.source,
             max_inline_bytes=self.cfg.max_inline_bytes,
         )
         if body is not None:
@@ -363,8 +405,10 @@ class Relay:
         return rec
 
     def _invalid(self, row: OutboxRow, exc: BaseException) -> None:
-        where = (f"event {row.event_id} (outbox id {row.id}, {row.event_type}, "
-                 f"{row.aggregate_type} {row.aggregate_id} v{row.aggregate_version})")
+        where = (
+            f"event {row.event_id} (outbox id {row.id}, {row.event_type}, "
+            f"{row.aggregate_type} {row.aggregate_id} v{row.aggregate_version})"
+        )
         if self.cfg.on_invalid == "halt":
             raise RelayHalted(
                 f"relay halted on a bad row ({self.cfg.on_invalid=}): {where}: {exc}. Fix or "
@@ -373,13 +417,17 @@ class Relay:
             )
         reason = type(exc).__name__
         self.stats.dead_letter_reasons[reason] = self.stats.dead_letter_reasons.get(reason, 0) + 1
-        log.error("%s cannot be published: %s; sent to %s", where, exc,
-                  self.settings.topics.outbox_dlq,
-                  extra={"event_id": row.event_id, "outbox_id": row.id,
-                         "error_class": reason})
+        log.error(
+            "%s cannot be published: %s; sent to %s",
+            where,
+            exc,
+            self.settings.topics.outbox_dlq,
+            extra={"event_id": row.event_id, "outbox_id": row.id, "error_class": reason},
+        )
 
-    def _publish(self, records: list[tuple[OutboxRow, Record]], stop: threading.Event | None
-                 ) -> list[tuple[OutboxRow, BaseException]]:
+    def _publish(
+        self, records: list[tuple[OutboxRow, Record]], stop: threading.Event | None
+    ) -> list[tuple[OutboxRow, BaseException]]:
         """Produce and wait for every acknowledgement. Returns the rows Kafka refused for good;
         waits out transient trouble (librdkafka retries forever: message.timeout.ms=0)."""
         if not records:
@@ -392,15 +440,22 @@ class Relay:
             pending[0] -= 1
             if err is not None:
                 if err.code() in _PERMANENT_DELIVERY or not err.retriable():
-                    failures.append((row, wrap_kafka_error(err, f"publishing event {row.event_id}")))
+                    failures.append(
+                        (row, wrap_kafka_error(err, f"publishing event {row.event_id}"))
+                    )
                 else:  # only possible with a finite message.timeout.ms from user config
                     failures.append((row, BrokerUnavailable(err.str(), code=err.code())))
 
         for row, rec in records:
             while True:
                 try:
-                    producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
-                                     on_delivery=partial(delivered, row))
+                    producer.produce(
+                        rec.topic,
+                        rec.value,
+                        rec.key,
+                        headers=rec.headers,
+                        on_delivery=partial(delivered, row),
+                    )
                     break
                 except BufferError:
                     producer.poll(0.05)
@@ -411,11 +466,19 @@ class Relay:
             waited = time.monotonic() - waited_since
             if pending[0] and waited - warned >= 10:
                 warned = waited
-                log.warning("relay waiting %.0fs for Kafka to acknowledge %d records "
-                            "(broker unreachable?); nothing is lost, rows stay in the outbox",
-                            waited, pending[0], extra={"shard": self.shard})
-            if pending[0] and stop is not None and stop.is_set() and \
-                    waited > self.cfg.flush_timeout_s:
+                log.warning(
+                    "relay waiting %.0fs for Kafka to acknowledge %d records "
+                    "(broker unreachable?); nothing is lost, rows stay in the outbox",
+                    waited,
+                    pending[0],
+                    extra={"shard": self.shard},
+                )
+            if (
+                pending[0]
+                and stop is not None
+                and stop.is_set()
+                and waited > self.cfg.flush_timeout_s
+            ):
                 raise BrokerUnavailable(
                     f"stopping with {pending[0]} records unacknowledged after {waited:.0f}s; "
                     "their rows stay in the outbox"
@@ -426,13 +489,18 @@ class Relay:
         return failures
 
 
-def read_back_positions(settings: Settings, topics: list[str], window: int, source: str,
-                        *, timeout_s: float) -> set[int]:
+def read_back_positions(
+    settings: Settings, topics: list[str], window: int, source: str, *, timeout_s: float
+) -> set[int]:
     """Outbox positions found in the last ``window`` records of every partition of ``topics``
     that carry our ``ce_source``."""
-    consumer = Consumer(consumer_config(
-        settings, f"pipeline-relay-readback-{leader_name()}",
-        **{"enable.auto.offset.store": False, "fetch.wait.max.ms": 50}))
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            f"pipeline-relay-readback-{leader_name()}",
+            **{"enable.auto.offset.store": False, "fetch.wait.max.ms": 50},
+        )
+    )
     positions: set[int] = set()
     try:
         try:
@@ -447,8 +515,9 @@ def read_back_positions(settings: Settings, topics: list[str], window: int, sour
                 continue
             for p in tmd.partitions:
                 try:
-                    lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                            timeout=timeout_s)
+                    lo, hi = consumer.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=timeout_s
+                    )
                 except KafkaException as exc:
                     raise wrap_kafka_error(exc, f"reading offsets of {topic}[{p}]") from exc
                 start = max(lo, hi - window)
@@ -469,20 +538,27 @@ def read_back_positions(settings: Settings, topics: list[str], window: int, sour
             for msg in consumer.consume(5000, timeout=0.5):
                 if msg.error() is not None:
                     continue
-                tp = (msg.topic(), msg.partition())
+                tp = (str(msg.topic()), int(msg.partition() or 0))
                 pos, msrc = None, None
-                for name, value in msg.headers() or ():
-                    if name == h.OUTBOX_POSITION:
-                        pos = value
-                    elif name == h.CE_SOURCE:
-                        msrc = value
+                for item in msg.headers() or []:
+                    if item[0] == h.OUTBOX_POSITION:
+                        pos = item[1]
+                    elif item[0] == h.CE_SOURCE:
+                        msrc = item[1]
                 if pos is not None and msrc == src:
                     positions.add(int(pos))
-                if tp in ends and msg.offset() >= ends[tp]:
+                if tp in ends and (msg.offset() or 0) >= ends[tp]:
                     del ends[tp]
     finally:
         consumer.close()
     return positions
+
+
+def _interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return sleep
 
 
 def _log_kafka_error(err: KafkaError) -> None:

@@ -52,7 +52,9 @@ class RelayStore:
         )
         self._fetch = sql.SQL(_BATCH_JSON).format(
             s,
-            sql.SQL("true") if shards == 1 else sql.SQL(
+            sql.SQL("true")
+            if shards == 1
+            else sql.SQL(
                 "(hashtextextended(aggregate_id, 0) & 9223372036854775807) % {} = {}"
             ).format(sql.Literal(shards), sql.Literal(shard)),
         )
@@ -98,18 +100,24 @@ class RelayStore:
 
     # -- leadership --------------------------------------------------------------------------
     def try_lead(self) -> bool:
-        row = self._c().execute(
-            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.lock_key,)
-        ).fetchone()
+        row = (
+            self._c()
+            .execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.lock_key,))
+            .fetchone()
+        )
         return bool(row and row[0])
 
     def current_leader(self) -> str | None:
-        row = self._c().execute(
-            sql.SQL("SELECT leader FROM {}.relay_state WHERE shard = %s").format(
-                sql.Identifier(self.schema)
-            ),
-            (self.shard,),
-        ).fetchone()
+        row = (
+            self._c()
+            .execute(
+                sql.SQL("SELECT leader FROM {}.relay_state WHERE shard = %s").format(
+                    sql.Identifier(self.schema)
+                ),
+                (self.shard,),
+            )
+            .fetchone()
+        )
         return None if row is None else str(row[0])
 
     # -- rows -------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ class SchemaVersion:
 def _strip_logical(schema: Any) -> Any:
     if isinstance(schema, dict):
         if "logicalType" in schema:
-            schema = {k: v for k, v in schema.items()
-                      if k not in ("logicalType", "precision", "scale")}
+            schema = {
+                k: v for k, v in schema.items() if k not in ("logicalType", "precision", "scale")
+            }
             if set(schema) == {"type"} and isinstance(schema["type"], str):
                 return schema["type"]  # {"type": "long"} → "long": fastavro's fast path
         return {k: _strip_logical(v) for k, v in schema.items()}

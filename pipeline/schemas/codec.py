@@ -75,8 +75,9 @@ class Encoder:
             return self.catalogue.writer(ROW_CHANGE)
         return self.catalogue.writer(event_type)  # raises the unknown-type SchemaError
 
-    def to_datum(self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
-                 ) -> tuple[SchemaVersion, Any]:
+    def to_datum(
+        self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
+    ) -> tuple[SchemaVersion, Any]:
         """Validate and convert a JSON-form payload; raises PayloadError / SchemaError."""
         sv = self.schema_for(event_type, headers)
         if sv.event_type == ROW_CHANGE and event_type != ROW_CHANGE:
@@ -86,12 +87,14 @@ class Encoder:
             conv = self._converters[sv.event_type] = compile_converter(sv.parsed, sv.event_type)
         return sv, conv(payload)
 
-    def validate(self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
-                 ) -> None:
+    def validate(
+        self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
+    ) -> None:
         self.to_datum(event_type, payload, headers)
 
-    def encode(self, event_type: str, payload: Any, *, topic: str,
-               headers: dict[str, Any] | None = None) -> Encoded:
+    def encode(
+        self, event_type: str, payload: Any, *, topic: str, headers: dict[str, Any] | None = None
+    ) -> Encoded:
         sv, datum = self.to_datum(event_type, payload, headers)
         return Encoded(self.encode_datum(sv, datum, topic), sv)
 
@@ -113,7 +116,7 @@ class Encoder:
 
             assert self.registry is not None
             subject = f"{topic}-{sv.fullname}"
-            sid = self.registry.register_schema(subject, Schema(json.dumps(sv.raw), "AVRO"))
+            sid = self.registry.register_schema(subject, Schema(json.dumps(sv.raw), "AVRO"))  # type: ignore[call-arg,unused-ignore]
             self._registry_ids[key] = sid
         return sid
 
@@ -127,13 +130,15 @@ def row_change_payload(payload: Any, event_type: str) -> dict[str, Any]:
             event_type=event_type,
         )
     row, old = payload.get("row"), payload.get("old_row")
+    table = str(payload.get("table"))  # schema-qualified, as the capture trigger writes it
+    schema_name = table.rpartition(".")[0]
     return {
-        "table": payload.get("table"),
+        "table": table,
         "operation": payload.get("operation"),
         "key": None if payload.get("key") is None else str(payload.get("key")),
         "row": None if row is None else json.dumps(row, separators=(",", ":"), default=str),
         "old_row": None if old is None else json.dumps(old, separators=(",", ":"), default=str),
-        "schema_name": event_type,
+        "schema_name": schema_name or "public",
     }
 
 

@@ -174,7 +174,7 @@ def _decimal(precision: int, scale: int, size: int | None = None) -> Converter:
                     return b
         _expect(
             isinstance(v, str | int | float | decimal.Decimal) and not isinstance(v, bool),
-            "a decimal (string like \"12.50\" or a number)",
+            'a decimal (string like "12.50" or a number)',
             v,
         )
         try:
@@ -244,19 +244,24 @@ class Compiler:
                     raise
 
             return mp
-        if t == "fixed" and schema.get("logicalType") == "decimal":
-            return self._primitive(t, schema)
         if t == "fixed":
-            size = int(schema["size"])
-
-            def fixed(v: Any) -> Any:
-                b = _bytes(v)
-                if len(b) != size:
-                    raise _Fail(f"expected {size} bytes, got {len(b)}")
-                return b
-
-            return fixed
+            conv = self._fixed(schema)
+            self._named[schema["name"]] = conv  # later references use the name alone
+            return conv
         return self._primitive(t, schema)
+
+    def _fixed(self, schema: dict[str, Any]) -> Converter:
+        if schema.get("logicalType") == "decimal":
+            return self._primitive("fixed", schema)
+        size = int(schema["size"])
+
+        def fixed(v: Any) -> Any:
+            b = _bytes(v)
+            if len(b) != size:
+                raise _Fail(f"expected {size} bytes, got {len(b)}")
+            return b
+
+        return fixed
 
     def _primitive(self, t: str, schema: dict[str, Any]) -> Converter:
         if t in self._named:
@@ -313,8 +318,11 @@ class Compiler:
                     matched += 1
                     x = v[name]
                     tx = type(x)
-                    if (kind == _STRING and tx is str or kind == _LONG and tx is int
-                            or kind == _INT and tx is int and _INT_MIN <= x <= _INT_MAX):
+                    if (
+                        (kind == _STRING and tx is str)
+                        or (kind == _LONG and tx is int)
+                        or (kind == _INT and tx is int and _INT_MIN <= x <= _INT_MAX)
+                    ):
                         out[name] = x
                         continue
                     try:
@@ -336,8 +344,11 @@ class Compiler:
         for f in schema["fields"]:
             ftype = f["type"]
             conv = self.compile(ftype)
-            kind = {"string": _STRING, "long": _LONG, "int": _INT}.get(ftype, _GENERIC) \
-                if isinstance(ftype, str) else _GENERIC
+            kind = (
+                {"string": _STRING, "long": _LONG, "int": _INT}.get(ftype, _GENERIC)
+                if isinstance(ftype, str)
+                else _GENERIC
+            )
             has_default = "default" in f
             default = f.get("default")
             if has_default and default is not None:

@@ -60,8 +60,13 @@ class SimulatorConfig:
 
 
 class ErpSimulator:
-    def __init__(self, conninfo: str, schema: str, config: SimulatorConfig,
-                 catalogue: Catalogue | None = None) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        schema: str,
+        config: SimulatorConfig,
+        catalogue: Catalogue | None = None,
+    ) -> None:
         self.conninfo = conninfo
         self.schema = schema
         self.cfg = config
@@ -72,8 +77,12 @@ class ErpSimulator:
         self._budget = threading.Semaphore(config.max_events) if config.max_events else None
 
     def run(self, stop: threading.Event) -> None:
-        threads = [threading.Thread(target=self._writer, args=(i, stop), name=f"erp-writer-{i}",
-                                    daemon=True) for i in range(self.cfg.writers)]
+        threads = [
+            threading.Thread(
+                target=self._writer, args=(i, stop), name=f"erp-writer-{i}", daemon=True
+            )
+            for i in range(self.cfg.writers)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -132,21 +141,43 @@ class ErpSimulator:
             steps.append(("order.cancelled", "order", order))
         return steps
 
-    def _one(self, conn: psycopg.Connection[Any], rng: random.Random, event_type: str,
-             agg_type: str, agg_id: str) -> None:
+    def _one(
+        self,
+        conn: psycopg.Connection[Any],
+        rng: random.Random,
+        event_type: str,
+        agg_type: str,
+        agg_id: str,
+    ) -> None:
         payload = payload_for(event_type, rng, aggregate_id=agg_id, now=dt.datetime.now(dt.UTC))
         event_id = str(uuid.uuid4())
         try:
-            emit(conn, agg_type, agg_id, event_type, payload, event_id=event_id,
-                 schema=self.schema, catalogue=self.catalogue)
+            emit(
+                conn,
+                agg_type,
+                agg_id,
+                event_type,
+                payload,
+                event_id=event_id,
+                schema=self.schema,
+                catalogue=self.catalogue,
+            )
             roll = rng.random()
             if roll < self.cfg.rollback_ratio:
                 conn.rollback()
                 with self.stats.lock:
                     self.stats.rolled_back += 1
                 # the step must still happen: retry it so the order's story stays whole
-                emit(conn, agg_type, agg_id, event_type, payload, schema=self.schema,
-                     catalogue=self.catalogue, event_id=event_id)
+                emit(
+                    conn,
+                    agg_type,
+                    agg_id,
+                    event_type,
+                    payload,
+                    schema=self.schema,
+                    catalogue=self.catalogue,
+                    event_id=event_id,
+                )
             elif roll < self.cfg.rollback_ratio + self.cfg.late_commit_ratio:
                 time.sleep(self.cfg.late_commit_s)  # hold the transaction open
                 with self.stats.lock:
