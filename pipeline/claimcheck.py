@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from pipeline.errors import DecodeError
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, DecodeError
 
 
 class ClaimStore(Protocol):
@@ -26,6 +27,8 @@ class ClaimStore(Protocol):
     def put(self, event_id: str, body: bytes) -> str: ...
 
     def get(self, ref: str) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class TableClaimStore:
@@ -100,6 +103,21 @@ class DirClaimStore:
         except FileNotFoundError:
             raise DecodeError(f"claim-check reference {ref} not found in {self.path}") from None
 
+    def close(self) -> None:
+        """Nothing to release: files are opened per call."""
+
 
 def sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
+
+
+def claim_store(settings: Settings) -> ClaimStore:
+    """The claim-check store the configuration names (relay writes, consumers read)."""
+    from pipeline.db import database_url
+
+    cc = settings.relay.claim_check
+    if cc.store == "dir":
+        if cc.path is None:
+            raise ConfigError("relay.claim_check.store is dir but relay.claim_check.path is unset")
+        return DirClaimStore(cc.path)
+    return TableClaimStore(database_url(settings), settings.database.schema_name)

@@ -35,7 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pipeline.claimcheck import ClaimStore, DirClaimStore, TableClaimStore, sha256
+from pipeline.claimcheck import ClaimStore, claim_store, sha256
 from pipeline.config import Settings
 from pipeline.db import database_url, first_line
 from pipeline.errors import (
@@ -211,7 +211,7 @@ class Relay:
         self._fetcher.shutdown(wait=True)
         self._drain(timeout=self.cfg.flush_timeout_s)
         self._producer = None  # closes the client now, not whenever it is collected
-        if isinstance(self._claims, TableClaimStore):
+        if self._claims is not None:
             self._claims.close()
         self.store.close()
 
@@ -239,15 +239,7 @@ class Relay:
     @property
     def claims(self) -> ClaimStore:
         if self._claims is None:
-            cc = self.cfg.claim_check
-            if cc.store == "dir":
-                if cc.path is None:
-                    raise PermanentError("relay.claim_check.store is dir but no path is set")
-                self._claims = DirClaimStore(cc.path)
-            else:
-                self._claims = TableClaimStore(
-                    database_url(self.settings), self.settings.database.schema_name
-                )
+            self._claims = claim_store(self.settings)
         return self._claims
 
     def _ensure_topics(self, aggregate_types: set[str]) -> None:

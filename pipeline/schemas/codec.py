@@ -14,6 +14,7 @@ Two wire forms:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -25,6 +26,7 @@ import fastavro
 
 from pipeline.errors import DecodeError, PayloadError, SchemaError
 from pipeline.schemas.catalogue import (
+    CLAIM_CHECK,
     ROW_CHANGE,
     Catalogue,
     SchemaVersion,
@@ -34,6 +36,12 @@ from pipeline.schemas.jsonform import compile_converter
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
+
+
+class ClaimFetcher(Protocol):
+    """Where claim-checked event bodies are read from (see ``pipeline.claimcheck``)."""
+
+    def get(self, ref: str) -> bytes: ...
 
 
 class RegistryClient(Protocol):
@@ -145,12 +153,45 @@ def row_change_payload(payload: Any, event_type: str) -> dict[str, Any]:
 class Decoder:
     """Reads single-object and Confluent-framed Avro against the catalogue (and registry)."""
 
-    def __init__(self, catalogue: Catalogue, registry: RegistryClient | None = None) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        registry: RegistryClient | None = None,
+        claims: ClaimFetcher | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.registry = registry
+        self.claims = claims
         self._by_id: dict[int, SchemaVersion] = {}
 
     def decode(self, data: bytes | None) -> Decoded:
+        """Decode a record value; claim-check references are resolved when a store is given."""
+        decoded = self._decode(data)
+        if decoded.event_type == CLAIM_CHECK and self.claims is not None:
+            return self.resolve_claim(decoded)
+        return decoded
+
+    def resolve_claim(self, ref: Decoded) -> Decoded:
+        """Fetch the event a ``pipeline.claim_check`` record points to and decode it."""
+        assert self.claims is not None
+        v = ref.value
+        body = self.claims.get(str(v["ref"]))
+        digest = hashlib.sha256(body).hexdigest()
+        if digest != v["sha256"] or len(body) != v["size_bytes"]:
+            raise DecodeError(
+                f"claim-check body {v['ref']} ({v['store']}) does not match its reference: "
+                f"sha256 {digest[:12]}… size {len(body)}, expected {str(v['sha256'])[:12]}… "
+                f"size {v['size_bytes']}"
+            )
+        inner = self._decode(body)
+        if inner.event_type != v["event_type"]:
+            raise DecodeError(
+                f"claim-check body {v['ref']} holds {inner.event_type}, reference says "
+                f"{v['event_type']}"
+            )
+        return inner
+
+    def _decode(self, data: bytes | None) -> Decoded:
         if not data:
             raise DecodeError("empty record value: no Avro payload to decode")
         if data[:2] == SINGLE_OBJECT_MAGIC:

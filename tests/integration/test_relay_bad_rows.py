@@ -18,9 +18,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from pipeline.claimcheck import TableClaimStore
+from pipeline.claimcheck import TableClaimStore, claim_store
 from pipeline.config import Settings
-from pipeline.errors import PayloadError, SchemaError
+from pipeline.errors import DecodeError, PayloadError, SchemaError
 from pipeline.outbox import emit
 from pipeline.outbox.migrations import install
 from pipeline.relay.relay import Relay, RelayHalted
@@ -274,6 +274,24 @@ def test_payload_over_max_inline_bytes_travels_by_claim_check(small_limits: Sett
     for r in recs:
         if r is not rec:
             assert dec.decode(r.value).event_type == "order.created"
+    # a consumer's decoder with the configured store resolves the reference transparently
+    store = claim_store(small_limits)
+    try:
+        resolved = Decoder(Catalogue.load(), claims=store).decode(rec.value)
+    finally:
+        store.close()
+    assert resolved.event_type == "order.created"
+    assert resolved.value["note"] == big["note"]
+    # a tampered body is refused, not decoded
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE pipeline.claim_check SET body = body || '\\x00'::bytea "
+                     "WHERE ref = %s", (ref.value["ref"],))
+    store = claim_store(small_limits)
+    try:
+        with pytest.raises(DecodeError, match="does not match its reference"):
+            Decoder(Catalogue.load(), claims=store).decode(rec.value)
+    finally:
+        store.close()
 
 
 # -- (e) relay.on_invalid: halt --------------------------------------------------------------
