@@ -43,24 +43,18 @@ class RelayStore:
         self.channel = f"{schema}_outbox"
         self.conn: psycopg.Connection[Any] | None = None
         s = sql.Identifier(schema)
-        shard_filter = (
-            sql.SQL("")
-            if shards == 1
-            else sql.SQL(
-                " WHERE (hashtextextended(aggregate_id, 0) & 9223372036854775807) % {} = {}"
-            ).format(sql.Literal(shards), sql.Literal(shard))
-        )
-        self._fetch = sql.SQL(_BATCH_JSON).format(
-            s,
+        # mod() rather than %: a literal % would read as a query parameter marker.
+        in_shard = (
             sql.SQL("true")
             if shards == 1
             else sql.SQL(
-                "(hashtextextended(aggregate_id, 0) & 9223372036854775807) % {} = {}"
-            ).format(sql.Literal(shards), sql.Literal(shard)),
+                "mod(hashtextextended(aggregate_id, 0) & 9223372036854775807, {}) = {}"
+            ).format(sql.Literal(shards), sql.Literal(shard))
         )
-        self._pending_types = sql.SQL("SELECT DISTINCT aggregate_type FROM {}.outbox{}").format(
-            s, shard_filter
-        )
+        self._fetch = sql.SQL(_BATCH_JSON).format(s, in_shard)
+        self._pending_types = sql.SQL(
+            "SELECT DISTINCT aggregate_type FROM {}.outbox WHERE {}"
+        ).format(s, in_shard)
         self._delete = sql.SQL("DELETE FROM {}.outbox WHERE id = ANY(%s)").format(s)
         self._existing = sql.SQL("SELECT id FROM {}.outbox WHERE id = ANY(%s)").format(s)
         self._state = sql.SQL(

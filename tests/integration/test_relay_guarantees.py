@@ -20,14 +20,10 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -38,154 +34,18 @@ from pipeline.outbox.migrations import install
 from pipeline.relay.relay import Relay
 from pipeline.simulator.payloads import EVENT_TYPES, payload_for
 from tests.conftest import make_settings
-from tests.fixtures.kafka import Rec, read_all
+from tests.fixtures.kafka import read_all
+from tests.fixtures.relay import (
+    _url,
+    assert_exactly_once_in_order,
+    outbox_count,
+    relay_leader,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 ORDER_EVENT_TYPES = tuple(t for t in EVENT_TYPES if t != "customer.upserted")
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def _url(s: Settings) -> str:
-    assert s.database.url is not None
-    return s.database.url.get_secret_value()
-
-
-def outbox_count(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM pipeline.outbox").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def relay_leader(url: str) -> str | None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT leader FROM pipeline.relay_state WHERE shard = 0").fetchone()
-    return None if row is None else str(row[0])
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1
-             ) -> float:
-    """Poll ``cond`` until true; returns the seconds waited, fails after ``timeout_s``."""
-    start = time.monotonic()
-    while True:
-        if cond():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout_s:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def assert_exactly_once_in_order(
-    recs: list[Rec],
-    *,
-    expected_ids: set[str] | None = None,
-    forbidden_ids: set[str] | None = None,
-    expected_per_key: dict[str, int] | None = None,
-) -> None:
-    ids = [r.headers["ce_id"] for r in recs]
-    dup_ids = [i for i, n in collections.Counter(ids).items() if n > 1]
-    assert not dup_ids, f"{len(dup_ids)} events published more than once, e.g. {dup_ids[:5]}"
-    positions = [int(r.headers["erp_outbox_position"]) for r in recs]
-    dup_pos = [p for p, n in collections.Counter(positions).items() if n > 1]
-    assert not dup_pos, f"{len(dup_pos)} outbox rows published more than once: {dup_pos[:5]}"
-    if expected_ids is not None:
-        missing = expected_ids - set(ids)
-        extra = set(ids) - expected_ids
-        assert not missing, \
-            f"{len(missing)} committed events never published: {sorted(missing)[:5]}"
-        assert not extra, f"{len(extra)} unexpected events published: {sorted(extra)[:5]}"
-    if forbidden_ids is not None:
-        leaked = forbidden_ids & set(ids)
-        assert not leaked, f"{len(leaked)} rolled-back events were published: {sorted(leaked)[:5]}"
-    versions: dict[str, list[int]] = {}
-    partitions: dict[str, set[int]] = {}
-    for r in sorted(recs, key=lambda r: (r.partition, r.offset)):
-        assert r.key is not None
-        key = r.key.decode()
-        assert r.headers["ce_subject"] == key
-        versions.setdefault(key, []).append(int(r.headers["erp_aggregate_version"]))
-        partitions.setdefault(key, set()).add(r.partition)
-    for key, vs in versions.items():
-        assert len(partitions[key]) == 1, f"key {key} spread over partitions {partitions[key]}"
-        assert vs == list(range(1, len(vs) + 1)), (
-            f"key {key}: versions out of order or with a gap: {_first_break(vs)}"
-        )
-    if expected_per_key is not None:
-        got = {k: len(v) for k, v in versions.items()}
-        assert got == expected_per_key
-
-
-def _first_break(vs: list[int]) -> str:
-    for i, v in enumerate(vs):
-        if v != i + 1:
-            return f"position {i} holds v{v} (expected v{i + 1}); around: {vs[max(0, i - 3):i + 4]}"
-    return "ok"
-
-
-class RelayProcs:
-    """``pipeline relay`` subprocesses configured by environment variables only."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp = tmp
-        self.env = env
-        self.procs: list[tuple[subprocess.Popen[bytes], Any, Path]] = []
-
-    def start(self, name: str) -> subprocess.Popen[bytes]:
-        log_path = self.tmp / f"relay-{name}-{len(self.procs)}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "relay"],
-            cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        self.procs.append((proc, log, log_path))
-        return proc
-
-    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
-        for p, log, path in self.procs:
-            if p is proc:
-                log.flush()
-                return path.read_text(errors="replace")
-        raise KeyError(proc.pid)
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            pytest.fail(f"relay {proc.pid} did not stop within {timeout_s}s of SIGTERM:\n"
-                        + self.log_of(proc)[-3000:])
-
-    def close(self) -> None:
-        for proc, log, _ in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            log.close()
-
-
-@pytest.fixture
-def relay_procs(installed: Settings, tmp_path: Path) -> Iterator[RelayProcs]:
-    work = tmp_path / "relay-cwd"
-    work.mkdir()
-    assert not (work / "pipeline.yaml").exists()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env.update({
-        "PIPELINE_DATABASE__URL": _url(installed),
-        "PIPELINE_KAFKA__BOOTSTRAP_SERVERS": str(installed.kafka.bootstrap_servers),
-        "PIPELINE_TOPICS__PREFIX": installed.topics.prefix,
-        "PIPELINE_TOPICS__PARTITIONS": "3",
-        "PIPELINE_RELAY__POLL_INTERVAL_S": "0.2",
-        "PIPELINE_RELAY__LOCK_RETRY_S": "0.2",
-        "PIPELINE_LOG__FORMAT": "json",
-    })
-    procs = RelayProcs(work, env)
-    try:
-        yield procs
-    finally:
-        procs.close()
 
 
 class Writer(threading.Thread):

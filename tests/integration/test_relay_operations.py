@@ -1,0 +1,185 @@
+"""Operating the relay: dependencies missing at start, sharding, and `pipeline up`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pipeline.config import Settings
+from pipeline.embedded.broker import EmbeddedBroker, free_port
+from pipeline.embedded.postgres import drop_database, with_database
+from pipeline.outbox import emit
+from pipeline.outbox.migrations import install
+from pipeline.relay.relay import Relay
+from pipeline.simulator.payloads import payload_for
+from tests.conftest import make_settings
+from tests.fixtures.kafka import read_all
+from tests.fixtures.relay import _url, assert_exactly_once_in_order, outbox_count, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _emit_orders(url: str, n: int, keys: int = 10) -> set[str]:
+    rng = random.Random(3)
+    ids = set()
+    with psycopg.connect(url) as conn:
+        for i in range(n):
+            key = f"SO-{i % keys:05d}"
+            payload = payload_for("order.created", rng, aggregate_id=key,
+                                  now=dt.datetime.now(dt.UTC))
+            eid = f"00000000-0000-4000-8000-{i:012d}"
+            emit(conn, "order", key, "order.created", payload, event_id=eid)
+            ids.add(eid)
+        conn.commit()
+    return ids
+
+
+def _run_relay(relay: Relay) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    t = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    t.start()
+    return t, stop
+
+
+@pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP")),
+                    reason="needs a broker process this test starts late")
+def test_broker_unreachable_at_start_relay_waits_then_publishes(installed: Settings, caplog):
+    port = free_port()
+    s = make_settings(_url(installed), f"127.0.0.1:{port}", installed.topics.prefix,
+                      kafka={"request_timeout_s": 1.0})
+    ids = _emit_orders(_url(s), 50)
+    relay = Relay(s)
+    t, stop = _run_relay(relay)
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.relay"):
+            wait_for(lambda: "waiting for a dependency" in caplog.text, 30,
+                     "the relay to say what it waits for")
+        assert outbox_count(_url(s)) == 50  # nothing lost while the broker is away
+        with EmbeddedBroker(port=port) as broker:
+            wait_for(lambda: outbox_count(_url(s)) == 0, 40, "the outbox to drain")
+            recs = read_all(broker.bootstrap, f"{s.topics.prefix}.order", expect=50)
+            assert_exactly_once_in_order(recs, expected_ids=ids)
+            stop.set()
+            t.join(30)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_database_missing_at_start_relay_waits_then_publishes(pg_admin_url: str,
+                                                              kafka_bootstrap: str,
+                                                              topic_prefix: str, caplog):
+    name = f"pipeline_late_{topic_prefix}"
+    url = with_database(pg_admin_url, name)
+    s = make_settings(url, kafka_bootstrap, topic_prefix)
+    relay = Relay(s)
+    t, stop = _run_relay(relay)
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.relay"):
+            wait_for(lambda: "cannot connect to PostgreSQL" in caplog.text, 30,
+                     "the relay to report the missing database")
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        with psycopg.connect(url, autocommit=True) as conn:
+            install(conn, "pipeline")
+        ids = _emit_orders(url, 30)
+        wait_for(lambda: outbox_count(url) == 0, 40, "the outbox to drain")
+        recs = read_all(kafka_bootstrap, f"{topic_prefix}.order", expect=30)
+        assert_exactly_once_in_order(recs, expected_ids=ids)
+    finally:
+        stop.set()
+        t.join(30)
+        drop_database(pg_admin_url, name)
+    assert not t.is_alive()
+
+
+def test_two_shards_split_aggregates_each_with_its_leader(database_url: str,
+                                                          kafka_bootstrap: str,
+                                                          topic_prefix: str):
+    s = make_settings(database_url, kafka_bootstrap, topic_prefix, relay={"shards": 2})
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        install(conn, "pipeline")
+    ids = _emit_orders(database_url, 400, keys=40)
+    relays = [Relay(s, shard=k) for k in (0, 1)]
+    runs = [_run_relay(r) for r in relays]
+    try:
+        wait_for(lambda: outbox_count(database_url) == 0, 40, "both shards to drain")
+    finally:
+        for t, stop in runs:
+            stop.set()
+            t.join(30)
+    published = [r.stats.published for r in relays]
+    assert sum(published) == 400
+    assert all(p > 0 for p in published), f"one shard did all the work: {published}"
+    recs = read_all(kafka_bootstrap, f"{topic_prefix}.order", expect=400)
+    assert_exactly_once_in_order(recs, expected_ids=ids)
+    with psycopg.connect(database_url) as conn:
+        shards = conn.execute("SELECT shard, published FROM pipeline.relay_state ORDER BY shard"
+                              ).fetchall()
+    assert [row[0] for row in shards] == [0, 1]
+    assert sum(row[1] for row in shards) == 400
+
+
+def test_shard_out_of_range_is_refused(settings: Settings):
+    with pytest.raises(ValueError, match="shard 3 is out of range: relay.shards is 1"):
+        Relay(settings, shard=3)
+
+
+def _up(tmp_path: Path, env_extra: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update(env_extra)
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "up", *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _verdict(out: str) -> dict[str, str]:
+    return dict(re.findall(r"^  ([a-z][A-Za-z ()]+?)\s{2,}(\S+)$", out, re.M))
+
+
+@pytest.mark.slow
+def test_pipeline_up_runs_embedded_and_reports_a_clean_verdict(tmp_path: Path,
+                                                                kafka_bootstrap: str):
+    # Broker: the session's (or KAFKA_BOOTSTRAP); database: embedded/local, chosen by `up`.
+    proc = _up(tmp_path, {"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+                          "PIPELINE_TOPICS__PREFIX": f"up{os.getpid()}"},
+               "--duration", "6", "--rate", "300")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    v = _verdict(out)
+    assert int(v["events written (committed)"]) > 500, out
+    assert v["lost"] == "0" and v["duplicates in Kafka"] == "0", out
+    assert v["order violations"] == "0", out
+    assert int(v["in Kafka"]) == int(v["events written (committed)"]), out
+    assert "verdict: OK" in out
+
+
+@pytest.mark.slow
+def test_pipeline_up_stops_cleanly_on_sigint(tmp_path: Path, kafka_bootstrap: str):
+    proc = _up(tmp_path, {"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+                          "PIPELINE_TOPICS__PREFIX": f"upsig{os.getpid()}"}, "--rate", "200")
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "published" in line and "written" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=90)
+    out = seen + out
+    assert proc.returncode == 0, out
+    assert "verdict: OK" in out, out
