@@ -133,7 +133,7 @@ def test_two_shards_split_aggregates_each_with_its_leader(database_url: str,
 
 
 def test_shard_out_of_range_is_refused(settings: Settings):
-    with pytest.raises(ValueError, match="shard 3 is out of range: relay.shards is 1"):
+    with pytest.raises(ValueError, match=r"shard 3 is out of range: relay\.shards is 1"):
         Relay(settings, shard=3)
 
 
