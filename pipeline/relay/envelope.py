@@ -147,9 +147,9 @@ def dead_letter_record(
     row: OutboxRow, error: BaseException, *, topic: str, source: str, max_inline_bytes: int
 ) -> tuple[Record, bytes | None]:
     """The outbox DLQ record of a row the relay cannot publish: the raw row as JSON, the error
-    in headers. When the JSON is over ``max_inline_bytes`` the second element is the body to
-    claim-check (the record's value is then a stub naming the row, to be completed by the
-    caller with :func:`dead_letter_stub`)."""
+    in headers. When the JSON is over ``max_inline_bytes``, or the row failed for its size, the
+    second element is the body to claim-check (the record's value is then a stub naming the
+    row, to be completed by the caller with :func:`dead_letter_stub`)."""
     body = json.dumps(row.as_json(), separators=(",", ":"), default=str).encode()
     hdrs = event_headers(row, source)
     hdrs.append((h.ERROR_CLASS, _error_class(error).encode()))
@@ -157,7 +157,7 @@ def dead_letter_record(
     hdrs = [(n, v) for n, v in hdrs if n != h.CONTENT_TYPE] + [
         (h.CONTENT_TYPE, b"application/json")
     ]
-    if len(body) > max_inline_bytes:
+    if len(body) > max_inline_bytes or isinstance(error, PayloadTooLarge):
         return Record(topic, row.aggregate_id.encode(), b"", hdrs), body
     return Record(topic, row.aggregate_id.encode(), body, hdrs), None
 

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -41,6 +40,7 @@ from pipeline.db import database_url, first_line
 from pipeline.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
+    PayloadTooLarge,
     PermanentError,
     PipelineError,
     TransientError,
@@ -122,6 +122,7 @@ class Relay:
         self._known_topics: set[str] = set()
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
         self._prefetch: Future[list[OutboxRow]] | None = None
+        self._delivery_errors: list[tuple[KafkaError, bytes]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -232,7 +233,14 @@ class Relay:
     def producer(self) -> Producer:
         if self._producer is None:
             self._producer = Producer(
-                producer_config(self.settings, **{"error_cb": _log_kafka_error})
+                producer_config(
+                    self.settings,
+                    **{
+                        "error_cb": _log_kafka_error,
+                        "on_delivery": self._on_delivery,
+                        "delivery.report.only.error": True,
+                    },
+                )
             )
         return self._producer
 
@@ -421,64 +429,57 @@ class Relay:
         self, records: list[tuple[OutboxRow, Record]], stop: threading.Event | None
     ) -> list[tuple[OutboxRow, BaseException]]:
         """Produce and wait for every acknowledgement. Returns the rows Kafka refused for good;
-        waits out transient trouble (librdkafka retries forever: message.timeout.ms=0)."""
+        waits out transient trouble (librdkafka retries forever: message.timeout.ms=0).
+
+        Only failed deliveries are reported back (``delivery.report.only.error``): a Python
+        callback per acknowledged record would cost more than the rest of its trip.
+        """
         if not records:
             return []
         producer = self.producer
-        failures: list[tuple[OutboxRow, BaseException]] = []
-        pending = [len(records)]
-
-        def delivered(row: OutboxRow, err: KafkaError | None, _msg: Any) -> None:
-            pending[0] -= 1
-            if err is not None:
-                if err.code() in _PERMANENT_DELIVERY or not err.retriable():
-                    failures.append(
-                        (row, wrap_kafka_error(err, f"publishing event {row.event_id}"))
-                    )
-                else:  # only possible with a finite message.timeout.ms from user config
-                    failures.append((row, BrokerUnavailable(err.str(), code=err.code())))
-
+        self._delivery_errors.clear()
+        produce = producer.produce
+        refused: list[tuple[OutboxRow, BaseException]] = []
         for row, rec in records:
             while True:
                 try:
-                    producer.produce(
-                        rec.topic,
-                        rec.value,
-                        rec.key,
-                        headers=rec.headers,
-                        on_delivery=partial(delivered, row),
-                    )
+                    produce(rec.topic, rec.value, rec.key, headers=rec.headers)
                     break
                 except BufferError:
                     producer.poll(0.05)
+                except KafkaException as exc:  # refused before sending, e.g. over the size
+                    refused.append((row, _delivery_failure(exc.args[0], row)))
+                    break
         waited_since = time.monotonic()
         warned = 0.0
-        while pending[0] > 0:
-            producer.flush(1.0)
+        while (left := producer.flush(1.0)) > 0:
             waited = time.monotonic() - waited_since
-            if pending[0] and waited - warned >= 10:
+            if waited - warned >= 10:
                 warned = waited
                 log.warning(
                     "relay waiting %.0fs for Kafka to acknowledge %d records "
                     "(broker unreachable?); nothing is lost, rows stay in the outbox",
                     waited,
-                    pending[0],
+                    left,
                     extra={"shard": self.shard},
                 )
-            if (
-                pending[0]
-                and stop is not None
-                and stop.is_set()
-                and waited > self.cfg.flush_timeout_s
-            ):
+            if stop is not None and stop.is_set() and waited > self.cfg.flush_timeout_s:
                 raise BrokerUnavailable(
-                    f"stopping with {pending[0]} records unacknowledged after {waited:.0f}s; "
+                    f"stopping with {left} records unacknowledged after {waited:.0f}s; "
                     "their rows stay in the outbox"
                 )
-        transient = [f for f in failures if isinstance(f[1], TransientError)]
-        if transient:
-            raise transient[0][1]
-        return failures
+        if not self._delivery_errors:
+            return refused
+        by_position = {str(row.id).encode(): row for row, _ in records}
+        return refused + [
+            (by_position[pos], _delivery_failure(err, by_position[pos]))
+            for err, pos in self._delivery_errors
+        ]
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            position = next((v for k, v in msg.headers() or [] if k == h.OUTBOX_POSITION), b"")
+            self._delivery_errors.append((err, position))
 
 
 def read_back_positions(
@@ -544,6 +545,21 @@ def read_back_positions(
     finally:
         consumer.close()
     return positions
+
+
+def _delivery_failure(err: KafkaError, row: OutboxRow) -> BaseException:
+    """What a refused record means for its row: permanent (dead-letter it) or not (raise)."""
+    what = f"Kafka refused event {row.event_id} ({row.event_type}, outbox id {row.id})"
+    if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        return PayloadTooLarge(
+            f"{what}: {err.str()}; raise the topic's max.message.bytes and "
+            "the producer's message.max.bytes, or lower "
+            "relay.max_inline_bytes so it travels by claim check"
+        )
+    if err.code() in _PERMANENT_DELIVERY or not err.retriable():
+        return wrap_kafka_error(err, what)
+    # only reachable with a finite message.timeout.ms from the user's producer settings
+    raise BrokerUnavailable(f"{what}: {err.str()}", code=err.code())
 
 
 def _interruptible_sleep(stop: threading.Event) -> Callable[[float], None]:

@@ -66,29 +66,9 @@ class SchemaVersion:
         return rabin_fingerprint(self.canonical.encode())
 
     @cached_property
-    def wire_parsed(self) -> Any:
-        """The schema with logical types stripped: what the encoder hands fastavro, the wire
-        datum being already in the underlying types (see ``jsonform``)."""
-        return fastavro.parse_schema(_strip_logical(self.raw))
-
-    @cached_property
     def fingerprint_le(self) -> bytes:
         """The 8 bytes written after 0xC3 0x01 in single-object encoding (little-endian)."""
         return struct.pack("<Q", self.fingerprint)
-
-
-def _strip_logical(schema: Any) -> Any:
-    if isinstance(schema, dict):
-        if "logicalType" in schema:
-            schema = {
-                k: v for k, v in schema.items() if k not in ("logicalType", "precision", "scale")
-            }
-            if set(schema) == {"type"} and isinstance(schema["type"], str):
-                return schema["type"]  # {"type": "long"} → "long": fastavro's fast path
-        return {k: _strip_logical(v) for k, v in schema.items()}
-    if isinstance(schema, list):
-        return [_strip_logical(x) for x in schema]
-    return schema
 
 
 def default_catalogue_path() -> Path:

@@ -32,7 +32,7 @@ from pipeline.schemas.catalogue import (
     SchemaVersion,
     parse_version,
 )
-from pipeline.schemas.jsonform import compile_converter
+from pipeline.schemas.jsonform import compile_encoder
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
@@ -72,7 +72,7 @@ class Encoder:
     def __init__(self, catalogue: Catalogue, registry: RegistryClient | None = None) -> None:
         self.catalogue = catalogue
         self.registry = registry
-        self._converters: dict[str, Callable[[Any], Any]] = {}
+        self._encoders: dict[str, Callable[[Any], bytes]] = {}
         self._registry_ids: dict[tuple[str, int], int] = {}
 
     def schema_for(self, event_type: str, headers: dict[str, Any] | None = None) -> SchemaVersion:
@@ -83,38 +83,30 @@ class Encoder:
             return self.catalogue.writer(ROW_CHANGE)
         return self.catalogue.writer(event_type)  # raises the unknown-type SchemaError
 
-    def to_datum(
-        self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
-    ) -> tuple[SchemaVersion, Any]:
-        """Validate and convert a JSON-form payload; raises PayloadError / SchemaError."""
+    def _body(
+        self, event_type: str, payload: Any, headers: dict[str, Any] | None
+    ) -> tuple[SchemaVersion, bytes]:
         sv = self.schema_for(event_type, headers)
         if sv.event_type == ROW_CHANGE and event_type != ROW_CHANGE:
             payload = row_change_payload(payload, event_type)
-        conv = self._converters.get(sv.event_type)
-        if conv is None:
-            conv = self._converters[sv.event_type] = compile_converter(sv.parsed, sv.event_type)
-        return sv, conv(payload)
+        enc = self._encoders.get(sv.event_type)
+        if enc is None:
+            enc = self._encoders[sv.event_type] = compile_encoder(sv.parsed, sv.event_type)
+        return sv, enc(payload)
 
     def validate(
         self, event_type: str, payload: Any, headers: dict[str, Any] | None = None
     ) -> None:
-        self.to_datum(event_type, payload, headers)
+        """Raise SchemaError / PayloadError (naming the field) unless the payload encodes."""
+        self._body(event_type, payload, headers)
 
     def encode(
         self, event_type: str, payload: Any, *, topic: str, headers: dict[str, Any] | None = None
     ) -> Encoded:
-        sv, datum = self.to_datum(event_type, payload, headers)
-        return Encoded(self.encode_datum(sv, datum, topic), sv)
-
-    def encode_datum(self, sv: SchemaVersion, datum: Any, topic: str) -> bytes:
-        buf = io.BytesIO()
+        sv, body = self._body(event_type, payload, headers)
         if self.registry is None:
-            buf.write(SINGLE_OBJECT_MAGIC)
-            buf.write(sv.fingerprint_le)
-        else:
-            buf.write(struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(sv, topic)))
-        fastavro.schemaless_writer(buf, sv.wire_parsed, datum)
-        return buf.getvalue()
+            return Encoded(SINGLE_OBJECT_MAGIC + sv.fingerprint_le + body, sv)
+        return Encoded(struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(sv, topic)) + body, sv)
 
     def _registry_id(self, sv: SchemaVersion, topic: str) -> int:
         key = (topic, sv.fingerprint)

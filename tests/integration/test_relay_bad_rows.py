@@ -218,6 +218,26 @@ def test_payload_over_max_payload_bytes_goes_to_outbox_dlq(small_limits: Setting
     assert event_id in message
 
 
+def test_record_the_broker_refuses_as_too_large_goes_to_outbox_dlq(
+        database_url: str, kafka_bootstrap: str, topic_prefix: str, read_topic):
+    # The producer's own limit stands in for a broker's: the record is refused before sending.
+    s = make_settings(database_url, kafka_bootstrap, topic_prefix,
+                      kafka={"producer": {"message.max.bytes": 1500}},
+                      relay={"max_inline_bytes": 64 * 1024})
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        install(conn, s.database.schema_name)
+    payload = good_payload("SO-BAD")
+    payload["note"] = "y" * 3000
+    rec, row_id, event_id, _ = run_with_bad_row(s, read_topic, "order.created", payload)
+    message = check_dead_letter(rec, row_id=row_id, event_id=event_id,
+                                event_type="order.created", aggregate_id="SO-BAD",
+                                payload=payload, error_class="pipeline.errors.PayloadTooLarge",
+                                settings=s)
+    assert "Kafka refused event" in message and "message.max.bytes" in message
+    # the dead letter itself travels small: its row went to the claim-check store
+    assert "erp_claim_check" in rec.headers
+
+
 # -- (d) payload between max_inline_bytes and max_payload_bytes: claim check -----------------
 def test_payload_over_max_inline_bytes_travels_by_claim_check(small_limits: Settings,
                                                               read_topic):

@@ -228,8 +228,8 @@ def confluent_frame(reg: MemoryRegistry, catalogue: Catalogue, event_type: str,
     sid = reg.register_schema(f"{topic}-{sv.fullname}", _Stored(json.dumps(sv.raw)))
     buf = io.BytesIO()
     buf.write(b"\x00" + struct.pack(">I", sid))
-    datum = Encoder(catalogue).to_datum(event_type, payload)[1]
-    fastavro.schemaless_writer(buf, sv.wire_parsed, datum)
+    # the Avro body of the single-object form (after C3 01 + 8-byte fingerprint)
+    buf.write(Encoder(catalogue).encode(event_type, payload, topic=topic).value[10:])
     return buf.getvalue()
 
 
