@@ -8,7 +8,8 @@ may recover), a *permanent* one is not (the event itself is wrong and goes to a 
     ├── ConfigError                  bad or missing configuration; fix the config and restart
     ├── TransientError               retry with backoff
     │   ├── BrokerUnavailable        Kafka cannot be reached / timed out (wraps KafkaError)
-    │   └── DatabaseUnavailable      PostgreSQL cannot be reached (wraps psycopg.OperationalError)
+    │   ├── DatabaseUnavailable      PostgreSQL cannot be reached (wraps psycopg.OperationalError)
+    │   └── RegistryUnavailable      the Schema Registry cannot be reached or failed (5xx)
     └── PermanentError               the event is bad; dead-letter it, never retry
         ├── SchemaError              no schema for an event type, or an invalid schema
         ├── PayloadError             a payload does not match its event type's schema
@@ -44,6 +45,10 @@ class BrokerUnavailable(TransientError):
 
 class DatabaseUnavailable(TransientError):
     """PostgreSQL is unreachable or the connection broke."""
+
+
+class RegistryUnavailable(TransientError):
+    """The Schema Registry is unreachable or answered with a server error."""
 
 
 class PermanentError(PipelineError):

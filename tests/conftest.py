@@ -21,7 +21,7 @@ from pipeline.config import Settings, load_config
 from pipeline.embedded.broker import EmbeddedBroker
 from pipeline.embedded.postgres import EmbeddedPostgres, admin_url, scratch_database
 
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.relay"]
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.relay", "tests.fixtures.registry"]
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,13 @@ from typing import Any, Protocol
 
 import fastavro
 
-from pipeline.errors import DecodeError, PayloadError, SchemaError
+from pipeline.errors import (
+    DecodeError,
+    PayloadError,
+    PipelineError,
+    RegistryUnavailable,
+    SchemaError,
+)
 from pipeline.schemas.catalogue import (
     CLAIM_CHECK,
     ROW_CHANGE,
@@ -116,9 +122,28 @@ class Encoder:
 
             assert self.registry is not None
             subject = f"{topic}-{sv.fullname}"
-            sid = self.registry.register_schema(subject, Schema(json.dumps(sv.raw), "AVRO"))  # type: ignore[call-arg,unused-ignore]
+            schema = Schema(json.dumps(sv.raw), "AVRO")  # type: ignore[call-arg,unused-ignore]
+            try:
+                sid = self.registry.register_schema(subject, schema)
+            except Exception as exc:
+                raise registry_error(
+                    exc, f"registering {sv.event_type} v{sv.version} as subject {subject}"
+                ) from exc
             self._registry_ids[key] = sid
         return sid
+
+
+def registry_error(exc: Exception, doing: str) -> PipelineError:
+    """A Schema Registry failure in the exception tree: a refused schema (409 incompatible,
+    422 invalid) is permanent; anything else (unreachable, 5xx) is transient."""
+    status = getattr(exc, "http_status_code", None)
+    message = getattr(exc, "error_message", None) or str(exc)
+    if status in (409, 422):
+        return SchemaError(
+            f"Schema Registry refused {doing} (HTTP {status}): {message}; "
+            "make the change BACKWARD compatible or add a new event type"
+        )
+    return RegistryUnavailable(f"Schema Registry unavailable while {doing}: {message}")
 
 
 def row_change_payload(payload: Any, event_type: str) -> dict[str, Any]:
