@@ -167,6 +167,61 @@ class RelayConfig(_Model):
     )
 
 
+class BreakerConfig(_Model):
+    threshold: int = Field(
+        default=5, ge=1, description="consecutive transient failures that open the breaker"
+    )
+    probe_initial_s: float = Field(default=1.0, gt=0, description="first probe after opening")
+    probe_max_s: float = Field(default=30.0, gt=0, description="longest wait between probes")
+
+
+class WorkerConfig(_Model):
+    connector: str = Field(description="module:attribute of the connector (object or class)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for a connector class or factory"
+    )
+    group: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="consumer group name (topics <prefix>.<group>.retry.N); default: the "
+        "worker's name",
+    )
+    aggregate_types: list[str] | None = Field(
+        default=None, description="event topics to consume; default: topics.aggregate_types"
+    )
+    max_in_flight: int = Field(
+        default=64, ge=1, le=10_000, description="events of different keys handled at once"
+    )
+    retry_delays_s: list[float] = Field(
+        default_factory=lambda: [5.0, 60.0, 600.0],
+        description="one retry tier per delay; then the DLQ",
+    )
+    ordering: Literal["strict", "relaxed"] = Field(
+        default="strict",
+        description="strict: a key's later events wait behind one in retry; relaxed: overtake",
+    )
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="circuit breaker")
+    rate_limit_per_s: float | None = Field(
+        default=None, gt=0, description="calls per second to the target (token bucket)"
+    )
+    rate_limit_burst: int | None = Field(default=None, ge=1, description="token bucket size")
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long in-flight handlers may finish"
+    )
+    commit_interval_s: float = Field(default=1.0, gt=0, description="offset commit interval")
+    session_timeout_ms: int = Field(default=10_000, ge=1000, description="consumer session")
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535, description="port of /healthz and /readyz (0 = any)"
+    )
+
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _delays(cls, v: list[float]) -> list[float]:
+        if any(d <= 0 for d in v):
+            raise ValueError("retry delays must be positive seconds")
+        return v
+
+
 class SchemasConfig(_Model):
     path: Path | None = Field(default=None, description="catalogue folder; unset = built in")
 
@@ -197,6 +252,9 @@ class Settings(BaseSettings):
     relay: RelayConfig = Field(default_factory=RelayConfig)
     schemas: SchemasConfig = Field(default_factory=SchemasConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    workers: dict[str, WorkerConfig] = Field(
+        default_factory=dict, description="consumer workers by name (`pipeline worker NAME`)"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,51 @@
+"""``/healthz`` (process alive, loop not stuck) and ``/readyz`` (partitions assigned, broker
+reachable) for Kubernetes probes, on a small background HTTP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Check = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class HealthServer:
+    def __init__(self, port: int, healthz: Check, readyz: Check, host: str = "0.0.0.0") -> None:
+        checks = {"/healthz": healthz, "/readyz": readyz}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                check = checks.get(self.path.split("?")[0])
+                if check is None:
+                    ok, body = False, {"error": f"no such endpoint {self.path}"}
+                    status = 404
+                else:
+                    ok, body = check()
+                    status = 200 if ok else 503
+                data = json.dumps({"ok": ok, **body}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> HealthServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,124 @@
+"""Ordering under retry (pure): the state of each key that has an event in the retry path.
+
+Strict mode (the default): while a key's *head* event is in the retry path, every later event of
+that key follows it there (queued behind it, in arrival order) instead of overtaking it. When
+the head finally succeeds, the next follower becomes the head. When the head is dead-lettered,
+the key is *blocked*: its followers, and new events of the key, go to the DLQ marked with the
+event id that blocked them, so a replay can restore the key's order.
+
+Relaxed mode: no parking; later events overtake a retried one (as Spring Kafka does).
+
+The worker persists each change to the compacted ``<prefix>.<group>.parked`` topic (key = the
+event's topic and key) and rebuilds this state from it on start and on partition assignment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+PROCESS, FOLLOW, BLOCKED = "process", "follow", "blocked"
+
+
+@dataclass
+class KeyState:
+    head: str  # event id at the front of the key's retry path
+    followers: list[str] = field(default_factory=list)
+    blocked_by: str | None = None  # set when the head was dead-lettered
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"head": self.head, "followers": self.followers, "blocked_by": self.blocked_by}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> KeyState:
+        d = json.loads(data)
+        return cls(d["head"], list(d.get("followers", [])), d.get("blocked_by"))
+
+
+class Ordering:
+    """Decisions for strict ordering; ``changes`` lists keys whose state must be persisted."""
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.keys: dict[str, KeyState] = {}
+        self.changes: dict[str, KeyState | None] = {}
+
+    def _set(self, key: str, state: KeyState | None) -> None:
+        if state is None:
+            self.keys.pop(key, None)
+        else:
+            self.keys[key] = state
+        self.changes[key] = state
+
+    def take_changes(self) -> dict[str, KeyState | None]:
+        out, self.changes = self.changes, {}
+        return out
+
+    def load(self, key: str, state: KeyState | None) -> None:
+        """Rebuild from the parked topic (a tombstone is None)."""
+        if state is None:
+            self.keys.pop(key, None)
+        else:
+            self.keys[key] = state
+
+    # -- decisions -----------------------------------------------------------------------------
+    def admit(self, key: str, event_id: str) -> tuple[str, str | None]:
+        """May this event (first delivery or from a retry tier) run now?
+
+        Returns (PROCESS, None), (FOLLOW, head) — send it to the retry path behind the head —
+        or (BLOCKED, blocking event id) — send it to the DLQ.
+        """
+        if not self.strict:
+            return PROCESS, None
+        st = self.keys.get(key)
+        if st is None:
+            return PROCESS, None
+        if st.blocked_by is not None:
+            if event_id in st.followers:
+                st.followers.remove(event_id)
+                self._set(key, st)
+            return BLOCKED, st.blocked_by
+        if st.head == event_id:
+            return PROCESS, None
+        if event_id not in st.followers:
+            st.followers.append(event_id)
+            self._set(key, st)
+        return FOLLOW, st.head
+
+    def retrying(self, key: str, event_id: str) -> None:
+        """The event failed transiently and goes to a retry tier: it heads (or keeps heading)
+        the key's retry path."""
+        if not self.strict:
+            return
+        st = self.keys.get(key)
+        if st is None:
+            self._set(key, KeyState(head=event_id))
+
+    def succeeded(self, key: str, event_id: str) -> None:
+        st = self.keys.get(key)
+        if st is None or st.head != event_id:
+            return
+        if st.followers:
+            self._set(key, KeyState(head=st.followers[0], followers=st.followers[1:]))
+        else:
+            self._set(key, None)
+
+    def dead_lettered(self, key: str, event_id: str) -> None:
+        """The event went to the DLQ. If it headed the key's retry path, the key is blocked."""
+        if not self.strict:
+            return
+        st = self.keys.get(key)
+        if st is not None and st.head == event_id and st.blocked_by is None:
+            st.blocked_by = event_id
+            self._set(key, st)
+
+    def release(self, key: str) -> None:
+        """Forget a key's state (an operator replayed or discarded its dead letters)."""
+        if key in self.keys:
+            self._set(key, None)
+
+    @property
+    def parked(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,195 @@
+"""Where a failed record goes next, and the headers it carries there (pure).
+
+Retry and dead-letter headers use Spring Kafka's names and encodings, so tools built for Spring
+retry topics can read and redrive them:
+
+=============================== ==========================================================
+``kafka_dlt-original-topic``     the topic the event was first consumed from (kept across hops)
+``kafka_dlt-original-partition`` 4-byte big-endian int
+``kafka_dlt-original-offset``    8-byte big-endian long
+``kafka_dlt-original-timestamp`` 8-byte big-endian long (ms) of the original record
+``kafka_dlt-original-consumer-group``
+``kafka_dlt-exception-fqcn``     replaced on every hop (never piled up)
+``kafka_dlt-exception-message``
+``kafka_dlt-exception-stacktrace``
+``retry_topic-attempts``         minimal big-endian int (Java BigInteger.toByteArray)
+``retry_topic-backoff-timestamp`` due time in epoch ms, same encoding; absent on the DLQ
+``retry_topic-original-timestamp`` time of the first failure (ms), kept across hops
+=============================== ==========================================================
+
+Ours: ``erp_blocked_by`` (the event id a strict-ordering follower waited behind),
+``erp_retry_tier``, ``erp_target_error_body`` (what the target answered, for the DLQ).
+"""
+
+from __future__ import annotations
+
+import struct
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+ORIGINAL_TOPIC = "kafka_dlt-original-topic"
+ORIGINAL_PARTITION = "kafka_dlt-original-partition"
+ORIGINAL_OFFSET = "kafka_dlt-original-offset"
+ORIGINAL_TIMESTAMP = "kafka_dlt-original-timestamp"
+ORIGINAL_GROUP = "kafka_dlt-original-consumer-group"
+EXCEPTION_FQCN = "kafka_dlt-exception-fqcn"
+EXCEPTION_MESSAGE = "kafka_dlt-exception-message"
+EXCEPTION_STACKTRACE = "kafka_dlt-exception-stacktrace"
+ATTEMPTS = "retry_topic-attempts"
+BACKOFF_TIMESTAMP = "retry_topic-backoff-timestamp"
+FIRST_FAILURE_TIMESTAMP = "retry_topic-original-timestamp"
+BLOCKED_BY = "erp_blocked_by"
+RETRY_TIER = "erp_retry_tier"
+TARGET_ERROR_BODY = "erp_target_error_body"
+DECODE_ERROR = "erp_decode_error"
+
+_ORIGINAL = (
+    ORIGINAL_TOPIC,
+    ORIGINAL_PARTITION,
+    ORIGINAL_OFFSET,
+    ORIGINAL_TIMESTAMP,
+    ORIGINAL_GROUP,
+)
+_PER_HOP = (
+    EXCEPTION_FQCN,
+    EXCEPTION_MESSAGE,
+    EXCEPTION_STACKTRACE,
+    ATTEMPTS,
+    BACKOFF_TIMESTAMP,
+    BLOCKED_BY,
+    RETRY_TIER,
+    TARGET_ERROR_BODY,
+    DECODE_ERROR,
+)
+
+Headers = list[tuple[str, bytes]]
+
+
+def big_int(n: int) -> bytes:
+    """Java's BigInteger.toByteArray(): minimal two's-complement big-endian."""
+    return n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True)
+
+
+def read_int(value: bytes | str | None) -> int | None:
+    """An integer header in any encoding tools use: decimal text, or big-endian binary."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if value and value.isdigit():
+        return int(value)
+    if not value:
+        return None
+    return int.from_bytes(value, "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """The retry path of one consumer group."""
+
+    prefix: str
+    group: str
+    delays_s: Sequence[float]
+
+    def retry_topic(self, tier: int) -> str:
+        return f"{self.prefix}.{self.group}.retry.{tier}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.prefix}.{self.group}.dlq"
+
+    @property
+    def parked_topic(self) -> str:
+        return f"{self.prefix}.{self.group}.parked"
+
+    @property
+    def retry_topics(self) -> list[str]:
+        return [self.retry_topic(i) for i in range(1, len(self.delays_s) + 1)]
+
+    def tier_of(self, topic: str) -> int:
+        """0 for a main topic, n for ``<prefix>.<group>.retry.<n>``."""
+        base = f"{self.prefix}.{self.group}.retry."
+        if topic.startswith(base) and topic[len(base) :].isdigit():
+            return int(topic[len(base) :])
+        return 0
+
+
+@dataclass(frozen=True)
+class Route:
+    topic: str
+    tier: int  # 0 = DLQ
+    due_ms: int | None
+
+    @property
+    def is_dlq(self) -> bool:
+        return self.tier == 0
+
+
+def route_failure(tiers: Tiers, kind: str, failures: int, now_ms: int) -> Route:
+    """``failures`` counts this one: after the first failure, tier 1; after the last tier's, the
+    DLQ. Permanent failures go to the DLQ at once."""
+    if kind == "transient" and failures <= len(tiers.delays_s):
+        due = now_ms + int(tiers.delays_s[failures - 1] * 1000)
+        return Route(tiers.retry_topic(failures), failures, due)
+    return Route(tiers.dlq_topic, 0, None)
+
+
+def failure_headers(
+    headers: Iterable[tuple[str, bytes | str | None]],
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+    group: str,
+    error: BaseException | None,
+    attempts: int,
+    route: Route,
+    now_ms: int,
+    blocked_by: str | None = None,
+    decode_error: str | None = None,
+) -> Headers:
+    """The headers of a record sent to a retry tier or the DLQ: the event's own headers kept,
+    the original position kept from the first hop, the exception headers replaced."""
+    kept: Headers = []
+    present: set[str] = set()
+    for name, value in headers:
+        if name in _PER_HOP:
+            continue
+        b = value if isinstance(value, bytes) else (value or "").encode()
+        kept.append((name, b))
+        present.add(name)
+    if ORIGINAL_TOPIC not in present:
+        kept += [
+            (ORIGINAL_TOPIC, topic.encode()),
+            (ORIGINAL_PARTITION, struct.pack(">i", partition)),
+            (ORIGINAL_OFFSET, struct.pack(">q", offset)),
+            (ORIGINAL_TIMESTAMP, struct.pack(">q", timestamp_ms)),
+            (ORIGINAL_GROUP, group.encode()),
+        ]
+    if FIRST_FAILURE_TIMESTAMP not in present:
+        kept.append((FIRST_FAILURE_TIMESTAMP, big_int(now_ms)))
+    if error is not None:
+        cls = type(error)
+        kept += [
+            (EXCEPTION_FQCN, f"{cls.__module__}.{cls.__qualname__}".encode()),
+            (EXCEPTION_MESSAGE, str(error)[:4000].encode()),
+            (EXCEPTION_STACKTRACE, "".join(traceback.format_exception(error))[-8000:].encode()),
+        ]
+        body = getattr(error, "target_error_body", None)
+        if body:
+            kept.append((TARGET_ERROR_BODY, str(body)[:8000].encode()))
+    kept.append((ATTEMPTS, big_int(attempts)))
+    if route.due_ms is not None:
+        kept.append((BACKOFF_TIMESTAMP, big_int(route.due_ms)))
+        kept.append((RETRY_TIER, str(route.tier).encode()))
+    if blocked_by:
+        kept.append((BLOCKED_BY, blocked_by.encode()))
+    if decode_error:
+        kept.append((DECODE_ERROR, decode_error[:4000].encode()))
+    return kept
+
+
+def original_names() -> tuple[str, ...]:
+    return _ORIGINAL

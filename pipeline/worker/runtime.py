@@ -1,0 +1,836 @@
+"""The worker loop (``pipeline worker NAME``): one consumer group per connector.
+
+    consume (main topics + own retry tiers) ─▶ decode ─▶ key scheduler ─▶ handler threads
+        │ retry record not yet due: pause that partition, rewind, resume when due
+        │ undecodable: DLQ with the raw bytes
+        ▼
+    outcome ─ ok ─────────▶ offset done
+            ─ transient ──▶ retry tier n (or held in place while the breaker is open)
+            ─ permanent ──▶ DLQ
+    commit every commit_interval_s: the highest contiguous finished offset per partition
+
+Everything that changes state runs on the loop's thread; handlers run on a pool of
+``max_in_flight`` threads and hand their outcome back through a queue. An event routed to a
+retry tier or the DLQ counts as finished only when Kafka acknowledged the routed copy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from pipeline.claimcheck import ClaimStore, claim_store
+from pipeline.config import Settings, WorkerConfig
+from pipeline.errors import ConfigError, DecodeError, PipelineError
+from pipeline.kafka import headers as h
+from pipeline.kafka.client import admin_config, consumer_config, producer_config, wrap_kafka_error
+from pipeline.kafka.topics import TopicSpec, apply_topics
+from pipeline.relay.relay import _registry
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Decoder
+from pipeline.worker import routing
+from pipeline.worker.breaker import CircuitBreaker
+from pipeline.worker.classify import TRANSIENT, classify
+from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
+from pipeline.worker.health import HealthServer
+from pipeline.worker.offsets import PartitionOffsets
+from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
+from pipeline.worker.ratelimit import TokenBucket
+from pipeline.worker.scheduler import KeyScheduler
+
+log = logging.getLogger("pipeline.worker")
+
+TP = tuple[str, int]
+OK, SKIPPED, FAILED = "ok", "skipped", "failed"
+
+
+@dataclass
+class Work:
+    msg: Message
+    event: Event
+    tp: TP
+    key: str  # ordering key: original topic + aggregate key
+
+
+@dataclass
+class WorkerStats:
+    consumed: int = 0
+    applied: int = 0
+    skipped: int = 0
+    retried: dict[int, int] = field(default_factory=dict)  # by tier
+    followed: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)  # by error class
+    undecodable: int = 0
+    held: int = 0
+    breaker_opens: int = 0
+
+    @property
+    def dead_lettered_total(self) -> int:
+        return sum(self.dead_lettered.values())
+
+
+Observer = Callable[[Event, str], None]
+
+
+class Worker:
+    """Runs one connector. ``run(stop)`` returns when ``stop`` is set (after a graceful stop)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        connector: object | None = None,
+        *,
+        config: WorkerConfig | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        wc = config or settings.workers.get(name)
+        if wc is None:
+            if connector is None:
+                known = ", ".join(sorted(settings.workers)) or "none configured"
+                raise ConfigError(
+                    f"no worker named {name!r} in the configuration (workers: {known}); add "
+                    f"workers.{name}.connector: module:attribute"
+                )
+            wc = WorkerConfig(connector="<given>")
+        self.settings = settings
+        self.name = name
+        self.cfg = wc
+        self.group = wc.group or name
+        self.group_id = f"{settings.topics.prefix}.{self.group}"
+        self.tiers = routing.Tiers(settings.topics.prefix, self.group, wc.retry_delays_s)
+        self.main_topics = [
+            settings.topics.event_topic(a)
+            for a in (wc.aggregate_types or settings.topics.aggregate_types)
+        ]
+        self.connector = (
+            connector if connector is not None else load_connector(wc.connector, wc.options)
+        )
+        self.dispatch: Dispatch = dispatch_of(self.connector)
+        self.observer = observer
+        self.catalogue = Catalogue.load(settings.schemas.path)
+        self.ordering = Ordering(strict=wc.ordering == "strict")
+        self.breaker = CircuitBreaker(
+            wc.breaker.threshold, wc.breaker.probe_initial_s, wc.breaker.probe_max_s
+        )
+        self.bucket = TokenBucket(wc.rate_limit_per_s, wc.rate_limit_burst)
+        self.scheduler: KeyScheduler[Work] = KeyScheduler(wc.max_in_flight)
+        self.stats = WorkerStats()
+        self.offsets: dict[TP, PartitionOffsets] = {}
+        self.assigned: set[TP] = set()
+        self._due_pauses: dict[TP, float] = {}  # partition → resume time (epoch s)
+        self._rewound: dict[TP, int] = {}  # partition → offset it was rewound to
+        self._held: deque[Work] = deque()  # failed while the breaker is open / Retry-After
+        self._paused_all = False
+        self._completions: queue.Queue[tuple[Work, str, BaseException | None]] = queue.Queue()
+        self._running = 0
+        self._last_commit = 0.0
+        self._heartbeat = time.monotonic()
+        self._broker_ok_at = 0.0
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._claims: ClaimStore | None = None
+        self._decoder: Decoder | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._health: HealthServer | None = None
+        self._routing_pending = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self._start()
+        try:
+            while not stop.is_set():
+                self.loop_once()
+            self._graceful_stop()
+        finally:
+            self._close()
+
+    def _start(self) -> None:
+        self._ensure_topics()
+        self._producer = Producer(
+            producer_config(
+                self.settings,
+                **{"error_cb": lambda err: log.warning("kafka producer: %s", err.str())},
+            )
+        )
+        self._claims = claim_store(self.settings) if self.settings.database.url else None
+        self._decoder = Decoder(self.catalogue, _registry(self.settings), self._claims)
+        self._pool = ThreadPoolExecutor(
+            self.cfg.max_in_flight, thread_name_prefix=f"{self.name}-handler"
+        )
+        self._load_parked()
+        conf = consumer_config(
+            self.settings,
+            self.group_id,
+            **{
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": self.cfg.session_timeout_ms,
+                "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
+                "enable.auto.offset.store": False,
+                "error_cb": self._on_kafka_error,
+            },
+        )
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe(
+            self.main_topics + self.tiers.retry_topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        if self.cfg.health_port is not None:
+            self._health = HealthServer(self.cfg.health_port, self._healthz, self._readyz).start()
+            log.info("worker %s health endpoints on port %d", self.name, self._health.port)
+        log.info(
+            "worker %s started: group %s, topics %s, retry tiers %s, ordering %s",
+            self.name,
+            self.group_id,
+            ", ".join(self.main_topics),
+            ", ".join(f"{d:g}s" for d in self.cfg.retry_delays_s),
+            self.cfg.ordering,
+        )
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health else None
+
+    def _ensure_topics(self) -> None:
+        t = self.settings.topics
+        specs = [
+            TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
+            for topic in [*self.main_topics, *self.tiers.retry_topics, self.tiers.dlq_topic]
+        ]
+        specs.append(
+            TopicSpec(
+                self.tiers.parked_topic,
+                t.partitions,
+                t.replication_factor,
+                {"cleanup.policy": "compact"},
+            )
+        )
+        apply_topics(
+            AdminClient(admin_config(self.settings)),
+            specs,
+            timeout_s=self.settings.kafka.request_timeout_s,
+            create_only=True,
+        )
+
+    def _close(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._producer is not None:
+            self._producer.flush(10)
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group
+            self._consumer = None
+        if self._claims is not None:
+            self._claims.close()
+        self.dispatch.close()
+
+    def _graceful_stop(self) -> None:
+        """Stop fetching, hand back queued work, let running handlers finish within the grace
+        period, commit, leave the group."""
+        assert self._consumer is not None
+        self._pause_all()
+        handed_back = self.scheduler.drop(lambda w: True)
+        held = len(self._held)
+        self._held.clear()
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while (self._running or self._routing_pending) and time.monotonic() < deadline:
+            self._drain_completions(timeout=0.05)
+            self._producer.poll(0) if self._producer else None
+        if self._producer is not None:
+            self._producer.flush(max(1.0, deadline - time.monotonic()))
+        self._drain_completions(timeout=0)
+        self._commit(asynchronous=False)
+        log.info(
+            "worker %s stopped: %d queued and %d held events handed back (redelivered to "
+            "the group), %d still running at the deadline",
+            self.name,
+            len(handed_back),
+            held,
+            self._running,
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    def loop_once(self) -> None:
+        assert self._consumer is not None and self._producer is not None
+        now = time.time()
+        self._heartbeat = time.monotonic()
+        self._resume_due(now)
+        busy = self._running or self.scheduler.queued or self._held
+        msgs = self._consumer.consume(500, timeout=0.01 if busy else 0.1)
+        if msgs:
+            self._broker_ok_at = time.monotonic()
+        for msg in msgs:
+            self._ingest(msg, now)
+        self._backpressure()
+        self._dispatch()
+        self._drain_completions(timeout=0.002 if self._running else 0)
+        self._producer.poll(0)
+        if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
+            self._commit(asynchronous=True)
+
+    def _ingest(self, msg: Message, now: float) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consume error: %s", err.str())
+            return
+        tp = (str(msg.topic()), int(msg.partition() or 0))
+        offset = int(msg.offset() or 0)
+        rewound = self._rewound.get(tp)
+        if rewound is not None and offset >= rewound:
+            return  # fetched before the rewind took effect: it comes again when due
+        if tp not in self.offsets:
+            self.offsets[tp] = PartitionOffsets()
+        tier = self.tiers.tier_of(tp[0])
+        hdrs = _header_list(msg)
+        if tier:
+            due_ms = routing.read_int(_header(hdrs, routing.BACKOFF_TIMESTAMP))
+            if due_ms is not None and due_ms > now * 1000:
+                self._hold_partition(tp, offset, due_ms / 1000)
+                return
+        self.stats.consumed += 1
+        self.offsets[tp].started(offset)
+        try:
+            event = self._event(msg, tp, offset, hdrs)
+        except PipelineError as exc:
+            self.stats.undecodable += 1
+            log.error(
+                "undecodable record %s[%d]@%d sent to %s: %s",
+                tp[0],
+                tp[1],
+                offset,
+                self.tiers.dlq_topic,
+                exc,
+                extra={"topic": tp[0], "partition": tp[1], "offset": offset},
+            )
+            self._route(
+                msg,
+                tp,
+                None,
+                routing.Route(self.tiers.dlq_topic, 0, None),
+                exc,
+                attempts=1,
+                decode_error=str(exc),
+            )
+            return
+        original = _header(hdrs, routing.ORIGINAL_TOPIC)
+        key = f"{(original.decode() if isinstance(original, bytes) else tp[0])}|{event.key}"
+        self.scheduler.submit(key, Work(msg, event, tp, key))
+
+    def _event(self, msg: Message, tp: TP, offset: int, hdrs: list[Any]) -> Event:
+        assert self._decoder is not None
+        headers = {
+            k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+            for k, v in hdrs
+            if k not in _BINARY_HEADERS
+        }
+        missing = [n for n in (h.CE_ID, h.AGGREGATE_VERSION) if n not in headers]
+        if missing:
+            raise DecodeError(
+                f"record lacks header(s) {', '.join(missing)}: not an event published by the relay"
+            )
+        decoded = self._decoder.decode(msg.value())
+        key = msg.key()
+        aggregate_id = headers.get(h.CE_SUBJECT) or (key.decode() if key else "")
+        occurred = headers.get(h.CE_TIME)
+        try:
+            version = int(headers[h.AGGREGATE_VERSION])
+            occurred_at = dt.datetime.fromisoformat(occurred) if occurred else None
+        except ValueError as exc:
+            raise DecodeError(f"bad event header: {exc}") from exc
+        attempt = routing.read_int(_header(hdrs, routing.ATTEMPTS)) or 1
+        return Event(
+            event_id=headers[h.CE_ID],
+            event_type=decoded.event_type,
+            aggregate_type=headers.get(h.AGGREGATE_TYPE) or tp[0].rsplit(".", 1)[-1],
+            aggregate_id=aggregate_id,
+            aggregate_version=version,
+            occurred_at=occurred_at,
+            payload=decoded.value,
+            headers=headers,
+            topic=tp[0],
+            partition=tp[1],
+            offset=offset,
+            attempt=attempt,
+            traceparent=headers.get(h.TRACEPARENT),
+        )
+
+    # -- pausing ------------------------------------------------------------------------------
+    def _hold_partition(self, tp: TP, offset: int, resume_at: float) -> None:
+        """A retry record that is not due yet: pause its partition and rewind to it."""
+        assert self._consumer is not None
+        part = TopicPartition(tp[0], tp[1], offset)
+        self._consumer.pause([part])
+        self._consumer.seek(part)
+        self._rewound[tp] = offset
+        self._due_pauses[tp] = resume_at
+
+    def _resume_due(self, now: float) -> None:
+        if self._paused_all:
+            return
+        due = [tp for tp, at in self._due_pauses.items() if at <= now]
+        if due:
+            assert self._consumer is not None
+            for tp in due:
+                del self._due_pauses[tp]
+                self._rewound.pop(tp, None)
+            self._consumer.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.assigned])
+
+    def _pause_all(self) -> None:
+        if not self._paused_all and self._consumer is not None and self.assigned:
+            self._consumer.pause([TopicPartition(t, p) for t, p in self.assigned])
+        self._paused_all = True
+
+    def _resume_all(self) -> None:
+        if self._paused_all and self._consumer is not None:
+            parts = [
+                TopicPartition(t, p) for t, p in self.assigned if (t, p) not in self._due_pauses
+            ]
+            if parts:
+                self._consumer.resume(parts)
+        self._paused_all = False
+
+    def _backpressure(self) -> None:
+        """Stop fetching while the queue is deep or the target is down; resume after."""
+        high = max(1000, 20 * self.cfg.max_in_flight)
+        must_pause = (
+            self.breaker.is_open
+            or self.scheduler.queued > high
+            or self.bucket.blocked_until > time.time()
+        )
+        if must_pause:
+            self._pause_all()
+        elif self._paused_all and self.scheduler.queued < high // 2:
+            self._resume_all()
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        assert self._pool is not None
+        now = time.time()
+        while self._held:
+            if not self.breaker.allow(now) or self.bucket.take(now) > 0:
+                return
+            self._start_work(self._held.popleft())
+            if self.breaker.state == "half-open":
+                return  # one probe at a time
+        while self.breaker.allow(now):
+            if self.bucket.take(now) > 0:
+                return
+            nxt = self.scheduler.next_ready()
+            if nxt is None:
+                self._give_back_token()
+                return
+            key, work = nxt
+            verdict, ref = self.ordering.admit(work.key, work.event.event_id)
+            if verdict == FOLLOW:
+                self._give_back_token()
+                self.stats.followed += 1
+                self._route(
+                    work.msg,
+                    work.tp,
+                    work,
+                    routing.route_failure(self.tiers, TRANSIENT, 1, int(now * 1000)),
+                    None,
+                    attempts=work.event.attempt,
+                    blocked_by=ref,
+                )
+                self.scheduler.done(key)
+                self._persist_ordering()
+                continue
+            if verdict == BLOCKED:
+                self._give_back_token()
+                self._dead_letter(work, None, blocked_by=ref)
+                self.scheduler.done(key)
+                self._persist_ordering()
+                continue
+            self._start_work(work)
+            if self.breaker.state == "half-open":
+                return
+
+    def _give_back_token(self) -> None:
+        if self.bucket.rate:
+            self.bucket.tokens = min(self.bucket.capacity, self.bucket.tokens + 1)
+
+    def _start_work(self, work: Work) -> None:
+        assert self._pool is not None
+        self._running += 1
+        self._pool.submit(self._execute, work)
+
+    def _execute(self, work: Work) -> None:
+        handler = self.dispatch.handler_for(work.event.event_type)
+        if handler is None:
+            self._completions.put((work, SKIPPED, None))
+            return
+        try:
+            handler(work.event)
+        except BaseException as exc:
+            self._completions.put((work, FAILED, exc))
+            return
+        self._completions.put((work, OK, None))
+
+    # -- outcomes -----------------------------------------------------------------------------
+    def _drain_completions(self, timeout: float) -> None:
+        try:
+            item = (
+                self._completions.get(timeout=timeout)
+                if timeout
+                else self._completions.get_nowait()
+            )
+        except queue.Empty:
+            return
+        while True:
+            self._running -= 1
+            self._complete(*item)
+            try:
+                item = self._completions.get_nowait()
+            except queue.Empty:
+                return
+
+    def _complete(self, work: Work, outcome: str, exc: BaseException | None) -> None:
+        ev = work.event
+        if outcome in (OK, SKIPPED):
+            self.breaker.success()
+            if outcome == OK:
+                self.stats.applied += 1
+            else:
+                self.stats.skipped += 1
+            self.ordering.succeeded(work.key, ev.event_id)
+            self._persist_ordering()
+            self._finished(work.tp, ev.offset)
+            self.scheduler.done(work.key)
+            if self.observer is not None:
+                self.observer(ev, outcome)
+            return
+        assert exc is not None
+        kind = classify(exc, self.dispatch.classify)
+        now = time.time()
+        if kind == TRANSIENT:
+            retry_after = getattr(exc, "retry_after_s", None)
+            if isinstance(retry_after, int | float) and retry_after > 0:
+                self.bucket.hold_until(now + float(retry_after))
+                self._held.append(work)
+                self.stats.held += 1
+                log.warning(
+                    "target asked to wait %.1fs (Retry-After) on event %s; pausing",
+                    retry_after,
+                    ev.event_id,
+                    extra={"event_id": ev.event_id},
+                )
+                return
+            was_open = self.breaker.is_open
+            self.breaker.failure(now)
+            if self.breaker.is_open:
+                if not was_open:
+                    self.stats.breaker_opens += 1
+                    log.error(
+                        "circuit breaker OPEN for worker %s after %d consecutive "
+                        "transient failures (last: %s); consumption paused, probing",
+                        self.name,
+                        self.breaker.failures,
+                        exc,
+                    )
+                self._held.append(work)
+                self.stats.held += 1
+                return
+        route = routing.route_failure(self.tiers, kind, ev.attempt, int(now * 1000))
+        if route.is_dlq:
+            self._dead_letter(work, exc)
+        else:
+            self.ordering.retrying(work.key, ev.event_id)
+            self.stats.retried[route.tier] = self.stats.retried.get(route.tier, 0) + 1
+            log.warning(
+                "event %s (%s %s v%d) failed (%s: %s); retry %d in %gs",
+                ev.event_id,
+                ev.event_type,
+                ev.aggregate_id,
+                ev.aggregate_version,
+                type(exc).__name__,
+                exc,
+                route.tier,
+                self.cfg.retry_delays_s[route.tier - 1],
+                extra={"event_id": ev.event_id, "attempt": ev.attempt},
+            )
+            self._route(work.msg, work.tp, work, route, exc, attempts=ev.attempt + 1)
+        self._persist_ordering()
+        self.scheduler.done(work.key)
+
+    def _dead_letter(
+        self, work: Work, exc: BaseException | None, blocked_by: str | None = None
+    ) -> None:
+        ev = work.event
+        reason = type(exc).__name__ if exc is not None else "BlockedByDeadLetter"
+        self.stats.dead_lettered[reason] = self.stats.dead_lettered.get(reason, 0) + 1
+        self.ordering.dead_lettered(work.key, ev.event_id)
+        if blocked_by:
+            log.error(
+                "event %s (%s %s v%d) sent to %s: it waited behind %s, which was "
+                "dead-lettered (strict ordering); replay that one first",
+                ev.event_id,
+                ev.event_type,
+                ev.aggregate_id,
+                ev.aggregate_version,
+                self.tiers.dlq_topic,
+                blocked_by,
+                extra={"event_id": ev.event_id},
+            )
+        else:
+            log.error(
+                "event %s (%s %s v%d) sent to %s after %d attempt(s): %s: %s",
+                ev.event_id,
+                ev.event_type,
+                ev.aggregate_id,
+                ev.aggregate_version,
+                self.tiers.dlq_topic,
+                ev.attempt,
+                type(exc).__name__,
+                exc,
+                extra={"event_id": ev.event_id},
+            )
+        self._route(
+            work.msg,
+            work.tp,
+            work,
+            routing.Route(self.tiers.dlq_topic, 0, None),
+            exc,
+            attempts=ev.attempt,
+            blocked_by=blocked_by,
+        )
+
+    def _route(
+        self,
+        msg: Message,
+        tp: TP,
+        work: Work | None,
+        route: routing.Route,
+        exc: BaseException | None,
+        *,
+        attempts: int,
+        blocked_by: str | None = None,
+        decode_error: str | None = None,
+    ) -> None:
+        """Send the record, bytes untouched, to a retry tier or the DLQ; its offset finishes
+        when Kafka acknowledged the copy."""
+        assert self._producer is not None
+        ts = msg.timestamp()
+        offset = int(msg.offset() or 0)
+        headers = routing.failure_headers(
+            _header_list(msg),
+            topic=tp[0],
+            partition=tp[1],
+            offset=offset,
+            timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,
+            group=self.group_id,
+            error=exc,
+            attempts=attempts,
+            route=route,
+            now_ms=int(time.time() * 1000),
+            blocked_by=blocked_by,
+            decode_error=decode_error,
+        )
+        self._routing_pending += 1
+
+        def delivered(err: KafkaError | None, _m: Any) -> None:
+            self._routing_pending -= 1
+            if err is not None:
+                log.error(
+                    "could not write %s[%d]@%d to %s: %s; its offset is not committed, "
+                    "it will be consumed again",
+                    tp[0],
+                    tp[1],
+                    offset,
+                    route.topic,
+                    err.str(),
+                )
+                return
+            self._finished(tp, offset)
+
+        while True:
+            try:
+                self._producer.produce(
+                    route.topic,
+                    msg.value(),
+                    msg.key(),
+                    headers=headers,  # type: ignore[arg-type]
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _finished(self, tp: TP, offset: int) -> None:
+        tracker = self.offsets.get(tp)
+        if tracker is not None and tp in self.assigned:
+            tracker.finished(offset)
+
+    # -- strict ordering state ----------------------------------------------------------------
+    def _persist_ordering(self) -> None:
+        changes = self.ordering.take_changes()
+        if not changes:
+            return
+        assert self._producer is not None
+        for key, state in changes.items():
+            self._producer.produce(
+                self.tiers.parked_topic, state.to_json() if state else None, key.encode()
+            )
+
+    def _load_parked(self) -> None:
+        """Rebuild the parked keys from the compacted topic (start, and every assignment)."""
+        from pipeline.relay.store import leader_name
+
+        c = Consumer(consumer_config(self.settings, f"{self.group_id}.parked-{leader_name()}"))
+        try:
+            md = c.list_topics(self.tiers.parked_topic, timeout=10)
+            tmd = md.topics.get(self.tiers.parked_topic)
+            if tmd is None or tmd.error is not None:
+                return
+            ends: dict[int, int] = {}
+            assign = []
+            for p in tmd.partitions:
+                lo, hi = c.get_watermark_offsets(
+                    TopicPartition(self.tiers.parked_topic, p), timeout=10
+                )
+                if hi > lo:
+                    ends[p] = hi - 1
+                    assign.append(TopicPartition(self.tiers.parked_topic, p, lo))
+            if not assign:
+                return
+            c.assign(assign)
+            deadline = time.monotonic() + 30
+            while ends and time.monotonic() < deadline:
+                for m in c.consume(1000, timeout=0.2):
+                    if m.error() is not None:
+                        continue
+                    key = (m.key() or b"").decode()
+                    value = m.value()
+                    self.ordering.load(key, KeyState.from_json(value) if value else None)
+                    part = int(m.partition() or 0)
+                    if part in ends and (m.offset() or 0) >= ends[part]:
+                        del ends[part]
+        except KafkaException as exc:
+            raise wrap_kafka_error(exc, f"reading {self.tiers.parked_topic}") from exc
+        finally:
+            c.close()
+        if self.ordering.parked:
+            log.info(
+                "worker %s: %d keys parked behind retried or dead-lettered events",
+                self.name,
+                self.ordering.parked,
+            )
+
+    # -- offsets and rebalances ---------------------------------------------------------------
+    def _commit(self, asynchronous: bool) -> None:
+        self._last_commit = time.monotonic()
+        if self._consumer is None:
+            return
+        parts = []
+        for tp, tracker in self.offsets.items():
+            off = tracker.committable()
+            if off is not None and tp in self.assigned:
+                parts.append(TopicPartition(tp[0], tp[1], off))
+        if not parts:
+            return
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=parts, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=parts, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("offset commit failed (it is retried): %s", exc.args[0].str())
+
+    def _on_assign(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        for p in parts:
+            tp = (str(p.topic), int(p.partition))
+            self.assigned.add(tp)
+            self.offsets[tp] = PartitionOffsets()
+        if self._paused_all and parts:
+            assert self._consumer is not None
+            self._consumer.pause(parts)
+        log.info("worker %s assigned %s", self.name, _fmt(parts))
+
+    def _on_revoke(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        """Hand back queued work of the revoked partitions, let running handlers finish
+        (within the grace period), commit what finished, forget the partitions."""
+        revoked = {(str(p.topic), int(p.partition)) for p in parts}
+        dropped = self.scheduler.drop(lambda w: w.tp in revoked)
+        self._held = deque(w for w in self._held if w.tp not in revoked)
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while time.monotonic() < deadline and any(
+            self.offsets.get(tp)
+            and self.offsets[tp].in_flight > len([w for w in dropped if w.tp == tp])
+            for tp in revoked
+        ):
+            self._drain_completions(timeout=0.05)
+            if self._producer is not None:
+                self._producer.poll(0)
+        self._commit(asynchronous=False)
+        for tp in revoked:
+            self.assigned.discard(tp)
+            self.offsets.pop(tp, None)
+            self._due_pauses.pop(tp, None)
+            self._rewound.pop(tp, None)
+        log.info(
+            "worker %s revoked %s (%d queued events handed back)",
+            self.name,
+            _fmt(parts),
+            len(dropped),
+        )
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        log.warning("kafka consumer: %s", err.str())
+
+    # -- health -------------------------------------------------------------------------------
+    def _healthz(self) -> tuple[bool, dict[str, Any]]:
+        age = time.monotonic() - self._heartbeat
+        return age < 30, {"loop_age_s": round(age, 3)}
+
+    def _readyz(self) -> tuple[bool, dict[str, Any]]:
+        ok = bool(self.assigned)
+        return ok, {
+            "assigned_partitions": len(self.assigned),
+            "breaker": self.breaker.state,
+            "parked_keys": self.ordering.parked,
+        }
+
+
+_BINARY_HEADERS = frozenset(
+    {
+        routing.ORIGINAL_PARTITION,
+        routing.ORIGINAL_OFFSET,
+        routing.ORIGINAL_TIMESTAMP,
+        routing.ATTEMPTS,
+        routing.BACKOFF_TIMESTAMP,
+        routing.FIRST_FAILURE_TIMESTAMP,
+    }
+)
+
+
+def _header_list(msg: Message) -> list[Any]:
+    raw = msg.headers() or []
+    return list(raw.items()) if isinstance(raw, dict) else list(raw)
+
+
+def _header(hdrs: list[Any], name: str) -> bytes | None:
+    for k, v in reversed(hdrs):
+        if k == name:
+            return v if isinstance(v, bytes) else None
+    return None
+
+
+def _fmt(parts: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in parts) or "nothing"
