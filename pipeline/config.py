@@ -347,6 +347,13 @@ def env_bootstrap() -> str | None:
     return os.environ.get("KAFKA_BOOTSTRAP") or None
 
 
+def _is_section(ann: Any) -> bool:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return True
+    args: tuple[Any, ...] = getattr(ann, "__args__", ())
+    return len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel)
+
+
 def reference_markdown() -> str:
     """docs/configuration.md, generated from the models (a test keeps the file in step)."""
     lines = [
@@ -361,7 +368,9 @@ def reference_markdown() -> str:
     ]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, f in model.model_fields.items():
+        # plain keys first, then nested sections, so each table holds its own keys only
+        fields = sorted(model.model_fields.items(), key=lambda kv: _is_section(kv[1].annotation))
+        for name, f in fields:
             ann = f.annotation
             path = f"{prefix}{name}"
             if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -376,8 +385,24 @@ def reference_markdown() -> str:
                 )
                 walk(ann, path + ".")
                 continue
+            args: tuple[Any, ...] = getattr(ann, "__args__", ())
+            if len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+                # a mapping of named sections, e.g. workers.<name>
+                lines.extend(
+                    [
+                        "",
+                        f"## `{path}.<name>`",
+                        "",
+                        f"{f.description or ''}",
+                        "",
+                        "| key | type | default | meaning |",
+                        "|---|---|---|---|",
+                    ]
+                )
+                walk(args[1], f"{path}.<name>.")
+                continue
             default = f.get_default(call_default_factory=True)
-            shown = json.dumps(default, default=str)
+            shown = "(required)" if f.is_required() else json.dumps(default, default=str)
             kind = (
                 str(ann)
                 .replace("typing.", "")

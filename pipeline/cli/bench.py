@@ -45,4 +45,23 @@ def relay_cmd(
     click.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench.command("worker")
+@click.option(
+    "--events",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="events for the no-op throughput run",
+)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
+@pass_ctx
+def worker_cmd(ctx: Context, events: int, repeat: int, as_json: bool) -> None:
+    """Worker throughput (no-op handler), slow-target concurrency speed-up, retry overhead."""
+    from pipeline.bench.worker import run_worker_bench
+
+    result = run_worker_bench(ctx.settings, events=events, repeat=repeat)
+    click.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 COMMANDS = [bench]

@@ -208,6 +208,24 @@ class Decoder:
             )
         return inner
 
+    def schema_of(self, data: bytes | None) -> SchemaVersion:
+        """The writer schema a record names, from its framing alone (the body is not read):
+        raises DecodeError / UnknownSchema like :meth:`decode`."""
+        if not data:
+            raise DecodeError("empty record value: no Avro payload to decode")
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            if len(data) < 10:
+                raise DecodeError(f"truncated single-object header ({len(data)} bytes)")
+            (fp,) = struct.unpack_from("<Q", data, 2)
+            return self.catalogue.by_fingerprint(fp)
+        if data[0] == CONFLUENT_MAGIC and len(data) >= 5:
+            (sid,) = struct.unpack_from(">I", data, 1)
+            return self._registry_schema(sid)
+        raise DecodeError(
+            f"not an Avro event: starts with {data[:4].hex()} (expected c301 single-object "
+            "or 00 Confluent framing)"
+        )
+
     def _decode(self, data: bytes | None) -> Decoded:
         if not data:
             raise DecodeError("empty record value: no Avro payload to decode")

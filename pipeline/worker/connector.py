@@ -27,17 +27,35 @@ import datetime as dt
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pipeline.errors import ConfigError
 
 Handler = Callable[["Event"], Any]
 _ON_ATTR = "__pipeline_event_types__"
+# Retry bookkeeping headers are big-endian integers (Spring's encoding), not text.
+_BINARY_HEADERS = frozenset(
+    {
+        "kafka_dlt-original-partition",
+        "kafka_dlt-original-offset",
+        "kafka_dlt-original-timestamp",
+        "retry_topic-attempts",
+        "retry_topic-backoff-timestamp",
+        "retry_topic-original-timestamp",
+    }
+)
 
 
 @dataclass(frozen=True)
 class Event:
-    """A decoded event as a handler sees it."""
+    """A decoded event as a handler sees it.
+
+    ``payload`` is decoded from Avro on first access (Decimal, datetime, date … as the schema
+    says; :func:`~pipeline.schemas.jsonform.to_json_form` gives the JSON form). The record's
+    framing and schema are checked before the handler runs; a body that turns out corrupt
+    raises :class:`~pipeline.errors.DecodeError` on access, which dead-letters the event.
+    """
 
     event_id: str
     event_type: str
@@ -45,14 +63,27 @@ class Event:
     aggregate_id: str
     aggregate_version: int
     occurred_at: dt.datetime | None
-    payload: dict[str, Any]  # Avro-decoded: Decimal, datetime, date … (see to_json_form)
-    headers: dict[str, str]
+    raw_headers: Mapping[str, bytes]  # the record's headers as received
     topic: str
     partition: int
     offset: int
     attempt: int = 1  # 1 on the first delivery, 2 on the first retry …
     traceparent: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    load_payload: Callable[[], dict[str, Any]] = field(default=dict, repr=False, compare=False)
+
+    @cached_property
+    def payload(self) -> dict[str, Any]:
+        return self.load_payload()
+
+    @cached_property
+    def headers(self) -> dict[str, str]:
+        """The text headers (binary retry bookkeeping left out)."""
+        return {
+            k: v.decode("utf-8", "replace")
+            for k, v in self.raw_headers.items()
+            if k not in _BINARY_HEADERS and isinstance(v, bytes)
+        }
 
     @property
     def key(self) -> str:

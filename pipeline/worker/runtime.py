@@ -145,6 +145,7 @@ class Worker:
         self._pool: ThreadPoolExecutor | None = None
         self._health: HealthServer | None = None
         self._routing_pending = 0
+        self._pace = _Pace()
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -270,15 +271,19 @@ class Worker:
         now = time.time()
         self._heartbeat = time.monotonic()
         self._resume_due(now)
-        busy = self._running or self.scheduler.queued or self._held
-        msgs = self._consumer.consume(500, timeout=0.01 if busy else 0.1)
+        idle = not (self.scheduler.queued or self._running or self._held)
+        msgs = self._consumer.consume(1000, timeout=0.1 if idle else 0)
         if msgs:
             self._broker_ok_at = time.monotonic()
         for msg in msgs:
             self._ingest(msg, now)
         self._backpressure()
         self._dispatch()
-        self._drain_completions(timeout=0.002 if self._running else 0)
+        # Block for outcomes only when nothing else can start: handlers' completions wake
+        # the loop at once, and an idle loop does not spin.
+        stalled = self._running >= self.cfg.max_in_flight or not self.scheduler.has_ready
+        self._drain_completions(timeout=0.005 if self._running and stalled else 0)
+        self._dispatch()
         self._producer.poll(0)
         if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
             self._commit(asynchronous=True)
@@ -297,16 +302,16 @@ class Worker:
         if tp not in self.offsets:
             self.offsets[tp] = PartitionOffsets()
         tier = self.tiers.tier_of(tp[0])
-        hdrs = _header_list(msg)
+        raw = dict(_header_list(msg))  # name → bytes; the last of a repeated name wins
         if tier:
-            due_ms = routing.read_int(_header(hdrs, routing.BACKOFF_TIMESTAMP))
+            due_ms = routing.read_int(raw.get(routing.BACKOFF_TIMESTAMP))
             if due_ms is not None and due_ms > now * 1000:
                 self._hold_partition(tp, offset, due_ms / 1000)
                 return
         self.stats.consumed += 1
         self.offsets[tp].started(offset)
         try:
-            event = self._event(msg, tp, offset, hdrs)
+            event = self._event(msg, tp, offset, raw)
         except PipelineError as exc:
             self.stats.undecodable += 1
             log.error(
@@ -328,46 +333,48 @@ class Worker:
                 decode_error=str(exc),
             )
             return
-        original = _header(hdrs, routing.ORIGINAL_TOPIC)
+        original = raw.get(routing.ORIGINAL_TOPIC)
         key = f"{(original.decode() if isinstance(original, bytes) else tp[0])}|{event.key}"
         self.scheduler.submit(key, Work(msg, event, tp, key))
 
-    def _event(self, msg: Message, tp: TP, offset: int, hdrs: list[Any]) -> Event:
+    def _event(self, msg: Message, tp: TP, offset: int, raw: dict[str, Any]) -> Event:
+        """The event of a record: the headers it needs now, the body on first access."""
         assert self._decoder is not None
-        headers = {
-            k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-            for k, v in hdrs
-            if k not in _BINARY_HEADERS
-        }
-        missing = [n for n in (h.CE_ID, h.AGGREGATE_VERSION) if n not in headers]
-        if missing:
+        ce_id, version_b = raw.get(h.CE_ID), raw.get(h.AGGREGATE_VERSION)
+        if not ce_id or not version_b:
+            missing = [n for n, v in ((h.CE_ID, ce_id), (h.AGGREGATE_VERSION, version_b)) if not v]
             raise DecodeError(
                 f"record lacks header(s) {', '.join(missing)}: not an event published by the relay"
             )
-        decoded = self._decoder.decode(msg.value())
-        key = msg.key()
-        aggregate_id = headers.get(h.CE_SUBJECT) or (key.decode() if key else "")
-        occurred = headers.get(h.CE_TIME)
+        value = msg.value()
+        schema = self._decoder.schema_of(value)  # framing and schema now, body on access
+        decoder = self._decoder
+        subject, ce_type = raw.get(h.CE_SUBJECT), raw.get(h.CE_TYPE)
+        agg_type, occurred, trace = (
+            raw.get(h.AGGREGATE_TYPE),
+            raw.get(h.CE_TIME),
+            raw.get(h.TRACEPARENT),
+        )
         try:
-            version = int(headers[h.AGGREGATE_VERSION])
-            occurred_at = dt.datetime.fromisoformat(occurred) if occurred else None
+            version = int(version_b)
+            occurred_at = dt.datetime.fromisoformat(occurred.decode()) if occurred else None
         except ValueError as exc:
             raise DecodeError(f"bad event header: {exc}") from exc
-        attempt = routing.read_int(_header(hdrs, routing.ATTEMPTS)) or 1
+        key = msg.key()
         return Event(
-            event_id=headers[h.CE_ID],
-            event_type=decoded.event_type,
-            aggregate_type=headers.get(h.AGGREGATE_TYPE) or tp[0].rsplit(".", 1)[-1],
-            aggregate_id=aggregate_id,
+            event_id=ce_id.decode(),
+            event_type=ce_type.decode() if ce_type else schema.event_type,
+            aggregate_type=agg_type.decode() if agg_type else tp[0].rsplit(".", 1)[-1],
+            aggregate_id=subject.decode() if subject else (key.decode() if key else ""),
             aggregate_version=version,
             occurred_at=occurred_at,
-            payload=decoded.value,
-            headers=headers,
+            load_payload=lambda: decoder.decode(value).value,
+            raw_headers=raw,
             topic=tp[0],
             partition=tp[1],
             offset=offset,
-            attempt=attempt,
-            traceparent=headers.get(h.TRACEPARENT),
+            attempt=routing.read_int(raw.get(routing.ATTEMPTS)) or 1,
+            traceparent=trace.decode() if trace else None,
         )
 
     # -- pausing ------------------------------------------------------------------------------
@@ -467,21 +474,31 @@ class Worker:
             self.bucket.tokens = min(self.bucket.capacity, self.bucket.tokens + 1)
 
     def _start_work(self, work: Work) -> None:
-        assert self._pool is not None
         self._running += 1
-        self._pool.submit(self._execute, work)
+        if self._pace.inline:
+            # A handler that takes microseconds costs less than handing it to a thread: run it
+            # here (same key order, same outcome path).
+            self._running -= 1
+            self._complete(*self._execute(work))
+            return
+        assert self._pool is not None
+        self._pool.submit(self._execute_async, work)
 
-    def _execute(self, work: Work) -> None:
+    def _execute_async(self, work: Work) -> None:
+        self._completions.put(self._execute(work))
+
+    def _execute(self, work: Work) -> tuple[Work, str, BaseException | None]:
         handler = self.dispatch.handler_for(work.event.event_type)
         if handler is None:
-            self._completions.put((work, SKIPPED, None))
-            return
+            return work, SKIPPED, None
+        started = time.perf_counter()
         try:
             handler(work.event)
         except BaseException as exc:
-            self._completions.put((work, FAILED, exc))
-            return
-        self._completions.put((work, OK, None))
+            return work, FAILED, exc
+        finally:
+            self._pace.observe(time.perf_counter() - started)
+        return work, OK, None
 
     # -- outcomes -----------------------------------------------------------------------------
     def _drain_completions(self, timeout: float) -> None:
@@ -609,6 +626,7 @@ class Worker:
             exc,
             attempts=ev.attempt,
             blocked_by=blocked_by,
+            decode_error=str(exc) if isinstance(exc, DecodeError) else None,
         )
 
     def _route(
@@ -808,21 +826,37 @@ class Worker:
         }
 
 
-_BINARY_HEADERS = frozenset(
-    {
-        routing.ORIGINAL_PARTITION,
-        routing.ORIGINAL_OFFSET,
-        routing.ORIGINAL_TIMESTAMP,
-        routing.ATTEMPTS,
-        routing.BACKOFF_TIMESTAMP,
-        routing.FIRST_FAILURE_TIMESTAMP,
-    }
-)
+class _Pace:
+    """Chooses between running handlers on the pool and inline on the loop thread.
+
+    Handlers start on the pool. When the recent mean call time is under ``inline_below_s``
+    they run inline; one call slower than ``pool_above_s`` sends them back to the pool, so a
+    target that slows down gets its concurrency back at once.
+    """
+
+    inline_below_s = 0.0002
+    pool_above_s = 0.002
+
+    def __init__(self) -> None:
+        self.inline = False
+        self.mean = 0.0
+        self.samples = 0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.samples += 1
+            self.mean += (seconds - self.mean) * 0.05
+            if seconds > self.pool_above_s:
+                self.inline = False
+                self.mean = max(self.mean, seconds)
+            elif self.samples >= 200 and self.mean < self.inline_below_s:
+                self.inline = True
 
 
 def _header_list(msg: Message) -> list[Any]:
     raw = msg.headers() or []
-    return list(raw.items()) if isinstance(raw, dict) else list(raw)
+    return list(raw.items()) if isinstance(raw, dict) else raw
 
 
 def _header(hdrs: list[Any], name: str) -> bytes | None:

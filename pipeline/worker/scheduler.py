@@ -50,6 +50,10 @@ class KeyScheduler(Generic[T]):
             del self._queues[key]
 
     @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    @property
     def in_flight(self) -> int:
         return len(self._busy)
 

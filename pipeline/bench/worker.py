@@ -1,0 +1,246 @@
+"""``pipeline bench worker``: the worker runtime's throughput and concurrency.
+
+* ``noop``: N events (500 keys) pre-published, one worker process with a no-op handler;
+  ``events_per_s`` from the first to the last handled event. Baseline: a bare confluent-kafka
+  consumer reading the same records (no decoding, no scheduling), in the same run.
+* ``slow_target``: 20 ms per call on a single partition, ``max_in_flight`` 1 vs 64.
+* ``retries``: the same workload with 2 % of events failing once (retry tier delay 0.2 s):
+  the extra time to drain, and the overhead a retry adds beyond its configured delay.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from pipeline.config import Settings, WorkerConfig
+from pipeline.embedded.stack import local_stack
+from pipeline.errors import TransientError
+from pipeline.kafka.client import consumer_config, producer_config
+from pipeline.kafka.topics import TopicSpec, apply_topics
+from pipeline.relay.envelope import OutboxRow, Record, build_record
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Encoder
+from pipeline.simulator.payloads import payload_for
+from pipeline.worker.connector import Event
+from pipeline.worker.runtime import Worker
+
+
+class _Target:
+    """A connector whose calls take ``latency_s`` and fail once for chosen events."""
+
+    def __init__(self, latency_s: float = 0.0, fail_once: set[str] | None = None) -> None:
+        self.latency_s = latency_s
+        self.fail_once = set(fail_once or ())
+        self.first_try: dict[str, float] = {}
+        self.done_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def default(self, event: Event) -> None:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        with self._lock:
+            if event.event_id in self.fail_once:
+                self.fail_once.discard(event.event_id)
+                self.first_try[event.event_id] = time.monotonic()
+                raise TransientError("benchmark: fail once")
+
+
+def _publish(settings: Settings, topic: str, n: int, keys: int, partitions: int) -> list[str]:
+    t = settings.topics
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.kafka.client import admin_config
+
+    apply_topics(
+        AdminClient(admin_config(settings)),
+        [TopicSpec(topic, partitions, t.replication_factor, {})],
+        create_only=True,
+    )
+    enc = Encoder(Catalogue.load())
+    rng = random.Random(1)
+    now = dt.datetime.now(dt.UTC)
+    payloads = {
+        k: payload_for("order.created", rng, aggregate_id=f"SO-{k:05d}", now=now)
+        for k in range(keys)
+    }
+    p = Producer(producer_config(settings))
+    ids = []
+    for i in range(n):
+        k = i % keys
+        row = OutboxRow(
+            i + 1,
+            str(uuid.uuid4()),
+            "order",
+            f"SO-{k:05d}",
+            i // keys + 1,
+            "order.created",
+            payloads[k],
+            {},
+            now.isoformat(),
+        )
+        rec = build_record(
+            row,
+            enc,
+            topic=topic,
+            source="/bench",
+            max_inline_bytes=1 << 20,
+            max_payload_bytes=1 << 24,
+        )
+        assert isinstance(rec, Record)
+        while True:
+            try:
+                p.produce(topic, rec.value, rec.key, headers=rec.headers)
+                break
+            except BufferError:
+                p.poll(0.05)
+        ids.append(row.event_id)
+    if p.flush(60):
+        raise RuntimeError("benchmark records were not all acknowledged")
+    return ids
+
+
+def _run_worker(
+    settings: Settings, name: str, target: _Target, n: int, **cfg: Any
+) -> tuple[float, Worker]:
+    handled: list[float] = []
+    first: list[float] = []
+    done = threading.Event()
+
+    def observe(event: Event, outcome: str) -> None:
+        now = time.monotonic()
+        if not first:
+            first.append(now)
+        target.done_at[event.event_id] = now
+        handled.append(now)
+        if len(handled) >= n:
+            done.set()
+
+    wc = WorkerConfig(connector="<bench>", session_timeout_ms=6000, commit_interval_s=1.0, **cfg)
+    worker = Worker(settings, name, target, config=wc, observer=observe)
+    stop = threading.Event()
+    t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    t.start()
+    if not done.wait(600):
+        stop.set()
+        raise RuntimeError(f"worker handled {len(handled)} of {n} events in 600 s")
+    stop.set()
+    t.join(60)
+    return handled[-1] - first[0], worker
+
+
+def _bare_consume(settings: Settings, topic: str, n: int) -> float:
+    c = Consumer(consumer_config(settings, f"bench-bare-{uuid.uuid4().hex[:6]}"))
+    md = c.list_topics(topic, timeout=10)
+    c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+    got = 0
+    start = None
+    while got < n:
+        msgs = c.consume(1000, timeout=1.0)
+        if msgs and start is None:
+            start = time.monotonic()
+        got += sum(1 for m in msgs if m.error() is None)
+    elapsed = time.monotonic() - (start or time.monotonic())
+    c.close()
+    return n / elapsed if elapsed > 0 else float("inf")
+
+
+def run_worker_bench(settings: Settings, *, events: int, repeat: int) -> dict[str, Any]:
+    with local_stack(settings, fresh_database=False) as s:
+        s = s.model_copy(
+            update={
+                "topics": s.topics.model_copy(
+                    update={"prefix": f"bench{uuid.uuid4().hex[:6]}", "aggregate_types": ["order"]}
+                )
+            }
+        )
+        topic = s.topics.event_topic("order")
+        _publish(s, topic, events, keys=500, partitions=s.topics.partitions)
+        noop_rates, bare_rates = [], []
+        for i in range(repeat):
+            elapsed, _ = _run_worker(s, f"noop{i}", _Target(), events, max_in_flight=64)
+            noop_rates.append(events / elapsed)
+            bare_rates.append(_bare_consume(s, topic, events))
+
+        # a slow target on one partition: concurrency across keys is the whole gain
+        slow_s = s.model_copy(
+            update={
+                "topics": s.topics.model_copy(
+                    update={"prefix": f"slow{uuid.uuid4().hex[:6]}", "partitions": 1}
+                )
+            }
+        )
+        slow_n = 300
+        _publish(slow_s, slow_s.topics.event_topic("order"), slow_n, keys=300, partitions=1)
+        t1, _ = _run_worker(slow_s, "slow1", _Target(0.02), slow_n, max_in_flight=1)
+        t64, _ = _run_worker(slow_s, "slow64", _Target(0.02), slow_n, max_in_flight=64)
+
+        # retries: 2 % of events fail once; tier 1 delay 0.2 s
+        retry_s = s.model_copy(
+            update={
+                "topics": s.topics.model_copy(update={"prefix": f"retry{uuid.uuid4().hex[:6]}"})
+            }
+        )
+        rn = min(events, 20_000)
+        ids = _publish(
+            retry_s,
+            retry_s.topics.event_topic("order"),
+            rn,
+            keys=500,
+            partitions=s.topics.partitions,
+        )
+        base_t, _ = _run_worker(retry_s, "clean", _Target(), rn, max_in_flight=64)
+        failing = set(random.Random(3).sample(ids, rn // 50))
+        target = _Target(fail_once=failing)
+        retry_t, w = _run_worker(
+            retry_s, "flaky", target, rn, max_in_flight=64, retry_delays_s=[0.2]
+        )
+        overhead = [
+            (target.done_at[e] - target.first_try[e] - 0.2) * 1000
+            for e in target.first_try
+            if e in target.done_at
+        ]
+    return {
+        "machine": {"cpus": _cpus()},
+        "events": events,
+        "noop": {
+            "events_per_s": round(statistics.median(noop_rates)),
+            "runs": [round(r) for r in noop_rates],
+            "baseline": {
+                "bare_consume_per_s": round(statistics.median(bare_rates)),
+                "runs": [round(r) for r in bare_rates],
+            },
+        },
+        "slow_target_20ms_single_partition": {
+            "events": slow_n,
+            "max_in_flight_1_events_per_s": round(slow_n / t1, 1),
+            "max_in_flight_64_events_per_s": round(slow_n / t64, 1),
+            "speedup": round(t1 / t64, 1),
+        },
+        "retries": {
+            "events": rn,
+            "failing_once": len(failing),
+            "retry_delay_s": 0.2,
+            "drain_s_without_failures": round(base_t, 3),
+            "drain_s_with_failures": round(retry_t, 3),
+            "extra_s": round(retry_t - base_t, 3),
+            "retry_overhead_ms_beyond_delay": {
+                "p50": round(statistics.median(overhead), 1) if overhead else None,
+                "max": round(max(overhead), 1) if overhead else None,
+            },
+            "retried": dict(w.stats.retried),
+        },
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
