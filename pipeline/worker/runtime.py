@@ -179,6 +179,8 @@ class Worker:
                 "session.timeout.ms": self.cfg.session_timeout_ms,
                 "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
                 "enable.auto.offset.store": False,
+            # a resumed retry partition is fetched again promptly
+            "fetch.wait.max.ms": 100,
                 "error_cb": self._on_kafka_error,
             },
         )
@@ -272,7 +274,10 @@ class Worker:
         self._heartbeat = time.monotonic()
         self._resume_due(now)
         idle = not (self.scheduler.queued or self._running or self._held)
-        msgs = self._consumer.consume(1000, timeout=0.1 if idle else 0)
+        wait = 0.0
+        if idle:  # sleep in consume, but wake for the next retry partition that comes due
+            wait = min([0.1, *(max(0.0, at - now) for at in self._due_pauses.values())])
+        msgs = self._consumer.consume(1000, timeout=wait)
         if msgs:
             self._broker_ok_at = time.monotonic()
         for msg in msgs:
