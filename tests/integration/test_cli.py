@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from confluent_kafka.admin import AdminClient
 
 from pipeline.cli import main
+from pipeline.outbox.migrations import migrations
 from pipeline.schemas.catalogue import Catalogue
 
 pytestmark = pytest.mark.integration
@@ -141,12 +142,16 @@ def test_bad_environment_value_exits_2_naming_the_field() -> None:
 def test_outbox_install_twice(db_env: dict[str, str], database_url: str) -> None:
     r = cli(["outbox", "install"], db_env)
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == "applied migration 0001_outbox to schema pipeline"
+    assert r.stdout.strip().splitlines() == [
+        "applied migration 0001_outbox to schema pipeline",
+        "applied migration 0002_inbox to schema pipeline",
+    ]
     r = cli(["outbox", "install"], db_env)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == "outbox schema pipeline is up to date"
     with psycopg.connect(database_url) as c:
-        assert c.execute("SELECT version FROM pipeline.schema_migrations").fetchall() == [(1,)]
+        assert c.execute("SELECT version FROM pipeline.schema_migrations ORDER BY version"
+                         ).fetchall() == [(m.version,) for m in migrations()]
 
 
 def test_outbox_install_into_configured_schema(db_env: dict[str, str]) -> None:
@@ -184,7 +189,7 @@ def test_outbox_status_shows_backlog(db_env: dict[str, str], database_url: str) 
 
     r = cli(["outbox", "status"], db_env)
     assert r.exit_code == 0, r.output
-    assert "schema            pipeline (migration 0001)" in r.stdout
+    assert f"schema            pipeline (migration {migrations()[-1].version:04d})" in r.stdout
     assert "backlog rows      5" in r.stdout
     oldest = next(line for line in r.stdout.splitlines() if line.startswith("oldest"))
     assert oldest.split()[-1].endswith("s")  # e.g. "0.1s"
@@ -193,7 +198,7 @@ def test_outbox_status_shows_backlog(db_env: dict[str, str], database_url: str) 
     r = cli(["outbox", "status", "--json"], db_env)
     assert r.exit_code == 0, r.output
     st = json.loads(r.stdout)
-    assert st["installed_version"] == 1
+    assert st["installed_version"] == migrations()[-1].version
     assert st["backlog_rows"] == 5
     assert st["oldest_unpublished_age_s"] >= 0
     assert st["shards"] == []

@@ -97,7 +97,7 @@ def test_install_is_idempotent_and_recorded(database_url: str) -> None:
 def test_install_in_another_schema(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as c:
         assert install(c, "erp_outbox")
-        assert installed_version(c, "erp_outbox") == 1
+        assert installed_version(c, "erp_outbox") == migrations()[-1].version
         assert installed_version(c, SCHEMA) is None
         row = c.execute("SELECT erp_outbox.outbox_emit('order', 'A', 'order.created', '{}')"
                         ).fetchone()
@@ -438,7 +438,7 @@ def test_status_when_not_installed(database_url: str) -> None:
 
 def test_status_backlog_and_oldest_age(conn: psycopg.Connection[Any]) -> None:
     st = outbox_status(conn, SCHEMA)
-    assert st.installed_version == 1
+    assert st.installed_version == migrations()[-1].version
     assert st.backlog_rows == 0
     assert st.oldest_unpublished_age_s is None
     sql_emit(conn, "SO-1")
@@ -452,7 +452,7 @@ def test_status_backlog_and_oldest_age(conn: psycopg.Connection[Any]) -> None:
     assert st.shards == []
     js = st.as_json()
     assert js["backlog_rows"] == 3
-    assert js["installed_version"] == 1
+    assert js["installed_version"] == migrations()[-1].version
 
 
 def test_status_reports_relay_shards(conn: psycopg.Connection[Any]) -> None:
