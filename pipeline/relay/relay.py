@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from tenacity import (
     RetryCallState,
@@ -46,7 +46,8 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.kafka import headers as h
-from pipeline.kafka.client import admin_config, consumer_config, producer_config, wrap_kafka_error
+from pipeline.kafka.client import admin_config, producer_config, wrap_kafka_error
+from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import ensure_topics
 from pipeline.relay.envelope import (
     OutboxRow,
@@ -487,63 +488,19 @@ def read_back_positions(
 ) -> set[int]:
     """Outbox positions found in the last ``window`` records of every partition of ``topics``
     that carry our ``ce_source``."""
-    consumer = Consumer(
-        consumer_config(
-            settings,
-            f"pipeline-relay-readback-{leader_name()}",
-            **{"enable.auto.offset.store": False, "fetch.wait.max.ms": 50},
-        )
-    )
+    src = source.encode()
     positions: set[int] = set()
-    try:
-        try:
-            md = consumer.list_topics(timeout=timeout_s)
-        except KafkaException as exc:
-            raise wrap_kafka_error(exc, "reading topic metadata for the read-back") from exc
-        assignment: list[TopicPartition] = []
-        ends: dict[tuple[str, int], int] = {}
-        for topic in topics:
-            tmd = md.topics.get(topic)
-            if tmd is None or tmd.error is not None:
-                continue
-            for p in tmd.partitions:
-                try:
-                    lo, hi = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=timeout_s
-                    )
-                except KafkaException as exc:
-                    raise wrap_kafka_error(exc, f"reading offsets of {topic}[{p}]") from exc
-                start = max(lo, hi - window)
-                if start < hi:
-                    assignment.append(TopicPartition(topic, p, start))
-                    ends[(topic, p)] = hi - 1
-        if not assignment:
-            return positions
-        consumer.assign(assignment)
-        deadline = time.monotonic() + max(30.0, timeout_s * 3)
-        src = source.encode()
-        while ends:
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(
-                    f"read-back of {len(ends)} partition(s) did not finish in time: "
-                    f"{sorted(ends)[:3]}"
-                )
-            for msg in consumer.consume(5000, timeout=0.5):
-                if msg.error() is not None:
-                    continue
-                tp = (str(msg.topic()), int(msg.partition() or 0))
-                pos, msrc = None, None
-                for item in msg.headers() or []:
-                    if item[0] == h.OUTBOX_POSITION:
-                        pos = item[1]
-                    elif item[0] == h.CE_SOURCE:
-                        msrc = item[1]
-                if pos is not None and msrc == src:
-                    positions.add(int(pos))
-                if tp in ends and (msg.offset() or 0) >= ends[tp]:
-                    del ends[tp]
-    finally:
-        consumer.close()
+    for msg in read_to_end(
+        settings, topics, last=window, timeout_s=max(30.0, timeout_s * 3), purpose="relay-readback"
+    ):
+        pos = msrc = None
+        for item in msg.headers() or []:
+            if item[0] == h.OUTBOX_POSITION:
+                pos = item[1]
+            elif item[0] == h.CE_SOURCE:
+                msrc = item[1]
+        if pos is not None and msrc == src:
+            positions.add(int(pos))
     return positions
 
 

@@ -211,38 +211,29 @@ class Decoder:
     def schema_of(self, data: bytes | None) -> SchemaVersion:
         """The writer schema a record names, from its framing alone (the body is not read):
         raises DecodeError / UnknownSchema like :meth:`decode`."""
+        return self._frame(data)[0]
+
+    def _frame(self, data: bytes | None) -> tuple[SchemaVersion, int, str]:
+        """(writer schema, offset of the Avro body, wire form) of a record value."""
         if not data:
             raise DecodeError("empty record value: no Avro payload to decode")
         if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < 10:
                 raise DecodeError(f"truncated single-object header ({len(data)} bytes)")
             (fp,) = struct.unpack_from("<Q", data, 2)
-            return self.catalogue.by_fingerprint(fp)
+            return self.catalogue.by_fingerprint(fp), 10, "single-object"
         if data[0] == CONFLUENT_MAGIC and len(data) >= 5:
             (sid,) = struct.unpack_from(">I", data, 1)
-            return self._registry_schema(sid)
+            return self._registry_schema(sid), 5, "confluent"
         raise DecodeError(
             f"not an Avro event: starts with {data[:4].hex()} (expected c301 single-object "
             "or 00 Confluent framing)"
         )
 
     def _decode(self, data: bytes | None) -> Decoded:
-        if not data:
-            raise DecodeError("empty record value: no Avro payload to decode")
-        if data[:2] == SINGLE_OBJECT_MAGIC:
-            if len(data) < 10:
-                raise DecodeError(f"truncated single-object header ({len(data)} bytes)")
-            (fp,) = struct.unpack_from("<Q", data, 2)
-            sv = self.catalogue.by_fingerprint(fp)
-            return Decoded(sv.event_type, sv, self._read(sv, data, 10), "single-object")
-        if data[0] == CONFLUENT_MAGIC and len(data) >= 5:
-            (sid,) = struct.unpack_from(">I", data, 1)
-            sv = self._registry_schema(sid)
-            return Decoded(sv.event_type, sv, self._read(sv, data, 5), "confluent")
-        raise DecodeError(
-            f"not an Avro event: starts with {data[:4].hex()} (expected c301 single-object "
-            "or 00 Confluent framing)"
-        )
+        sv, offset, form = self._frame(data)
+        assert data is not None
+        return Decoded(sv.event_type, sv, self._read(sv, data, offset), form)
 
     def _read(self, sv: SchemaVersion, data: bytes, offset: int) -> dict[str, Any]:
         try:

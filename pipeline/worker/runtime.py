@@ -34,7 +34,8 @@ from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, DecodeError, PipelineError
 from pipeline.kafka import headers as h
-from pipeline.kafka.client import admin_config, consumer_config, producer_config, wrap_kafka_error
+from pipeline.kafka.client import admin_config, consumer_config, producer_config
+from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from pipeline.relay.relay import _registry
 from pipeline.schemas.catalogue import Catalogue
@@ -179,8 +180,8 @@ class Worker:
                 "session.timeout.ms": self.cfg.session_timeout_ms,
                 "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
                 "enable.auto.offset.store": False,
-            # a resumed retry partition is fetched again promptly
-            "fetch.wait.max.ms": 100,
+                # a resumed retry partition is fetched again promptly
+                "fetch.wait.max.ms": 100,
                 "error_cb": self._on_kafka_error,
             },
         )
@@ -712,42 +713,14 @@ class Worker:
             )
 
     def _load_parked(self) -> None:
-        """Rebuild the parked keys from the compacted topic (start, and every assignment)."""
-        from pipeline.relay.store import leader_name
-
-        c = Consumer(consumer_config(self.settings, f"{self.group_id}.parked-{leader_name()}"))
-        try:
-            md = c.list_topics(self.tiers.parked_topic, timeout=10)
-            tmd = md.topics.get(self.tiers.parked_topic)
-            if tmd is None or tmd.error is not None:
-                return
-            ends: dict[int, int] = {}
-            assign = []
-            for p in tmd.partitions:
-                lo, hi = c.get_watermark_offsets(
-                    TopicPartition(self.tiers.parked_topic, p), timeout=10
-                )
-                if hi > lo:
-                    ends[p] = hi - 1
-                    assign.append(TopicPartition(self.tiers.parked_topic, p, lo))
-            if not assign:
-                return
-            c.assign(assign)
-            deadline = time.monotonic() + 30
-            while ends and time.monotonic() < deadline:
-                for m in c.consume(1000, timeout=0.2):
-                    if m.error() is not None:
-                        continue
-                    key = (m.key() or b"").decode()
-                    value = m.value()
-                    self.ordering.load(key, KeyState.from_json(value) if value else None)
-                    part = int(m.partition() or 0)
-                    if part in ends and (m.offset() or 0) >= ends[part]:
-                        del ends[part]
-        except KafkaException as exc:
-            raise wrap_kafka_error(exc, f"reading {self.tiers.parked_topic}") from exc
-        finally:
-            c.close()
+        """Rebuild the parked keys from the compacted topic (on start and on assignment)."""
+        for m in read_to_end(
+            self.settings, [self.tiers.parked_topic], timeout_s=30, purpose=f"{self.group}-parked"
+        ):
+            value = m.value()
+            self.ordering.load(
+                (m.key() or b"").decode(), KeyState.from_json(value) if value else None
+            )
         if self.ordering.parked:
             log.info(
                 "worker %s: %d keys parked behind retried or dead-lettered events",
@@ -777,6 +750,11 @@ class Worker:
                 log.warning("offset commit failed (it is retried): %s", exc.args[0].str())
 
     def _on_assign(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
+        if parts and self._producer is not None:
+            # Partitions may come from another worker: take up the parked keys it left,
+            # after our own pending changes reached the topic.
+            self._producer.flush(10)
+            self._load_parked()
         for p in parts:
             tp = (str(p.topic), int(p.partition))
             self.assigned.add(tp)

@@ -1,0 +1,77 @@
+"""Reading topics up to their current end: the relay's read-back (decision 4), the worker's
+parked-keys rebuild and ``pipeline up``'s verification all need "every record (or the last N of
+each partition) that is there now", with no consumer group and a bounded wait."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from pipeline.config import Settings
+from pipeline.errors import BrokerUnavailable
+from pipeline.kafka.client import consumer_config, wrap_kafka_error
+
+
+def read_to_end(
+    settings: Settings,
+    topics: list[str],
+    *,
+    last: int | None = None,
+    timeout_s: float = 60.0,
+    purpose: str = "read",
+) -> Iterator[Message]:
+    """Yield the records of ``topics`` (all, or the ``last`` N of each partition) up to the end
+    offsets seen at the start. Missing topics are skipped. Raises BrokerUnavailable when the
+    broker cannot be reached or the end is not reached within ``timeout_s``."""
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            f"pipeline-{purpose}-{uuid.uuid4().hex[:8]}",
+            **{"enable.auto.offset.store": False, "fetch.wait.max.ms": 50},
+        )
+    )
+    request = settings.kafka.request_timeout_s
+    try:
+        try:
+            md = consumer.list_topics(timeout=request)
+        except KafkaException as exc:
+            raise wrap_kafka_error(exc, f"reading topic metadata ({purpose})") from exc
+        assignment: list[TopicPartition] = []
+        ends: dict[tuple[str, int], int] = {}
+        for topic in topics:
+            tmd = md.topics.get(topic)
+            if tmd is None or tmd.error is not None:
+                continue
+            for p in tmd.partitions:
+                try:
+                    lo, hi = consumer.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=request
+                    )
+                except KafkaException as exc:
+                    raise wrap_kafka_error(exc, f"reading offsets of {topic}[{p}]") from exc
+                start = lo if last is None else max(lo, hi - last)
+                if start < hi:
+                    assignment.append(TopicPartition(topic, p, start))
+                    ends[(topic, p)] = hi - 1
+        if not assignment:
+            return
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(
+                    f"{purpose}: {len(ends)} partition(s) not read to their end in "
+                    f"{timeout_s:.0f}s, e.g. {sorted(ends)[:3]}"
+                )
+            for msg in consumer.consume(5000, timeout=0.5):
+                if msg.error() is not None:
+                    continue
+                tp = (str(msg.topic()), int(msg.partition() or 0))
+                yield msg
+                if tp in ends and (msg.offset() or 0) >= ends[tp]:
+                    del ends[tp]
+    finally:
+        consumer.close()
