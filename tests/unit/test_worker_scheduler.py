@@ -209,9 +209,7 @@ def test_randomized_simulation_keeps_key_order_and_the_cap(seed: int) -> None:
                 queued_model[k].pop(0)
                 running[k] = n
                 started[k].append(n)
-            assert s.has_ready == bool(
-                [k for k in keys if queued_model[k] and k not in running]
-            )
+            assert s.has_ready == bool([k for k in keys if queued_model[k] and k not in running])
         elif action < 0.95:
             if running:
                 k = rng.choice(sorted(running))
