@@ -147,6 +147,7 @@ class Worker:
         self._health: HealthServer | None = None
         self._routing_pending = 0
         self._pace = _Pace()
+        self._tier_of: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -307,7 +308,9 @@ class Worker:
             return  # fetched before the rewind took effect: it comes again when due
         if tp not in self.offsets:
             self.offsets[tp] = PartitionOffsets()
-        tier = self.tiers.tier_of(tp[0])
+        tier = self._tier_of.get(tp[0])
+        if tier is None:
+            tier = self._tier_of[tp[0]] = self.tiers.tier_of(tp[0])
         raw = dict(_header_list(msg))  # name → bytes; the last of a repeated name wins
         if tier:
             due_ms = routing.read_int(raw.get(routing.BACKOFF_TIMESTAMP))
@@ -703,6 +706,8 @@ class Worker:
 
     # -- strict ordering state ----------------------------------------------------------------
     def _persist_ordering(self) -> None:
+        if not self.ordering.changes:
+            return
         changes = self.ordering.take_changes()
         if not changes:
             return
