@@ -28,6 +28,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def cancel_probe(self, now: float) -> None:
+        """The probe slot went to an event that did not reach the target: probe again now."""
+        if self.state == "half-open":
+            self.state = "open"
+            self.next_probe_at = now
+
     def success(self) -> None:
         self.state = "closed"
         self.failures = 0

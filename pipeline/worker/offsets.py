@@ -34,7 +34,9 @@ class PartitionOffsets:
 
     @property
     def in_flight(self) -> int:
-        return len(self._started)
+        """Records started and not finished (finished ones waiting behind a lower unfinished
+        offset are not counted)."""
+        return len(self._started) - len(self._done)
 
     def committable(self) -> int | None:
         """The offset to commit (the next one to read), or None when nothing finished yet."""

@@ -68,19 +68,22 @@ Headers = list[tuple[str, bytes]]
 
 def big_int(n: int) -> bytes:
     """Java's BigInteger.toByteArray(): minimal two's-complement big-endian."""
-    return n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True)
+    bits = n.bit_length() if n >= 0 else (~n).bit_length()
+    return n.to_bytes(bits // 8 + 1, "big", signed=True)
 
 
 def read_int(value: bytes | str | None) -> int | None:
-    """An integer header in any encoding tools use: decimal text, or big-endian binary."""
+    """An integer header as Spring Kafka writes it: big-endian two's complement (at most 8
+    bytes). Older Spring versions wrote the backoff timestamp as decimal text (13 digits for
+    epoch ms): a longer all-digit value is read as text."""
     if value is None:
         return None
     if isinstance(value, str):
         value = value.encode()
-    if value and value.isdigit():
-        return int(value)
     if not value:
         return None
+    if len(value) > 8 and value.isdigit():
+        return int(value)
     return int.from_bytes(value, "big", signed=True)
 
 
@@ -130,7 +133,7 @@ def route_failure(tiers: Tiers, kind: str, failures: int, now_ms: int) -> Route:
     """``failures`` counts this one: after the first failure, tier 1; after the last tier's, the
     DLQ. Permanent failures go to the DLQ at once."""
     if kind == "transient" and failures <= len(tiers.delays_s):
-        due = now_ms + int(tiers.delays_s[failures - 1] * 1000)
+        due = now_ms + round(tiers.delays_s[failures - 1] * 1000)
         return Route(tiers.retry_topic(failures), failures, due)
     return Route(tiers.dlq_topic, 0, None)
 

@@ -46,7 +46,7 @@ from pipeline.worker.classify import TRANSIENT, classify
 from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
 from pipeline.worker.health import HealthServer
 from pipeline.worker.offsets import PartitionOffsets
-from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
+from pipeline.worker.ordering import BLOCKED, FOLLOW, PROCESS, KeyState, Ordering
 from pipeline.worker.ratelimit import TokenBucket
 from pipeline.worker.scheduler import KeyScheduler
 
@@ -453,6 +453,8 @@ class Worker:
                 return
             key, work = nxt
             verdict, ref = self.ordering.admit(work.key, work.event.event_id)
+            if verdict != PROCESS:
+                self.breaker.cancel_probe(now)  # routing it does not call the target
             if verdict == FOLLOW:
                 self._give_back_token()
                 self.stats.followed += 1
@@ -545,6 +547,8 @@ class Worker:
         assert exc is not None
         kind = classify(exc, self.dispatch.classify)
         now = time.time()
+        if kind != TRANSIENT:
+            self.breaker.success()  # the target answered (it refused this event): it is up
         if kind == TRANSIENT:
             retry_after = getattr(exc, "retry_after_s", None)
             if isinstance(retry_after, int | float) and retry_after > 0:

@@ -42,6 +42,8 @@ class KeyScheduler(Generic[T]):
 
     def done(self, key: Hashable) -> None:
         """The running item of ``key`` finished; the key's next item becomes ready."""
+        if key not in self._busy:
+            return  # nothing of this key was running: a repeated call changes nothing
         self._busy.discard(key)
         q = self._queues.get(key)
         if q:
