@@ -282,3 +282,16 @@ def test_randomized_rate_is_never_exceeded(seed: int) -> None:
         for j in range(i, min(len(granted), i + 50)):
             window = granted[j] - start
             assert j - i + 1 <= capacity + rate * window + 1e-6
+
+
+def test_cancelled_probe_is_given_again_at_once() -> None:
+    b = CircuitBreaker(threshold=1, probe_initial_s=5.0)
+    b.failure(100.0)
+    assert not b.allow(101.0)
+    assert b.allow(105.0) and b.state == "half-open"
+    assert not b.allow(105.0)  # one probe at a time
+    b.cancel_probe(105.0)  # the slot went to an event that never reached the target
+    assert b.state == "open"
+    assert b.allow(105.0) and b.state == "half-open"
+    b.success()
+    assert b.state == "closed" and b.allow(105.0)
