@@ -46,13 +46,7 @@ def test_relay_publishes_confluent_framed_events_decodable_by_the_registry(
             emit(conn, agg, key, etype, payload_for(etype, rng, aggregate_id=key,
                                                      now=dt.datetime.now(dt.UTC)))
         conn.commit()
-    relay = Relay(s)
-    relay.store.connect()
-    assert relay.store.try_lead()
-    while relay.step():
-        pass
-    relay._drain(10)
-    relay.store.close()
+    _publish_all(Relay(s))
 
     subjects = sorted(schema_registry.state.subjects)
     assert subjects == [f"{topic_prefix}.customer-erp.customer.CustomerUpserted",

@@ -117,7 +117,7 @@ def _k_first_fails_twice(s: Settings) -> tuple[SinkConnector, str]:
         publish(str(s.kafka.bootstrap_servers), s.topics.prefix, rows)
         wait_for(lambda: any(c[0] == k_first.event_id and c[2] == "ok" for c in sink.calls),
                  60, "K's first event to succeed on its third attempt")
-        wait_for(lambda: len(sink.calls) == 22, 30, "every event handled")
+        wait_for(lambda: len(sink.calls) >= 22, 30, "every event handled")
     return sink, k_first.event_id
 
 
