@@ -138,7 +138,7 @@ class Worker:
         self._running = 0
         self._last_commit = 0.0
         self._heartbeat = time.monotonic()
-        self._broker_ok_at = 0.0
+        self._broker_down_since: float | None = None
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._claims: ClaimStore | None = None
@@ -281,7 +281,7 @@ class Worker:
             wait = min([0.1, *(max(0.0, at - now) for at in self._due_pauses.values())])
         msgs = self._consumer.consume(1000, timeout=wait)
         if msgs:
-            self._broker_ok_at = time.monotonic()
+            self._broker_down_since = None
         for msg in msgs:
             self._ingest(msg, now)
         self._backpressure()
@@ -802,6 +802,9 @@ class Worker:
         )
 
     def _on_kafka_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            if self._broker_down_since is None:
+                self._broker_down_since = time.monotonic()
         log.warning("kafka consumer: %s", err.str())
 
     # -- health -------------------------------------------------------------------------------
@@ -810,8 +813,16 @@ class Worker:
         return age < 30, {"loop_age_s": round(age, 3)}
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
-        ok = bool(self.assigned)
+        down = self._broker_down_since
+        if down is not None and self._consumer is not None and time.monotonic() - down > 5:
+            try:  # still down? a metadata request answers it
+                self._consumer.list_topics(timeout=1)
+                self._broker_down_since = down = None
+            except KafkaException:
+                pass
+        ok = bool(self.assigned) and down is None
         return ok, {
+            "broker_reachable": down is None,
             "assigned_partitions": len(self.assigned),
             "breaker": self.breaker.state,
             "parked_keys": self.ordering.parked,

@@ -268,3 +268,32 @@ def test_key_ordered_concurrency_applies_every_key_in_order(sink_settings, many_
         per_key[key].append(version)
     assert all(v == [1, 2, 3, 4, 5] for v in per_key.values())
     assert len({r[0] for r in applied}) == 200
+
+
+@pytest.mark.skipif(bool(__import__("os").environ.get("KAFKA_BOOTSTRAP")),
+                    reason="needs a broker process this test stops")
+def test_readyz_reports_an_unreachable_broker(database_url, topic_prefix):
+    import urllib.error
+
+    from pipeline.embedded.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        s = worker_settings(database_url, broker.bootstrap, topic_prefix, health_port=0)
+        sink = SinkConnector(_url(s))
+        with _start(s, sink) as run:
+            wait_for(lambda: bool(run.worker.assigned), 30, "a partition assignment")
+            base = f"http://127.0.0.1:{run.worker.health_port}"
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+                assert json.loads(r.read())["broker_reachable"] is True
+            broker.stop()
+
+            def not_ready() -> bool:
+                try:
+                    urllib.request.urlopen(f"{base}/readyz", timeout=5)
+                except urllib.error.HTTPError as err:
+                    return err.code == 503 and json.loads(err.read())["broker_reachable"] is False
+                return False
+
+            wait_for(not_ready, 40, "/readyz to report the broker unreachable", interval_s=0.5)
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+                assert r.status == 200  # alive, just not ready
