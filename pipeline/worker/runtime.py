@@ -802,9 +802,9 @@ class Worker:
         )
 
     def _on_kafka_error(self, err: KafkaError) -> None:
-        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            if self._broker_down_since is None:
-                self._broker_down_since = time.monotonic()
+        down = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
+        if err.code() in down and self._broker_down_since is None:
+            self._broker_down_since = time.monotonic()
         log.warning("kafka consumer: %s", err.str())
 
     # -- health -------------------------------------------------------------------------------
