@@ -1,0 +1,1 @@
+"""Connectors: the pipeline's WMS, CRM and BI targets."""

@@ -1,0 +1,131 @@
+"""The shared HTTP client of the REST connectors (httpx).
+
+Every write carries ``Idempotency-Key`` = the event id, so a redelivered event is applied once
+by a careful target; ``X-Request-Id`` and the event's ``traceparent`` are propagated. Answers
+are classified for the worker runtime:
+
+    2xx, or a status the route lists as ``skip``  → done
+    408, 425, 429, 5xx, timeouts, connection errors → TargetError (transient: retry tiers;
+                                                      Retry-After honoured by pausing)
+    a status the route lists as ``retry``          → TargetError (e.g. 409 "unknown order")
+    other 4xx                                      → TargetRefused (permanent: DLQ, with the
+                                                      target's error body in the DLQ headers)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import httpx
+
+from pipeline.errors import PermanentError, TransientError
+
+_RETRYABLE = frozenset({408, 425, 429})
+
+
+class TargetError(TransientError):
+    """The target failed in a way worth retrying; ``retry_after_s`` when it said so."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after_s: float | None = None, body: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.target_error_body = body
+
+
+class TargetRefused(PermanentError):
+    """The target refused the request for good (4xx); ``target_error_body`` says why."""
+
+    def __init__(self, message: str, *, status: int, body: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.target_error_body = body
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            import datetime as dt
+
+            when = parsedate_to_datetime(value)
+            return max(0.0, (when - dt.datetime.now(when.tzinfo)).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+
+class RestTarget:
+    """A connection pool to one target, with its auth, timeouts and default headers."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 5.0,
+        connect_timeout_s: float = 2.0,
+        bearer_token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_connections: int = 64,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        auth: httpx.Auth | None = None
+        default_headers = {"User-Agent": "erp-pipeline", **dict(headers or {})}
+        if bearer_token:
+            default_headers["Authorization"] = f"Bearer {bearer_token}"
+        elif username is not None:
+            auth = httpx.BasicAuth(username, password or "")
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            headers=default_headers,
+            auth=auth,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        idempotency_key: str,
+        traceparent: str | None = None,
+        skip: Collection[int] = (),
+        retry: Collection[int] = (),
+    ) -> httpx.Response:
+        headers = {"Idempotency-Key": idempotency_key, "X-Request-Id": str(uuid.uuid4())}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        where = f"{method} {self.base_url}{path}"
+        try:
+            r = self.http.request(method, path, json=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise TargetError(f"{where} timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise TargetError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+        status = r.status_code
+        if status < 300 or status in skip:
+            return r
+        text = r.text[:8000]
+        if status in _RETRYABLE or status >= 500 or status in retry:
+            raise TargetError(f"{where} answered {status}: {text[:300]}", status=status,
+                              retry_after_s=_retry_after(r.headers.get("Retry-After"))
+                              if status in (429, 503) else None, body=text)
+        raise TargetRefused(f"{where} refused the request with {status}: {text[:300]}",
+                            status=status, body=text)
+
+    def close(self) -> None:
+        self.http.close()
