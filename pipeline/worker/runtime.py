@@ -778,7 +778,9 @@ class Worker:
         (within the grace period), commit what finished, forget the partitions."""
         revoked = {(str(p.topic), int(p.partition)) for p in parts}
         dropped = self.scheduler.drop(lambda w: w.tp in revoked)
-        self._held = deque(w for w in self._held if w.tp not in revoked)
+        for w in [w for w in self._held if w.tp in revoked]:
+            self._held.remove(w)
+            self.scheduler.done(w.key)  # its key ran (and failed); it is no longer ours
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
         while time.monotonic() < deadline and any(
             self.offsets.get(tp)
