@@ -29,11 +29,15 @@ class TargetError(TransientError):
     """The target failed in a way worth retrying; ``retry_after_s`` when it said so."""
 
     def __init__(self, message: str, *, status: int | None = None,
-                 retry_after_s: float | None = None, body: str | None = None) -> None:
+                 retry_after_s: float | None = None, body: str | None = None,
+                 target_alive: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
         self.target_error_body = body
+        # "Not yet" (a route's retry status): the target is up, the event is early. The
+        # worker retries it without counting it against the target's circuit breaker.
+        self.target_alive = target_alive
 
 
 class TargetRefused(PermanentError):
@@ -120,7 +124,10 @@ class RestTarget:
         if status < 300 or status in skip:
             return r
         text = r.text[:8000]
-        if status in _RETRYABLE or status >= 500 or status in retry:
+        if status in retry:
+            raise TargetError(f"{where} answered {status} (not yet: retried): {text[:300]}",
+                              status=status, body=text, target_alive=True)
+        if status in _RETRYABLE or status >= 500:
             raise TargetError(f"{where} answered {status}: {text[:300]}", status=status,
                               retry_after_s=_retry_after(r.headers.get("Retry-After"))
                               if status in (429, 503) else None, body=text)

@@ -547,8 +547,9 @@ class Worker:
         assert exc is not None
         kind = classify(exc, self.dispatch.classify)
         now = time.time()
-        if kind != TRANSIENT:
-            self.breaker.success()  # the target answered (it refused this event): it is up
+        if kind != TRANSIENT or getattr(exc, "target_alive", False):
+            # the target answered (it refused this event, or said "not yet"): it is up
+            self.breaker.success()
         if kind == TRANSIENT:
             retry_after = getattr(exc, "retry_after_s", None)
             if isinstance(retry_after, int | float) and retry_after > 0:
@@ -563,7 +564,8 @@ class Worker:
                 )
                 return
             was_open = self.breaker.is_open
-            self.breaker.failure(now)
+            if not getattr(exc, "target_alive", False):
+                self.breaker.failure(now)
             if self.breaker.is_open:
                 if not was_open:
                     self.stats.breaker_opens += 1

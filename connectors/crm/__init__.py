@@ -1,0 +1,1 @@
+"""The CRM target: its connector (``connector``) and a reference CRM server (``server``)."""

@@ -1,0 +1,1 @@
+"""The WMS target: its connector (``connector``) and a reference WMS server (``server``)."""
