@@ -35,12 +35,12 @@ bench: $(STAMP) ## relay benchmarks (JSON figures, baseline measured in the same
 	$(BIN)/pipeline bench relay --rate 1000 --seconds 20 --json
 
 lint: $(STAMP) ## ruff + mypy (strict on pipeline/)
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff check pipeline connectors tests
 	$(BIN)/mypy
 
 fmt: $(STAMP) ## format the code
-	$(BIN)/ruff format pipeline tests
-	$(BIN)/ruff check --fix pipeline tests
+	$(BIN)/ruff format pipeline connectors tests
+	$(BIN)/ruff check --fix pipeline connectors tests
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
