@@ -132,8 +132,10 @@ def _run_worker(
     while not done.wait(0.5):
         if not t.is_alive() or time.monotonic() > deadline:
             stop.set()
-            raise RuntimeError(f"worker handled {len(handled)} of {n} events and "
-                               f"{'stopped' if not t.is_alive() else 'ran out of time'}")
+            raise RuntimeError(
+                f"worker handled {len(handled)} of {n} events and "
+                f"{'stopped' if not t.is_alive() else 'ran out of time'}"
+            )
     stop.set()
     t.join(60)
     return handled[-1] - first[0], worker
@@ -249,8 +251,9 @@ def _cpus() -> int:
     return os.cpu_count() or 0
 
 
-def run_wms_bench(settings: Settings, *, events: int, latency_ms: float,
-                  max_in_flight: int) -> dict[str, Any]:
+def run_wms_bench(
+    settings: Settings, *, events: int, latency_ms: float, max_in_flight: int
+) -> dict[str, Any]:
     """``pipeline bench wms``: order.created events through the WMS connector against the
     reference WMS answering after ``latency_ms``; baseline: the same number of the same calls
     made straight with httpx from as many threads (no Kafka, no runtime), in the same run."""
@@ -262,24 +265,39 @@ def run_wms_bench(settings: Settings, *, events: int, latency_ms: float,
     from connectors.wms.server import WmsServer
 
     with local_stack(settings, fresh_database=False) as s:
-        s = s.model_copy(update={"topics": s.topics.model_copy(update={
-            "prefix": f"wms{uuid.uuid4().hex[:6]}", "aggregate_types": ["order"]})})
+        s = s.model_copy(
+            update={
+                "topics": s.topics.model_copy(
+                    update={"prefix": f"wms{uuid.uuid4().hex[:6]}", "aggregate_types": ["order"]}
+                )
+            }
+        )
         topic = s.topics.event_topic("order")
         _publish(s, topic, events, keys=events, partitions=s.topics.partitions)
         with WmsServer(latency_ms=latency_ms) as wms:
             connector = WmsConnector(wms.url, max_connections=max_in_flight)
-            elapsed, w = _run_worker(s, "wms", _Forward(connector), events,
-                                     max_in_flight=max_in_flight)
+            elapsed, w = _run_worker(
+                s, "wms", _Forward(connector), events, max_in_flight=max_in_flight
+            )
             connector.close()
             applied = len(httpx.get(f"{wms.url}/fulfilment-orders", timeout=10).json()["items"])
             wms.reset()
-            body = {"order_id": "", "customer": "CUST-1",
-                    "lines": [{"line_no": 1, "sku": "A-01", "qty": 1}], "version": 1}
-            with httpx.Client(base_url=wms.url, timeout=10,
-                              limits=httpx.Limits(max_connections=max_in_flight)) as client:
+            body = {
+                "order_id": "",
+                "customer": "CUST-1",
+                "lines": [{"line_no": 1, "sku": "A-01", "qty": 1}],
+                "version": 1,
+            }
+            with httpx.Client(
+                base_url=wms.url, timeout=10, limits=httpx.Limits(max_connections=max_in_flight)
+            ) as client:
+
                 def one(i: int) -> None:
-                    client.post("/fulfilment-orders", json={**body, "order_id": f"B-{i}"},
-                                headers={"Idempotency-Key": f"b-{i}"}).raise_for_status()
+                    client.post(
+                        "/fulfilment-orders",
+                        json={**body, "order_id": f"B-{i}"},
+                        headers={"Idempotency-Key": f"b-{i}"},
+                    ).raise_for_status()
 
                 t0 = time.monotonic()
                 with ThreadPoolExecutor(max_in_flight) as pool:

@@ -16,6 +16,7 @@ retry tier or the DLQ counts as finished only when Kafka acknowledged the routed
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import queue
@@ -46,7 +47,7 @@ from pipeline.worker.classify import TRANSIENT, classify
 from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
 from pipeline.worker.health import HealthServer
 from pipeline.worker.offsets import PartitionOffsets
-from pipeline.worker.ordering import BLOCKED, FOLLOW, PROCESS, KeyState, Ordering
+from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
 from pipeline.worker.ratelimit import TokenBucket
 from pipeline.worker.scheduler import KeyScheduler
 
@@ -62,6 +63,7 @@ class Work:
     event: Event
     tp: TP
     key: str  # ordering key: original topic + aggregate key
+    gen: int  # the partition's assignment generation when the record was consumed
 
 
 @dataclass
@@ -148,6 +150,11 @@ class Worker:
         self._routing_pending = 0
         self._pace = _Pace()
         self._tier_of: dict[str, int] = {}
+        self._gen: dict[TP, int] = {}  # assignment generation per partition
+        self._generation = 0
+        self._fatal: PipelineError | None = None
+        self._busy_tp: collections.Counter[TP] = collections.Counter()
+        self._parked_pending = 0
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -260,6 +267,9 @@ class Worker:
             self._producer.flush(max(1.0, deadline - time.monotonic()))
         self._drain_completions(timeout=0)
         self._commit(asynchronous=False)
+        # what is left was handed back: the revocation at close has nothing to wait for
+        self.assigned.clear()
+        self.offsets.clear()
         log.info(
             "worker %s stopped: %d queued and %d held events handed back (redelivered to "
             "the group), %d still running at the deadline",
@@ -272,6 +282,8 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
     def loop_once(self) -> None:
         assert self._consumer is not None and self._producer is not None
+        if self._fatal is not None:
+            raise self._fatal
         now = time.time()
         self._heartbeat = time.monotonic()
         self._resume_due(now)
@@ -344,7 +356,7 @@ class Worker:
             return
         original = raw.get(routing.ORIGINAL_TOPIC)
         key = f"{(original.decode() if isinstance(original, bytes) else tp[0])}|{event.key}"
-        self.scheduler.submit(key, Work(msg, event, tp, key))
+        self.scheduler.submit(key, Work(msg, event, tp, key, self._gen.get(tp, 0)))
 
     def _event(self, msg: Message, tp: TP, offset: int, raw: dict[str, Any]) -> Event:
         """The event of a record: the headers it needs now, the body on first access."""
@@ -425,7 +437,7 @@ class Worker:
         """Stop fetching while the queue is deep or the target is down; resume after."""
         high = max(1000, 20 * self.cfg.max_in_flight)
         must_pause = (
-            self.breaker.is_open
+            (self.breaker.is_open and bool(self._held or self.scheduler.queued))
             or self.scheduler.queued > high
             or self.bucket.blocked_until > time.time()
         )
@@ -439,25 +451,24 @@ class Worker:
         assert self._pool is not None
         now = time.time()
         while self._held:
-            if not self.breaker.allow(now) or self.bucket.take(now) > 0:
+            if not self._may_call(now):
                 return
             self._start_work(self._held.popleft())
             if self.breaker.state == "half-open":
                 return  # one probe at a time
-        while self.breaker.allow(now):
-            if self.bucket.take(now) > 0:
+        while self.scheduler.has_ready:
+            if not self._may_call(now):
                 return
             nxt = self.scheduler.next_ready()
-            if nxt is None:
-                self._give_back_token()
+            if nxt is None:  # at the in-flight cap
+                self._unused_call(now)
                 return
             key, work = nxt
             verdict, ref = self.ordering.admit(work.key, work.event.event_id)
-            if verdict != PROCESS:
-                self.breaker.cancel_probe(now)  # routing it does not call the target
             if verdict == FOLLOW:
-                self._give_back_token()
+                self._unused_call(now)  # routing it does not call the target
                 self.stats.followed += 1
+                self._persist_ordering()  # the state first: a crash must not lose it
                 self._route(
                     work.msg,
                     work.tp,
@@ -468,17 +479,29 @@ class Worker:
                     blocked_by=ref,
                 )
                 self.scheduler.done(key)
-                self._persist_ordering()
                 continue
             if verdict == BLOCKED:
-                self._give_back_token()
+                self._unused_call(now)
                 self._dead_letter(work, None, blocked_by=ref)
                 self.scheduler.done(key)
-                self._persist_ordering()
                 continue
             self._start_work(work)
             if self.breaker.state == "half-open":
                 return
+
+    def _may_call(self, now: float) -> bool:
+        """A token from the rate limit and leave from the breaker (a probe when it is open)."""
+        if self.bucket.take(now) > 0:
+            return False
+        if not self.breaker.allow(now):
+            self._give_back_token()
+            return False
+        return True
+
+    def _unused_call(self, now: float) -> None:
+        """What :meth:`_may_call` granted was not used for a call: give it back."""
+        self._give_back_token()
+        self.breaker.cancel_probe(now)
 
     def _give_back_token(self) -> None:
         if self.bucket.rate:
@@ -486,10 +509,12 @@ class Worker:
 
     def _start_work(self, work: Work) -> None:
         self._running += 1
+        self._busy_tp[work.tp] += 1
         if self._pace.inline:
             # A handler that takes microseconds costs less than handing it to a thread: run it
             # here (same key order, same outcome path).
             self._running -= 1
+            self._busy_tp[work.tp] -= 1
             self._complete(*self._execute(work))
             return
         assert self._pool is not None
@@ -523,6 +548,7 @@ class Worker:
             return
         while True:
             self._running -= 1
+            self._busy_tp[item[0].tp] -= 1
             self._complete(*item)
             try:
                 item = self._completions.get_nowait()
@@ -531,21 +557,40 @@ class Worker:
 
     def _complete(self, work: Work, outcome: str, exc: BaseException | None) -> None:
         ev = work.event
+        if not self._current(work.tp, work.gen):
+            # The partition was revoked (and maybe given back) while this ran: its new owner
+            # redoes the event from the last commit. Route nothing, record nothing.
+            self.scheduler.done(work.key)
+            return
         if outcome in (OK, SKIPPED):
-            self.breaker.success()
+            if outcome == OK:
+                self.breaker.success()
+            else:
+                self.breaker.cancel_probe(time.time())  # no call reached the target
             if outcome == OK:
                 self.stats.applied += 1
             else:
                 self.stats.skipped += 1
             self.ordering.succeeded(work.key, ev.event_id)
             self._persist_ordering()
-            self._finished(work.tp, ev.offset)
+            self._finished(work.tp, ev.offset, work.gen)
             self.scheduler.done(work.key)
             if self.observer is not None:
-                self.observer(ev, outcome)
+                try:
+                    self.observer(ev, outcome)
+                except Exception:  # an observer must never stop the worker
+                    log.exception("observer failed on event %s", ev.event_id)
             return
         assert exc is not None
-        kind = classify(exc, self.dispatch.classify)
+        try:
+            kind = classify(exc, self.dispatch.classify)
+        except Exception:  # a connector's classify() that fails: retrying is the safe side
+            log.exception(
+                "connector classify() failed on event %s; treating the error as transient",
+                ev.event_id,
+                extra={"event_id": ev.event_id},
+            )
+            kind = TRANSIENT
         now = time.time()
         if kind != TRANSIENT or getattr(exc, "target_alive", False):
             # the target answered (it refused this event, or said "not yet"): it is up
@@ -553,6 +598,7 @@ class Worker:
         if kind == TRANSIENT:
             retry_after = getattr(exc, "retry_after_s", None)
             if isinstance(retry_after, int | float) and retry_after > 0:
+                self.breaker.cancel_probe(now)  # a probe answered "wait": probe again later
                 self.bucket.hold_until(now + float(retry_after))
                 self._held.append(work)
                 self.stats.held += 1
@@ -584,6 +630,7 @@ class Worker:
             self._dead_letter(work, exc)
         else:
             self.ordering.retrying(work.key, ev.event_id)
+            self._persist_ordering()  # the parked state before the copy: a crash keeps both
             self.stats.retried[route.tier] = self.stats.retried.get(route.tier, 0) + 1
             log.warning(
                 "event %s (%s %s v%d) failed (%s: %s); retry %d in %gs",
@@ -676,21 +723,23 @@ class Worker:
             decode_error=decode_error,
         )
         self._routing_pending += 1
+        self._busy_tp[tp] += 1
+        gen = work.gen if work is not None else self._gen.get(tp, 0)
+        event_id = work.event.event_id if work is not None else "(undecodable)"
 
         def delivered(err: KafkaError | None, _m: Any) -> None:
             self._routing_pending -= 1
+            self._busy_tp[tp] -= 1
             if err is not None:
-                log.error(
-                    "could not write %s[%d]@%d to %s: %s; its offset is not committed, "
-                    "it will be consumed again",
-                    tp[0],
-                    tp[1],
-                    offset,
-                    route.topic,
-                    err.str(),
+                # Its offset must not be committed, and later events of its key must not go on
+                # without it: stop the worker; the group redelivers from the last commit.
+                self._fatal = PipelineError(
+                    f"could not write event {event_id} ({tp[0]}[{tp[1]}]@{offset}) to "
+                    f"{route.topic}: {err.str()}; the worker stops so that it is consumed "
+                    "again from the last committed offset — check the topic and the broker"
                 )
                 return
-            self._finished(tp, offset)
+            self._finished(tp, offset, gen)
 
         while True:
             try:
@@ -705,9 +754,13 @@ class Worker:
             except BufferError:
                 self._producer.poll(0.05)
 
-    def _finished(self, tp: TP, offset: int) -> None:
+    def _current(self, tp: TP, gen: int) -> bool:
+        """Is the partition still assigned as it was when this work was consumed?"""
+        return tp in self.assigned and self._gen.get(tp) == gen
+
+    def _finished(self, tp: TP, offset: int, gen: int) -> None:
         tracker = self.offsets.get(tp)
-        if tracker is not None and tp in self.assigned:
+        if tracker is not None and self._current(tp, gen):
             tracker.finished(offset)
 
     # -- strict ordering state ----------------------------------------------------------------
@@ -719,8 +772,21 @@ class Worker:
             return
         assert self._producer is not None
         for key, state in changes.items():
+            self._parked_pending += 1
             self._producer.produce(
-                self.tiers.parked_topic, state.to_json() if state else None, key.encode()
+                self.tiers.parked_topic,
+                state.to_json() if state else None,
+                key.encode(),
+                on_delivery=self._parked_delivered,
+            )
+
+    def _parked_delivered(self, err: KafkaError | None, msg: Any) -> None:
+        self._parked_pending -= 1
+        if err is not None:
+            self._fatal = PipelineError(
+                f"could not record the ordering state of key {msg.key()!r} in "
+                f"{self.tiers.parked_topic}: {err.str()}; the worker stops so that strict "
+                "ordering is not broken — check the topic and the broker"
             )
 
     def _load_parked(self) -> None:
@@ -728,10 +794,17 @@ class Worker:
         for m in read_to_end(
             self.settings, [self.tiers.parked_topic], timeout_s=30, purpose=f"{self.group}-parked"
         ):
-            value = m.value()
-            self.ordering.load(
-                (m.key() or b"").decode(), KeyState.from_json(value) if value else None
-            )
+            value, key = m.value(), (m.key() or b"").decode()
+            try:
+                self.ordering.load(key, KeyState.from_json(value) if value else None)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "skipping malformed parked-key record %s@%s (key %r): %s",
+                    self.tiers.parked_topic,
+                    m.offset(),
+                    key,
+                    exc,
+                )
         if self.ordering.parked:
             log.info(
                 "worker %s: %d keys parked behind retried or dead-lettered events",
@@ -744,6 +817,11 @@ class Worker:
         self._last_commit = time.monotonic()
         if self._consumer is None:
             return
+        if self._parked_pending and self._producer is not None:
+            # offsets never get ahead of the ordering state they depend on
+            self._producer.flush(5)
+            if self._parked_pending:
+                return
         parts = []
         for tp, tracker in self.offsets.items():
             off = tracker.committable()
@@ -765,11 +843,21 @@ class Worker:
             # Partitions may come from another worker: take up the parked keys it left,
             # after our own pending changes reached the topic.
             self._producer.flush(10)
-            self._load_parked()
+            try:
+                self._load_parked()
+            except PipelineError as exc:
+                log.error(
+                    "could not re-read %s on assignment (%s); strict ordering uses the "
+                    "parked keys known so far",
+                    self.tiers.parked_topic,
+                    exc,
+                )
+        self._generation += 1
         for p in parts:
             tp = (str(p.topic), int(p.partition))
             self.assigned.add(tp)
             self.offsets[tp] = PartitionOffsets()
+            self._gen[tp] = self._generation
         if self._paused_all and parts:
             assert self._consumer is not None
             self._consumer.pause(parts)
@@ -784,11 +872,8 @@ class Worker:
             self._held.remove(w)
             self.scheduler.done(w.key)  # its key ran (and failed); it is no longer ours
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
-        while time.monotonic() < deadline and any(
-            self.offsets.get(tp)
-            and self.offsets[tp].in_flight > len([w for w in dropped if w.tp == tp])
-            for tp in revoked
-        ):
+        # wait for what is really under way: running handlers and unacknowledged copies
+        while time.monotonic() < deadline and any(self._busy_tp[tp] > 0 for tp in revoked):
             self._drain_completions(timeout=0.05)
             if self._producer is not None:
                 self._producer.poll(0)
