@@ -145,3 +145,45 @@ def test_retry_after_pauses_the_target_then_retries_in_place(database_url, kafka
     assert w.stats.retried == {}, "a Retry-After is honoured in place, not via a retry topic"
     assert len(c.calls) == 6
     assert read_topic(f"{topic_prefix}.limited.dlq") == []
+
+
+class Recovering(Connector):
+    """Down for the first calls, then answers the first probe with 503 + Retry-After."""
+
+    def __init__(self, down_calls: int) -> None:
+        self.calls = 0
+        self.down_calls = down_calls
+        self.lock = threading.Lock()
+
+    def default(self, event: Event) -> None:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n <= self.down_calls:
+            raise ConnectionError("target down")
+        if n == self.down_calls + 1:
+            err = TransientError("503 Service Unavailable")
+            err.retry_after_s = 1.0  # type: ignore[attr-defined]
+            raise err
+
+
+def test_breaker_probe_answered_with_retry_after_does_not_stall(database_url, kafka_bootstrap,
+                                                                topic_prefix, read_topic):
+    s = _limited_settings(database_url, kafka_bootstrap, topic_prefix,
+                          breaker={"threshold": 2, "probe_initial_s": 0.3, "probe_max_s": 1.0})
+    c = Recovering(down_calls=3)
+    w = Worker(s, "limited", c)
+    stop = threading.Event()
+    t = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        from tests.fixtures.connectors import make_events, publish
+
+        publish(kafka_bootstrap, topic_prefix, make_events([f"K{i}" for i in range(6)], 1))
+        wait_for(lambda: w.stats.applied >= 6, 40, "all applied after the target recovered")
+    finally:
+        stop.set()
+        t.join(60)
+    assert w.stats.breaker_opens >= 1
+    assert w.breaker.state == "closed"
+    assert read_topic(f"{topic_prefix}.limited.dlq") == []
