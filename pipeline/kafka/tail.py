@@ -20,11 +20,13 @@ def read_to_end(
     topics: list[str],
     *,
     last: int | None = None,
+    since_ms: int | None = None,
     timeout_s: float = 60.0,
     purpose: str = "read",
 ) -> Iterator[Message]:
-    """Yield the records of ``topics`` (all, or the ``last`` N of each partition) up to the end
-    offsets seen at the start. Missing topics are skipped. Raises BrokerUnavailable when the
+    """Yield the records of ``topics`` (all, or the ``last`` N of each partition, extended back
+    to the first record at or after ``since_ms`` when given) up to the end offsets seen at the
+    start. Missing topics are skipped. Raises BrokerUnavailable when the
     broker cannot be reached or the end is not reached within ``timeout_s``."""
     consumer = Consumer(
         consumer_config(
@@ -53,6 +55,10 @@ def read_to_end(
                 except KafkaException as exc:
                     raise wrap_kafka_error(exc, f"reading offsets of {topic}[{p}]") from exc
                 start = lo if last is None else max(lo, hi - last)
+                if since_ms is not None and start > lo:
+                    start = max(
+                        lo, min(start, _offset_at(consumer, topic, p, since_ms, hi, request))
+                    )
                 if start < hi:
                     assignment.append(TopicPartition(topic, p, start))
                     ends[(topic, p)] = hi - 1
@@ -75,3 +81,17 @@ def read_to_end(
                     del ends[tp]
     finally:
         consumer.close()
+
+
+def _offset_at(
+    consumer: Consumer, topic: str, partition: int, ts_ms: int, hi: int, timeout_s: float
+) -> int:
+    """The first offset whose timestamp is at or after ``ts_ms`` (``hi`` when none is)."""
+    try:
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, partition, ts_ms)], timeout=timeout_s
+        )
+    except KafkaException as exc:
+        raise wrap_kafka_error(exc, f"looking up {topic}[{partition}] by time") from exc
+    off = found[0].offset if found else -1
+    return hi if off is None or off < 0 else int(off)

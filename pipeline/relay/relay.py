@@ -73,6 +73,10 @@ _PERMANENT_DELIVERY = {
 }
 
 
+# Kafka timestamps come from the producer's clock, the heartbeat from the database's.
+_CLOCK_MARGIN_MS = 30 * 1000
+
+
 class RelayHalted(PipelineError):
     """``relay.on_invalid: halt`` met a bad row; the message names it."""
 
@@ -181,12 +185,14 @@ class Relay:
                 self.cfg.shards,
                 extra={"shard": self.shard, "leader": self.name},
             )
+            # before our first heartbeat overwrites it: when the previous leader was last seen
+            previous_activity_ms = self.store.last_activity_ms()
             self.store.complete([], self.name, 0, 0)
             # Topics of the configured aggregate types up front: creating one mid-stream
             # stalls the batch that first needs it.
             self._ensure_topics(set(self.settings.topics.aggregate_types))
             self._warm_producer()
-            self._skip_already_published()
+            self._skip_already_published(previous_activity_ms)
             while not stop.is_set():
                 if self.step(stop) == 0:
                     self.store.wait(self.cfg.poll_interval_s)
@@ -268,7 +274,11 @@ class Relay:
             raise wrap_kafka_error(exc, "connecting the relay's producer") from exc
 
     # -- decision 4: no duplicates after a crash ---------------------------------------------
-    def _skip_already_published(self) -> None:
+    def _skip_already_published(self, previous_activity_ms: int | None = None) -> None:
+        """Delete outbox rows that are already in Kafka. Read back the last ``window`` records
+        of each partition, and further back to the previous leader's last activity (minus a
+        margin for clock differences): other shards' leaders keep writing into the same
+        partitions and could push a dead leader's unconfirmed records out of a count window."""
         types = self.store.pending_aggregate_types()
         if not types:
             return
@@ -276,12 +286,16 @@ class Relay:
         window = self.cfg.dedupe_window or 2 * self.cfg.batch_size * self.cfg.shards
         topics = [self.settings.topics.event_topic(t) for t in types]
         topics.append(self.settings.topics.outbox_dlq)
+        since_ms = (
+            previous_activity_ms - _CLOCK_MARGIN_MS if previous_activity_ms is not None else None
+        )
         positions = read_back_positions(
             self.settings,
             topics,
             window,
             self.cfg.source,
             timeout_s=self.settings.kafka.request_timeout_s,
+            since_ms=since_ms,
         )
         published = self.store.existing(sorted(positions))
         if published:
@@ -484,14 +498,25 @@ class Relay:
 
 
 def read_back_positions(
-    settings: Settings, topics: list[str], window: int, source: str, *, timeout_s: float
+    settings: Settings,
+    topics: list[str],
+    window: int,
+    source: str,
+    *,
+    timeout_s: float,
+    since_ms: int | None = None,
 ) -> set[int]:
     """Outbox positions found in the last ``window`` records of every partition of ``topics``
     that carry our ``ce_source``."""
     src = source.encode()
     positions: set[int] = set()
     for msg in read_to_end(
-        settings, topics, last=window, timeout_s=max(30.0, timeout_s * 3), purpose="relay-readback"
+        settings,
+        topics,
+        last=window,
+        since_ms=since_ms,
+        timeout_s=max(60.0, timeout_s * 6),
+        purpose="relay-readback",
     ):
         pos = msrc = None
         for item in msg.headers() or []:

@@ -101,6 +101,21 @@ class RelayStore:
         )
         return bool(row and row[0])
 
+    def last_activity_ms(self) -> int | None:
+        """When this shard's leader last completed a batch or idled (epoch ms), or None."""
+        row = (
+            self._c()
+            .execute(
+                sql.SQL(
+                    "SELECT (extract(epoch FROM heartbeat) * 1000)::bigint FROM {}.relay_state "
+                    "WHERE shard = %s"
+                ).format(sql.Identifier(self.schema)),
+                (self.shard,),
+            )
+            .fetchone()
+        )
+        return None if row is None else int(row[0])
+
     def current_leader(self) -> str | None:
         row = (
             self._c()

@@ -183,3 +183,25 @@ def test_pipeline_up_stops_cleanly_on_sigint(tmp_path: Path, kafka_bootstrap: st
     out = seen + out
     assert proc.returncode == 0, out
     assert "verdict: OK" in out, out
+
+
+def test_read_back_reaches_back_to_the_previous_leaders_last_activity(settings: Settings):
+    """A count window alone misses a dead leader's records once other shards wrote after them;
+    the time bound (its last heartbeat) still finds them."""
+    from confluent_kafka import Producer
+
+    from pipeline.relay.relay import read_back_positions
+
+    topic = f"{settings.topics.prefix}.order"
+    p = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    dead_leader_seen = int(time.time() * 1000)
+    for pos in range(1, 101):  # the dead leader's unconfirmed records, then other shards' ones
+        src = b"/erp/outbox" if pos <= 20 else b"/other/shard"
+        p.produce(topic, b"v", b"K", partition=0,
+                  headers=[("erp_outbox_position", str(pos).encode()), ("ce_source", src)])
+        assert p.flush(10) == 0  # one record per batch: offsets count records on any broker
+    window_only = read_back_positions(settings, [topic], 10, "/erp/outbox", timeout_s=10)
+    assert window_only == set(), "the count window cannot see them any more"
+    with_time = read_back_positions(settings, [topic], 10, "/erp/outbox", timeout_s=10,
+                                    since_ms=dead_leader_seen - 30_000)
+    assert with_time == set(range(1, 21))
