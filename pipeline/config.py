@@ -8,7 +8,6 @@ or bootstrap server means "embedded": ``make run`` and the tests start a local s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -322,11 +321,11 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
     dumped: dict[str, Any] = settings.model_dump(mode="json")
     # SecretStr dumps as '**********' already in json mode; URLs may embed passwords.
     url = settings.database.url
-    dumped["database"]["url"] = _mask_url(url.get_secret_value()) if url else None
+    dumped["database"]["url"] = mask_url(url.get_secret_value()) if url else None
     return dumped
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
     """A libpq URL or key=value string with its password (user info or parameter) masked."""
     from psycopg.conninfo import conninfo_to_dict
 
@@ -340,11 +339,6 @@ def _mask_url(url: str) -> str:
         for form in {str(password), quote(str(password), safe="")}:
             url = url.replace(form, "**********")
     return url
-
-
-def env_bootstrap() -> str | None:
-    """The broker named by ``KAFKA_BOOTSTRAP`` (tests and benchmarks honour it)."""
-    return os.environ.get("KAFKA_BOOTSTRAP") or None
 
 
 def _is_section(ann: Any) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from pipeline.config import Settings
+from pipeline.config import Settings, mask_url
 from pipeline.errors import ConfigError, DatabaseUnavailable
 
 
@@ -35,14 +35,8 @@ def connect(
         )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to PostgreSQL at {redact(url)}: {first_line(exc)}"
+            f"cannot connect to PostgreSQL at {mask_url(url)}: {first_line(exc)}"
         ) from exc
-
-
-def redact(url: str) -> str:
-    from pipeline.config import _mask_url
-
-    return _mask_url(url)
 
 
 def first_line(exc: BaseException) -> str:

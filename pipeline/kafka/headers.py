@@ -21,13 +21,3 @@ ERROR_MESSAGE = "erp_error_message"
 
 AVRO_CONTENT_TYPE = "application/avro"
 SPECVERSION = "1.0"
-
-Headers = list[tuple[str, bytes]]
-
-
-def header_dict(headers: Headers | None) -> dict[str, str]:
-    """Headers as a dict of text (the last value of a repeated name wins)."""
-    out: dict[str, str] = {}
-    for name, value in headers or ():
-        out[name] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return out

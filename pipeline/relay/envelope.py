@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PayloadTooLarge, PermanentError
+from pipeline.errors import PayloadTooLarge
 from pipeline.kafka import headers as h
 from pipeline.schemas.catalogue import CLAIM_CHECK
 from pipeline.schemas.codec import Encoder
@@ -175,7 +175,3 @@ def dead_letter_stub(record: Record, row: OutboxRow, store: str, ref: str, size:
 def _error_class(error: BaseException) -> str:
     cls = type(error)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def is_permanent(error: BaseException) -> bool:
-    return isinstance(error, PermanentError)

@@ -26,7 +26,6 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -46,7 +45,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.kafka import headers as h
-from pipeline.kafka.client import admin_config, producer_config, wrap_kafka_error
+from pipeline.kafka.client import producer_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import ensure_topics
 from pipeline.relay.envelope import (
@@ -566,7 +565,3 @@ def _registry(settings: Settings) -> Any:
         pw = sr.basic_auth_password.get_secret_value() if sr.basic_auth_password else ""
         conf["basic.auth.user.info"] = f"{sr.basic_auth_user}:{pw}"
     return SchemaRegistryClient(conf)
-
-
-def make_admin(settings: Settings) -> AdminClient:
-    return AdminClient(admin_config(settings))

@@ -106,9 +106,10 @@ class Connector:
     name: str = "connector"
     handlers: Mapping[str, Handler] = {}
 
-    def default(self, event: Event) -> Any:  # pragma: no cover - documented no-op
-        """Called for event types without a handler; the base class skips them."""
-        raise _Unhandled
+    def default(self, event: Event) -> Any:
+        """Override to handle event types without a handler; the base class's means "none":
+        such events are skipped (acknowledged) and counted."""
+        return None
 
     def classify(self, exc: BaseException) -> str | None:
         """'transient', 'permanent', or None to use the built-in rules."""
@@ -116,10 +117,6 @@ class Connector:
 
     def close(self) -> None:
         """Release clients (HTTP pools, connections) on shutdown."""
-
-
-class _Unhandled(Exception):
-    pass
 
 
 @dataclass(frozen=True)

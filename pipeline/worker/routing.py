@@ -44,13 +44,6 @@ RETRY_TIER = "erp_retry_tier"
 TARGET_ERROR_BODY = "erp_target_error_body"
 DECODE_ERROR = "erp_decode_error"
 
-_ORIGINAL = (
-    ORIGINAL_TOPIC,
-    ORIGINAL_PARTITION,
-    ORIGINAL_OFFSET,
-    ORIGINAL_TIMESTAMP,
-    ORIGINAL_GROUP,
-)
 _PER_HOP = (
     EXCEPTION_FQCN,
     EXCEPTION_MESSAGE,
@@ -192,7 +185,3 @@ def failure_headers(
     if decode_error:
         kept.append((DECODE_ERROR, decode_error[:4000].encode()))
     return kept
-
-
-def original_names() -> tuple[str, ...]:
-    return _ORIGINAL

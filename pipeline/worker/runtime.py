@@ -951,12 +951,5 @@ def _header_list(msg: Message) -> list[Any]:
     return list(raw.items()) if isinstance(raw, dict) else raw
 
 
-def _header(hdrs: list[Any], name: str) -> bytes | None:
-    for k, v in reversed(hdrs):
-        if k == name:
-            return v if isinstance(v, bytes) else None
-    return None
-
-
 def _fmt(parts: list[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}[{p.partition}]" for p in parts) or "nothing"

@@ -29,15 +29,12 @@ from pipeline.schemas.codec import Decoder
 from pipeline.simulator.payloads import payload_for
 from tests.conftest import make_settings
 from tests.fixtures.kafka import Rec
+from tests.fixtures.relay import _url
 
 pytestmark = pytest.mark.integration
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 
-
-def _url(s: Settings) -> str:
-    assert s.database.url is not None
-    return s.database.url.get_secret_value()
 
 
 def good_payload(order_id: str, seed: int = 1) -> dict[str, Any]:

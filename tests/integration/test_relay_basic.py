@@ -15,13 +15,10 @@ from pipeline.relay.relay import Relay
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Decoder
 from pipeline.simulator.payloads import payload_for
+from tests.fixtures.relay import _url
 
 pytestmark = pytest.mark.integration
 
-
-def _url(s: Settings) -> str:
-    assert s.database.url is not None
-    return s.database.url.get_secret_value()
 
 
 def drain(relay: Relay) -> int:

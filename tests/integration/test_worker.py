@@ -25,7 +25,7 @@ from tests.fixtures.connectors import (
     publish,
     publish_raw,
 )
-from tests.fixtures.relay import wait_for
+from tests.fixtures.relay import _url, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,10 +71,6 @@ class Running:
 def sink_settings(database_url: str, kafka_bootstrap: str, topic_prefix: str) -> Settings:
     return worker_settings(database_url, kafka_bootstrap, topic_prefix)
 
-
-def _url(s: Settings) -> str:
-    assert s.database.url is not None
-    return s.database.url.get_secret_value()
 
 
 def _start(s: Settings, sink: SinkConnector) -> Running:

@@ -395,13 +395,3 @@ def test_many_hops_never_grow_the_header_list() -> None:
     assert struct.unpack(">i", _one(headers, routing.ORIGINAL_PARTITION))[0] == 1
     assert read_int(_one(headers, routing.FIRST_FAILURE_TIMESTAMP)) == NOW_MS + 1
     assert _one(headers, routing.EXCEPTION_MESSAGE) == b"hop 4"
-
-
-def test_original_names() -> None:
-    assert routing.original_names() == (
-        routing.ORIGINAL_TOPIC,
-        routing.ORIGINAL_PARTITION,
-        routing.ORIGINAL_OFFSET,
-        routing.ORIGINAL_TIMESTAMP,
-        routing.ORIGINAL_GROUP,
-    )
