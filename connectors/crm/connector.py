@@ -34,7 +34,9 @@ DEFAULT_MAPPING: dict[str, dict[str, Any]] = {
         "method": "POST", "path": "/activities",
         "body": {**_activity("payment_completed", "{payload.completed_at}", None),
                  "amount": "{payload.amount}"},
-        "retry": [409],  # unknown order: its order.created has not reached the CRM yet
+        # unknown order: its order.created has not reached the CRM yet. Only that 409: an
+        # activity_conflict (same id, other content) is refused and dead-lettered.
+        "retry": ["409:unknown_order"],
     },
     "invoice.issued": {
         "method": "POST", "path": "/activities",

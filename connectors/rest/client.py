@@ -24,6 +24,45 @@ from pipeline.errors import PermanentError, TransientError
 
 _RETRYABLE = frozenset({408, 425, 429})
 
+# A route's ``skip``/``retry`` entry: a status (``409``) or a status with the error code the
+# target puts in its JSON body's ``error`` (or ``code``) field (``"409:unknown_order"``), so
+# that one status with several meanings is told apart.
+StatusRule = tuple[int, str | None]
+
+
+def status_rules(values: Collection[int | str]) -> tuple[StatusRule, ...]:
+    """``[409, "404", "409:unknown_order"]`` → rules; a malformed entry is a ValueError."""
+    rules: list[StatusRule] = []
+    for v in values:
+        text = str(v).strip()
+        status, _, code = text.partition(":")
+        if not status.isdigit() or not 100 <= int(status) <= 599 or (_ and not code):
+            raise ValueError(
+                f"bad status rule {v!r}: give a status (409) or status:error_code "
+                "(\"409:unknown_order\")"
+            )
+        rules.append((int(status), code or None))
+    return tuple(rules)
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict):
+        code = body.get("error", body.get("code"))
+        return str(code) if isinstance(code, str | int) else None
+    return None
+
+
+def _matches(rules: Collection[StatusRule], response: httpx.Response) -> bool:
+    status = response.status_code
+    hits = [code for st, code in rules if st == status]
+    if not hits:
+        return False
+    return None in hits or _error_code(response) in hits
+
 
 class TargetError(TransientError):
     """The target failed in a way worth retrying; ``retry_after_s`` when it said so."""
@@ -107,9 +146,10 @@ class RestTarget:
         body: Any = None,
         idempotency_key: str,
         traceparent: str | None = None,
-        skip: Collection[int] = (),
-        retry: Collection[int] = (),
+        skip: Collection[int | str] = (),
+        retry: Collection[int | str] = (),
     ) -> httpx.Response:
+        """``skip``/``retry``: statuses or ``"status:error_code"`` rules (:func:`status_rules`)."""
         headers = {"Idempotency-Key": idempotency_key, "X-Request-Id": str(uuid.uuid4())}
         if traceparent:
             headers["traceparent"] = traceparent
@@ -121,10 +161,10 @@ class RestTarget:
         except httpx.TransportError as exc:
             raise TargetError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
         status = r.status_code
-        if status < 300 or status in skip:
+        if status < 300 or (skip and _matches(status_rules(skip), r)):
             return r
         text = r.text[:8000]
-        if status in retry:
+        if retry and _matches(status_rules(retry), r):
             raise TargetError(f"{where} answered {status} (not yet: retried): {text[:300]}",
                               status=status, body=text, target_alive=True)
         if status in _RETRYABLE or status >= 500:

@@ -12,7 +12,8 @@ A route says which call an event type becomes::
         status: {"$map": payload.to_status, "values": {DRAFT: OPEN}, "default": "$same"}
         version: "{aggregate_version}"
       skip: [409]     # statuses that mean "already applied / stale": done, not an error
-      retry: []       # statuses that mean "not yet": retried (e.g. 409 unknown order)
+      retry: ["409:unknown_order"]  # "not yet": retried; status:code matches the body's
+                                    # "error" field, so a 409 with another code is refused
 
 References name a path in the event's context: ``event_id``, ``event_type``, ``aggregate_id``,
 ``aggregate_version``, ``occurred_at`` and ``payload.…`` (the payload in JSON form: decimals as
@@ -27,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from connectors.rest.client import status_rules
 from pipeline.errors import PermanentError
 
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
@@ -41,14 +43,19 @@ class Route:
     method: str
     path: str
     body: Any = None
-    skip: tuple[int, ...] = ()
-    retry: tuple[int, ...] = ()
+    skip: tuple[int | str, ...] = ()
+    retry: tuple[int | str, ...] = ()
 
     @classmethod
     def parse(cls, event_type: str, spec: Mapping[str, Any]) -> Route:
         unknown = set(spec) - {"method", "path", "body", "skip", "retry"}
         if unknown:
             raise ValueError(f"mapping of {event_type}: unknown keys {sorted(unknown)}")
+        for rule in ("skip", "retry"):
+            try:
+                status_rules(spec.get(rule, ()))
+            except ValueError as exc:
+                raise ValueError(f"mapping of {event_type}: {rule}: {exc}") from None
         try:
             return cls(method=str(spec["method"]).upper(), path=str(spec["path"]),
                        body=spec.get("body"), skip=tuple(spec.get("skip", ())),
@@ -62,8 +69,8 @@ class Call:
     method: str
     path: str
     body: Any
-    skip: tuple[int, ...] = ()
-    retry: tuple[int, ...] = field(default=())
+    skip: tuple[int | str, ...] = ()
+    retry: tuple[int | str, ...] = field(default=())
 
 
 def lookup(context: Mapping[str, Any], path: str) -> Any:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from connectors.crm.connector import DEFAULT_MAPPING as CRM
-from connectors.rest.client import RestTarget, TargetError, TargetRefused
+from connectors.rest.client import RestTarget, TargetError, TargetRefused, status_rules
 from connectors.rest.mapping import MappingError, Route, build_call, render
 from connectors.wms.connector import DEFAULT_MAPPING as WMS
 from pipeline.worker.classify import PERMANENT, TRANSIENT, classify
@@ -102,6 +102,26 @@ def test_skip_and_retry_statuses_and_retry_after():
         t.call("POST", "/o", body={}, idempotency_key="k")
     t.close()
     assert ei.value.retry_after_s == 3.0
+
+
+def test_status_rules_tell_one_status_with_several_meanings_apart():
+    """CRM: 409 unknown_order means "not yet" (retry); 409 activity_conflict is a refusal."""
+    bodies = iter([{"error": "unknown_order"}, {"error": "activity_conflict"}])
+    t = _target(lambda req: httpx.Response(409, json=next(bodies)))
+    with pytest.raises(TargetError) as retried:
+        t.call("POST", "/a", body={}, idempotency_key="k", retry=["409:unknown_order"])
+    with pytest.raises(TargetRefused) as refused:
+        t.call("POST", "/a", body={}, idempotency_key="k", retry=["409:unknown_order"])
+    t.close()
+    assert retried.value.target_alive
+    assert "activity_conflict" in refused.value.target_error_body
+    assert status_rules([409, "404", "409:unknown_order"]) == (
+        (409, None), (404, None), (409, "unknown_order"))
+    for bad in ("409:", "abc", "99", "409x"):
+        with pytest.raises(ValueError, match="bad status rule"):
+            status_rules([bad])
+    with pytest.raises(ValueError, match="mapping of x: retry: bad status rule"):
+        Route.parse("x", {"method": "POST", "path": "/", "retry": ["4o9"]})
 
 
 def test_headers_sent():
