@@ -212,6 +212,13 @@ class WorkerConfig(_Model):
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description="port of /healthz and /readyz (0 = any)"
     )
+    batch_size: int = Field(
+        default=5000, ge=1, le=1_000_000,
+        description="batch targets (BI): events landed per write at most",
+    )
+    batch_max_wait_s: float = Field(
+        default=1.0, gt=0, description="batch targets (BI): a partial batch is landed after this"
+    )
 
     @field_validator("retry_delays_s")
     @classmethod

@@ -16,8 +16,16 @@ from pipeline.cli.relay import stop_on_signals
 @click.option("--connector", help="module:attribute, instead of workers.NAME.connector")
 @pass_ctx
 def worker(ctx: Context, name: str, connector: str | None) -> None:
-    """Run the consumer worker NAME (its connector, retry tiers and DLQ)."""
+    """Run the consumer worker NAME (its connector, retry tiers and DLQ).
+
+    A connector that is a batch target (the BI worker's PostgreSQL or Parquet target) runs on
+    the batch-sink runtime instead: events landed in bulk, exactly once, positions kept in the
+    target."""
     from pipeline.config import WorkerConfig
+    from pipeline.errors import ConfigError
+    from pipeline.sink import is_batch_target
+    from pipeline.sink.runtime import SinkWorker
+    from pipeline.worker.connector import load_connector
     from pipeline.worker.runtime import Worker
 
     s = ctx.settings
@@ -27,8 +35,30 @@ def worker(ctx: Context, name: str, connector: str | None) -> None:
         config = (config or WorkerConfig(connector=connector)).model_copy(
             update={"connector": connector}
         )
-    w = Worker(s, name, config=config) if config is not None else Worker(s, name)
+    if config is None:
+        known = ", ".join(sorted(s.workers)) or "none configured"
+        raise ConfigError(
+            f"no worker named {name!r} in the configuration (workers: {known}); add "
+            f"workers.{name}.connector: module:attribute, or pass --connector"
+        )
+    target = load_connector(config.connector, config.options)
     stop = stop_on_signals()
+    if is_batch_target(target):
+        sink = SinkWorker(s, name, target, config=config)  # type: ignore[arg-type]
+        sink.run(stop)
+        ss = sink.stats
+        logging.getLogger("pipeline.sink").info(
+            "sink %s stopped: consumed %d, landed %d in %d batches, dead-lettered %d, "
+            "position conflicts %d",
+            name,
+            ss.consumed,
+            ss.landed,
+            ss.batches,
+            ss.dead_lettered_total,
+            ss.conflicts,
+        )
+        return
+    w = Worker(s, name, target, config=config)
     w.run(stop)
     st = w.stats
     logging.getLogger("pipeline.worker").info(

@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.schemas.catalogue import SchemaVersion
 
 Handler = Callable[["Event"], Any]
 _ON_ATTR = "__pipeline_event_types__"
@@ -69,6 +70,9 @@ class Event:
     offset: int
     attempt: int = 1  # 1 on the first delivery, 2 on the first retry …
     traceparent: str | None = None
+    # the writer schema the record's framing names (its body is decoded with it)
+    schema: SchemaVersion | None = field(default=None, repr=False, compare=False)
+    timestamp_ms: int = 0  # the Kafka record's timestamp (0 when the broker gave none)
     extra: dict[str, Any] = field(default_factory=dict)
     load_payload: Callable[[], dict[str, Any]] = field(default=dict, repr=False, compare=False)
 

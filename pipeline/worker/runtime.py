@@ -17,7 +17,6 @@ retry tier or the DLQ counts as finished only when Kafka acknowledged the routed
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import logging
 import queue
 import threading
@@ -34,7 +33,6 @@ from confluent_kafka.admin import AdminClient
 from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, DecodeError, PipelineError
-from pipeline.kafka import headers as h
 from pipeline.kafka.client import admin_config, consumer_config, producer_config
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
@@ -49,6 +47,7 @@ from pipeline.worker.health import HealthServer
 from pipeline.worker.offsets import PartitionOffsets
 from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
 from pipeline.worker.ratelimit import TokenBucket
+from pipeline.worker.records import event_of, header_list
 from pipeline.worker.scheduler import KeyScheduler
 
 log = logging.getLogger("pipeline.worker")
@@ -323,7 +322,7 @@ class Worker:
         tier = self._tier_of.get(tp[0])
         if tier is None:
             tier = self._tier_of[tp[0]] = self.tiers.tier_of(tp[0])
-        raw = dict(_header_list(msg))  # name → bytes; the last of a repeated name wins
+        raw = dict(header_list(msg))  # name → bytes; the last of a repeated name wins
         if tier:
             due_ms = routing.read_int(raw.get(routing.BACKOFF_TIMESTAMP))
             if due_ms is not None and due_ms > now * 1000:
@@ -359,44 +358,8 @@ class Worker:
         self.scheduler.submit(key, Work(msg, event, tp, key, self._gen.get(tp, 0)))
 
     def _event(self, msg: Message, tp: TP, offset: int, raw: dict[str, Any]) -> Event:
-        """The event of a record: the headers it needs now, the body on first access."""
         assert self._decoder is not None
-        ce_id, version_b = raw.get(h.CE_ID), raw.get(h.AGGREGATE_VERSION)
-        if not ce_id or not version_b:
-            missing = [n for n, v in ((h.CE_ID, ce_id), (h.AGGREGATE_VERSION, version_b)) if not v]
-            raise DecodeError(
-                f"record lacks header(s) {', '.join(missing)}: not an event published by the relay"
-            )
-        value = msg.value()
-        schema = self._decoder.schema_of(value)  # framing and schema now, body on access
-        decoder = self._decoder
-        subject, ce_type = raw.get(h.CE_SUBJECT), raw.get(h.CE_TYPE)
-        agg_type, occurred, trace = (
-            raw.get(h.AGGREGATE_TYPE),
-            raw.get(h.CE_TIME),
-            raw.get(h.TRACEPARENT),
-        )
-        try:
-            version = int(version_b)
-            occurred_at = dt.datetime.fromisoformat(occurred.decode()) if occurred else None
-        except ValueError as exc:
-            raise DecodeError(f"bad event header: {exc}") from exc
-        key = msg.key()
-        return Event(
-            event_id=ce_id.decode(),
-            event_type=ce_type.decode() if ce_type else schema.event_type,
-            aggregate_type=agg_type.decode() if agg_type else tp[0].rsplit(".", 1)[-1],
-            aggregate_id=subject.decode() if subject else (key.decode() if key else ""),
-            aggregate_version=version,
-            occurred_at=occurred_at,
-            load_payload=lambda: decoder.decode(value).value,
-            raw_headers=raw,
-            topic=tp[0],
-            partition=tp[1],
-            offset=offset,
-            attempt=routing.read_int(raw.get(routing.ATTEMPTS)) or 1,
-            traceparent=trace.decode() if trace else None,
-        )
+        return event_of(self._decoder, msg, tp, offset, raw)
 
     # -- pausing ------------------------------------------------------------------------------
     def _hold_partition(self, tp: TP, offset: int, resume_at: float) -> None:
@@ -709,7 +672,7 @@ class Worker:
         ts = msg.timestamp()
         offset = int(msg.offset() or 0)
         headers = routing.failure_headers(
-            _header_list(msg),
+            header_list(msg),
             topic=tp[0],
             partition=tp[1],
             offset=offset,
@@ -944,11 +907,6 @@ class _Pace:
                 self.mean = max(self.mean, seconds)
             elif self.samples >= 200 and self.mean < self.inline_below_s:
                 self.inline = True
-
-
-def _header_list(msg: Message) -> list[Any]:
-    raw = msg.headers() or []
-    return list(raw.items()) if isinstance(raw, dict) else raw
 
 
 def _fmt(parts: list[TopicPartition]) -> str:

@@ -1,0 +1,579 @@
+"""The batch-sink loop (``pipeline worker bi``): one consumer group landing events in bulk.
+
+    consume main topics ─▶ decode (header + body) ─▶ buffer per partition
+        │ undecodable: kept aside, dead-lettered with the batch
+        ▼
+    flush when ``batch_size`` events or ``batch_max_wait_s`` passed:
+        target.write(batch)  — rows and each partition's new position in one atomic write;
+                               rejected rows dead-lettered (acknowledged) before it commits
+        ok ─────────────▶ positions advanced; offsets also committed to Kafka (for lag tools)
+        conflict ───────▶ the partition was landed by someone else (or reset by a backfill):
+                          its buffered events dropped, the consumer seeks to the stored position
+        transient ──────▶ fetching paused, the same batch written again after a backoff
+
+Positions live in the target, not in Kafka: on assignment the consumer seeks to the target's
+stored position (the beginning when none is stored), so a crash at any moment neither loses nor
+duplicates a row. The group's committed Kafka offsets only mirror them for monitoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from pipeline.claimcheck import ClaimStore, claim_store
+from pipeline.config import Settings, WorkerConfig
+from pipeline.errors import ConfigError, PipelineError, TransientError
+from pipeline.kafka.client import admin_config, consumer_config, producer_config
+from pipeline.kafka.topics import TopicSpec, apply_topics
+from pipeline.relay.relay import _registry
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Decoder
+from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
+from pipeline.worker import routing
+from pipeline.worker.connector import Event, load_connector
+from pipeline.worker.health import HealthServer
+from pipeline.worker.records import event_of, header_list
+
+log = logging.getLogger("pipeline.sink")
+
+
+@dataclass
+class SinkStats:
+    consumed: int = 0
+    landed: int = 0
+    batches: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)  # by error class
+    conflicts: int = 0
+    write_failures: int = 0
+    last_batch_s: float = 0.0
+
+    @property
+    def dead_lettered_total(self) -> int:
+        return sum(self.dead_lettered.values())
+
+
+@dataclass
+class _Partition:
+    """What is buffered of one partition: events, undecodable records, and the position."""
+
+    stored: int | None  # the target's position when the buffer started
+    events: list[tuple[Event, Message]] = field(default_factory=list)
+    bad: list[tuple[Message, PipelineError]] = field(default_factory=list)
+    next: int | None = None  # offset after the last buffered record
+
+
+class SinkWorker:
+    """Runs one batch target. ``run(stop)`` returns after a graceful stop; ``run_until_caught_up``
+    stops once every assigned partition reached its end (a backfill)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        target: BatchTarget | None = None,
+        *,
+        config: WorkerConfig | None = None,
+    ) -> None:
+        wc = config or settings.workers.get(name)
+        if wc is None:
+            if target is None:
+                known = ", ".join(sorted(settings.workers)) or "none configured"
+                raise ConfigError(
+                    f"no worker named {name!r} in the configuration (workers: {known}); add "
+                    f"workers.{name}.connector: connectors.bi:PostgresTarget"
+                )
+            wc = WorkerConfig(connector="<given>")
+        self.settings = settings
+        self.name = name
+        self.cfg = wc
+        self.group = wc.group or name
+        self.group_id = f"{settings.topics.prefix}.{self.group}"
+        self.dlq_topic = routing.Tiers(settings.topics.prefix, self.group, []).dlq_topic
+        self.main_topics = [
+            settings.topics.event_topic(a)
+            for a in (wc.aggregate_types or settings.topics.aggregate_types)
+        ]
+        obj = target if target is not None else load_connector(wc.connector, wc.options)
+        if not isinstance(obj, BatchTarget):
+            raise ConfigError(f"{wc.connector} is not a batch target (open/positions/write/reset)")
+        self.target: BatchTarget = obj
+        self.catalogue = Catalogue.load(settings.schemas.path)
+        self.stats = SinkStats()
+        self.parts: dict[TP, _Partition] = {}
+        self.assigned: set[TP] = set()
+        self.buffered = 0
+        self._oldest: float | None = None  # monotonic time the buffer got its first record
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._paused = False
+        self._heartbeat = time.monotonic()
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._claims: ClaimStore | None = None
+        self._decoder: Decoder | None = None
+        self._health: HealthServer | None = None
+        self._dlq_error: str | None = None
+        self._stop: threading.Event | None = None
+        self._ends: dict[TP, int] = {}  # high watermarks, for run_until_caught_up
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._start()
+        try:
+            while not stop.is_set():
+                self.loop_once()
+            self._graceful_stop()
+        finally:
+            self._close()
+
+    def run_until_caught_up(self, stop: threading.Event, timeout_s: float = 3600.0) -> bool:
+        """Consume until every partition of the topics is landed up to the end it had when the
+        call began (True), or ``stop``/``timeout_s`` came first (False)."""
+        self._stop = stop
+        self._start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._ends = self._high_watermarks()
+            while not stop.is_set() and time.monotonic() < deadline:
+                self.loop_once()
+                if self._caught_up():
+                    self._graceful_stop()
+                    return True
+            self._graceful_stop()
+            return False
+        finally:
+            self._close()
+
+    def _start(self) -> None:
+        self._ensure_topics()
+        self._producer = Producer(
+            producer_config(
+                self.settings,
+                **{"error_cb": lambda err: log.warning("kafka producer: %s", err.str())},
+            )
+        )
+        self._claims = claim_store(self.settings) if self.settings.database.url else None
+        self._decoder = Decoder(self.catalogue, _registry(self.settings), self._claims)
+        self.target.open(self.settings, self.group_id)
+        self._consumer = Consumer(
+            consumer_config(
+                self.settings,
+                self.group_id,
+                **{
+                    # eager assignment: positions are looked up once per assignment
+                    "partition.assignment.strategy": "range",
+                    "session.timeout.ms": self.cfg.session_timeout_ms,
+                    "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
+                    "enable.auto.offset.store": False,
+                    "error_cb": lambda err: log.warning("kafka consumer: %s", err.str()),
+                },
+            )
+        )
+        self._consumer.subscribe(
+            self.main_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        if self.cfg.health_port is not None:
+            self._health = HealthServer(self.cfg.health_port, self._healthz, self._readyz).start()
+        log.info(
+            "sink %s started: group %s, target %s, topics %s, batches of %d events or %gs",
+            self.name,
+            self.group_id,
+            self.target.name,
+            ", ".join(self.main_topics),
+            self.cfg.batch_size,
+            self.cfg.batch_max_wait_s,
+        )
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health else None
+
+    def _ensure_topics(self) -> None:
+        t = self.settings.topics
+        apply_topics(
+            AdminClient(admin_config(self.settings)),
+            [
+                TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
+                for topic in [*self.main_topics, self.dlq_topic]
+            ],
+            timeout_s=self.settings.kafka.request_timeout_s,
+            create_only=True,
+        )
+
+    def _graceful_stop(self) -> None:
+        """Land what is buffered (retrying transient failures within the grace period)."""
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while self.buffered or any(p.bad for p in self.parts.values()):
+            if self._flush() or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, self._retry_at - time.time())))
+        if self.buffered:
+            log.warning(
+                "sink %s stopped with %d events not landed: they are consumed again from "
+                "the stored positions",
+                self.name,
+                self.buffered,
+            )
+        self.assigned.clear()
+        self.parts.clear()
+
+    def _close(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+        if self._producer is not None:
+            self._producer.flush(10)
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._claims is not None:
+            self._claims.close()
+        self.target.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def loop_once(self) -> None:
+        assert self._consumer is not None and self._producer is not None
+        self._heartbeat = time.monotonic()
+        room = self.cfg.batch_size - self.buffered
+        if self._retry_at > time.time() or room <= 0:
+            self._pause(True)
+        else:
+            self._pause(False)
+        msgs = self._consumer.consume(max(1, min(room, 5000)), timeout=0.1)
+        for msg in msgs:
+            self._ingest(msg)
+        self._producer.poll(0)
+        now = time.monotonic()
+        due = self.buffered >= self.cfg.batch_size or (
+            self._oldest is not None and now - self._oldest >= self.cfg.batch_max_wait_s
+        )
+        if due and time.time() >= self._retry_at:
+            self._flush()
+
+    def _pause(self, paused: bool) -> None:
+        if paused == self._paused or self._consumer is None:
+            return
+        parts = [TopicPartition(t, p) for t, p in self.assigned]
+        if parts:
+            (self._consumer.pause if paused else self._consumer.resume)(parts)
+        self._paused = paused
+
+    def _ingest(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consume error: %s", err.str())
+            return
+        tp = (str(msg.topic()), int(msg.partition() or 0))
+        part = self.parts.get(tp)
+        if part is None or tp not in self.assigned:
+            return  # a record of a partition revoked meanwhile
+        offset = int(msg.offset() or 0)
+        if part.next is not None and offset < part.next:
+            return  # fetched before a seek took effect
+        assert self._decoder is not None
+        self.stats.consumed += 1
+        part.next = offset + 1
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        try:
+            event = event_of(self._decoder, msg, tp, offset, dict(header_list(msg)))
+            event.payload  # noqa: B018  (decode the body now: a corrupt one is rejected here)
+        except PipelineError as exc:
+            part.bad.append((msg, exc))
+            return
+        part.events.append((event, msg))
+        self.buffered += 1
+
+    # -- landing ------------------------------------------------------------------------------
+    def _flush(self) -> bool:
+        """Write the buffer; True when it is landed (or dropped after a conflict)."""
+        positions = {
+            tp: (p.stored, p.next) for tp, p in self.parts.items() if p.next is not None
+        }
+        if not positions:
+            self._oldest = None
+            return True
+        batch = Batch(
+            events=[e for p in self.parts.values() for e, _m in p.events],
+            positions={tp: (exp, new) for tp, (exp, new) in positions.items() if new is not None},
+            consumer=self.group_id,
+            undecodable=sum(len(p.bad) for p in self.parts.values()),
+        )
+        started = time.perf_counter()
+        try:
+            self.target.write(batch, self._dead_letter)
+        except PositionConflict as exc:
+            return self._resolve_conflict(batch, exc)
+        except TransientError as exc:
+            self._failed(exc)
+            return False
+        self._landed(batch, time.perf_counter() - started)
+        return True
+
+    def _landed(self, batch: Batch, seconds: float) -> None:
+        self.stats.batches += 1
+        self.stats.landed += len(batch.events) - len(batch.rejected)
+        self.stats.last_batch_s = seconds
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        commits = []
+        for tp, (_exp, new) in batch.positions.items():
+            part = self.parts.get(tp)
+            if part is not None:
+                self.parts[tp] = _Partition(stored=new, next=new)
+            commits.append(TopicPartition(tp[0], tp[1], new))
+        self.buffered = 0
+        self._oldest = None
+        log.debug("sink %s landed %d events in %.3fs", self.name, len(batch.events), seconds)
+        if commits and self._consumer is not None:
+            try:  # a mirror for lag tools; the target's positions are what counts
+                self._consumer.commit(offsets=commits, asynchronous=True)
+            except KafkaException as exc:
+                log.debug("offset mirror commit failed: %s", exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.write_failures += 1
+        self._backoff = min(30.0, max(0.5, self._backoff * 2))
+        self._retry_at = time.time() + self._backoff
+        log.warning(
+            "sink %s could not land a batch of %d events (%s: %s); fetching paused, retrying "
+            "the same batch in %.1fs",
+            self.name,
+            self.buffered,
+            type(exc).__name__,
+            exc,
+            self._backoff,
+        )
+
+    def _resolve_conflict(self, batch: Batch, exc: PositionConflict) -> bool:
+        """Someone else moved the positions: an earlier attempt of this very batch (its
+        commit's answer was lost), another instance, or a backfill reset."""
+        try:
+            stored = self.target.positions(self.group_id, list(batch.positions))
+        except TransientError as err:
+            self._failed(err)
+            return False
+        if all(stored.get(tp) == new for tp, (_e, new) in batch.positions.items()):
+            log.info("sink %s: batch was already landed (its commit answer was lost)", self.name)
+            self._landed(batch, 0.0)
+            return True
+        self.stats.conflicts += 1
+        moved = [tp for tp, (exp, _n) in batch.positions.items() if stored.get(tp) != exp]
+        log.warning(
+            "sink %s: stored position of %s moved under it (%s); dropping its buffered events "
+            "and continuing from the stored position",
+            self.name,
+            ", ".join(f"{t}[{p}]" for t, p in moved),
+            exc,
+        )
+        for tp in moved:
+            part = self.parts.get(tp)
+            if part is None:
+                continue
+            self.buffered -= len(part.events)
+            pos = stored.get(tp)
+            self.parts[tp] = _Partition(stored=pos, next=pos)
+            if self._consumer is not None and tp in self.assigned:
+                self._consumer.seek(
+                    TopicPartition(tp[0], tp[1], pos if pos is not None else OFFSET_BEGINNING)
+                )
+        if self.buffered == 0 and not any(p.bad for p in self.parts.values()):
+            self._oldest = None
+        return False
+
+    def _dead_letter(self, rejected: Sequence[Rejected]) -> None:
+        """Called by the target before it commits: the undecodable records and the rejected
+        rows go to the DLQ and Kafka acknowledges them, or the batch is not committed."""
+        assert self._producer is not None
+        self._dlq_error = None
+        sent: list[tuple[Message, BaseException]] = [
+            (msg, exc) for p in self.parts.values() for msg, exc in p.bad
+        ]
+        by_pos = {(e.topic, e.partition, e.offset): m for p in self.parts.values()
+                  for e, m in p.events} if rejected else {}
+        for r in rejected:
+            msg = by_pos.get((r.event.topic, r.event.partition, r.event.offset))
+            if msg is not None:
+                sent.append((msg, r.error))
+        if not sent:
+            return
+        for msg, exc in sent:
+            self._produce_dlq(msg, exc)
+        remaining = self._producer.flush(self.settings.kafka.request_timeout_s)
+        if remaining or self._dlq_error:
+            raise TransientError(
+                f"could not dead-letter {len(sent)} event(s) to {self.dlq_topic}: "
+                f"{self._dlq_error or f'{remaining} not acknowledged'}; the batch is not "
+                "committed and is written again"
+            )
+        for msg, exc in sent:
+            cls = type(exc).__name__
+            self.stats.dead_lettered[cls] = self.stats.dead_lettered.get(cls, 0) + 1
+            log.error(
+                "record %s[%s]@%s sent to %s: %s: %s",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                self.dlq_topic,
+                cls,
+                exc,
+                extra={"topic": msg.topic(), "partition": msg.partition(),
+                       "offset": msg.offset()},
+            )
+
+    def _produce_dlq(self, msg: Message, exc: BaseException) -> None:
+        assert self._producer is not None
+        ts = msg.timestamp()
+        headers = routing.failure_headers(
+            header_list(msg),
+            topic=str(msg.topic()),
+            partition=int(msg.partition() or 0),
+            offset=int(msg.offset() or 0),
+            timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,
+            group=self.group_id,
+            error=exc,
+            attempts=1,
+            route=routing.Route(self.dlq_topic, 0, None),
+            now_ms=int(time.time() * 1000),
+            decode_error=str(exc) if isinstance(exc, PipelineError) else None,
+        )
+
+        def delivered(err: KafkaError | None, _m: Any) -> None:
+            if err is not None:
+                self._dlq_error = err.str()
+
+        while True:
+            try:
+                self._producer.produce(
+                    self.dlq_topic, msg.value(), msg.key(), headers=headers,  # type: ignore[arg-type]
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    # -- assignment -----------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        tps = [(str(p.topic), int(p.partition)) for p in parts]
+        stored = self._positions_retrying(tps)
+        placed = []
+        for tp in tps:
+            pos = stored.get(tp)
+            self.parts[tp] = _Partition(stored=pos, next=pos)
+            self.assigned.add(tp)
+            placed.append(
+                TopicPartition(tp[0], tp[1], pos if pos is not None else OFFSET_BEGINNING)
+            )
+        consumer.assign(placed)
+        self._paused = False
+        log.info(
+            "sink %s assigned %s",
+            self.name,
+            ", ".join(
+                f"{t}[{p}]@{'start' if stored.get((t, p)) is None else stored[(t, p)]}"
+                for t, p in tps
+            )
+            or "nothing",
+        )
+
+    def _positions_retrying(self, tps: list[TP]) -> dict[TP, int | None]:
+        delay = 0.5
+        while True:
+            try:
+                return self.target.positions(self.group_id, tps)
+            except TransientError as exc:
+                if self._stop is not None and self._stop.is_set():
+                    raise
+                log.warning(
+                    "sink %s cannot read its stored positions (%s); retrying in %.1fs",
+                    self.name,
+                    exc,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        """Land what is buffered (once; on failure the new owner re-reads it), forget."""
+        if self.buffered or any(p.bad for p in self.parts.values()):
+            self._flush()
+        self._forget(parts)
+        consumer.unassign()
+
+    def _on_lost(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._forget(parts)  # not ours any more: writing them could race the new owner
+
+    def _forget(self, parts: list[TopicPartition]) -> None:
+        for p in parts:
+            tp = (str(p.topic), int(p.partition))
+            part = self.parts.pop(tp, None)
+            if part is not None:
+                self.buffered -= len(part.events)
+            self.assigned.discard(tp)
+        if not self.parts:
+            self.buffered = 0
+            self._oldest = None
+        log.info("sink %s revoked %s", self.name,
+                 ", ".join(f"{p.topic}[{p.partition}]" for p in parts) or "nothing")
+
+    # -- backfill -------------------------------------------------------------------------------
+    def _high_watermarks(self) -> dict[TP, int]:
+        assert self._consumer is not None
+        ends: dict[TP, int] = {}
+        md = self._consumer.list_topics(timeout=self.settings.kafka.request_timeout_s)
+        for topic in self.main_topics:
+            t = md.topics.get(topic)
+            for pid in (t.partitions if t is not None else {}):
+                _lo, hi = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, pid), timeout=self.settings.kafka.request_timeout_s
+                )
+                ends[(topic, pid)] = hi
+        return ends
+
+    def _caught_up(self) -> bool:
+        if not self.assigned or self.buffered:
+            return False
+        assert self._consumer is not None
+        for tp, end in self._ends.items():
+            if end <= 0:
+                continue
+            part = self.parts.get(tp)
+            if part is None or part.stored is None:
+                return False
+            if part.stored < end:
+                # brokers whose offsets are not dense: the consumer's own position tells
+                position = self._consumer.position([TopicPartition(*tp)])[0].offset
+                if position < end or part.next != part.stored:
+                    return False
+        return True
+
+    # -- health -------------------------------------------------------------------------------
+    def _healthz(self) -> tuple[bool, dict[str, Any]]:
+        age = time.monotonic() - self._heartbeat
+        return age < 30, {"loop_age_s": round(age, 3)}
+
+    def _readyz(self) -> tuple[bool, dict[str, Any]]:
+        ok = bool(self.assigned) and self._retry_at <= time.time()
+        return ok, {
+            "assigned_partitions": len(self.assigned),
+            "buffered": self.buffered,
+            "write_failures": self.stats.write_failures,
+        }
