@@ -4,6 +4,7 @@ Layout under ``path``::
 
     <table>/date=<YYYY-MM-DD>/<topic>+<partition>+<start:020d>.parquet   the rows
     _positions/<consumer>/<topic>+<partition>.json                        {"next_offset": N, …}
+    _positions/<consumer>/.lock                                           held while writing
 
 ``<table>`` is :func:`~connectors.bi.columns.table_name` of the event type, the date the UTC
 date the event occurred (else the Kafka record's timestamp, else 1970-01-01) and ``<start>``
@@ -15,6 +16,7 @@ name; a later version's new field adds a column, null in older rows).
 Commit protocol of :meth:`ParquetTarget.write` (a file system has no transaction, so the
 positions file of a partition is its commit record)::
 
+    lock the consumer's .lock (flock)                              one writer at a time
     check each partition's stored position is the expected one   else PositionConflict
     each data file: .<name>.tmp-<random>, fsync, rename, fsync directory
     before_commit(rejected)                                        dead-letters rejected rows
@@ -23,20 +25,23 @@ positions file of a partition is its commit record)::
 A process killed between the renames and a positions file leaves data files whose start is at
 or past the partition's stored position: :meth:`ParquetTarget.positions`, which the sink calls
 before it reads a partition, deletes them (and leftover ``.tmp-`` files), so the rewrite of
-those records lands them exactly once. A reader that must never see such a file meanwhile
-reads only files whose start is below the stored ``next_offset``.
+those records lands them exactly once. It takes the lock too, so it never deletes the files
+of a write still in progress. A reader that must never see uncommitted rows reads only files
+whose start is below the partition's stored ``next_offset``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import functools
 import json
 import os
 import re
 import secrets
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -64,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["ParquetTarget", "arrow_type"]
 
 POSITIONS_DIR = "_positions"
+_LOCK_FILE = ".lock"
 LANDED_AT = c.Column("_landed_at", c.TIMESTAMP, False, doc="when this target wrote the row")
 _EPOCH = dt.date(1970, 1, 1)
 _DATA_FILE = re.compile(r"^(?P<topic>.+)\+(?P<partition>\d+)\+(?P<start>\d{20})\.parquet$")
@@ -96,14 +102,18 @@ def arrow_type(col: c.Column) -> Any:
 class ParquetTarget:
     """Lands batches as Parquet files under ``path`` (``workers.<name>.options.path``).
 
-    ``compression``: a Parquet codec (zstd, snappy, gzip, brotli, lz4, or none). One sink
-    instance per partition at a time (the consumer group sees to it), and one consumer group
-    per folder: the data files are not kept per consumer."""
+    ``compression``: a Parquet codec (zstd, snappy, gzip, brotli, lz4, or none);
+    ``lock_timeout_s``: how long a call waits for another process's write. One consumer group
+    per folder: the data files are not kept per consumer (positions and lock are). The lock is
+    an ``flock``, which a local file system honours (not every network one)."""
 
     name = "parquet"
 
-    def __init__(self, path: str | os.PathLike[str], compression: str = "zstd") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], compression: str = "zstd", lock_timeout_s: float = 10.0
+    ) -> None:
         self.root = Path(path)
+        self.lock_timeout_s = lock_timeout_s
         codec = compression.lower()
         if codec not in _NO_COMPRESSION:
             try:
@@ -134,11 +144,12 @@ class ParquetTarget:
     def positions(self, consumer: str, tps: Sequence[TP]) -> dict[TP, int | None]:
         """The stored next offset of each partition; files an unfinished write left behind
         (data files starting at or past it, ``.tmp-`` files) are deleted first."""
-        stored = {tp: self._read_position(consumer, tp) for tp in tps}
-        try:
-            self._remove_orphans(consumer, stored)
-        except OSError as exc:
-            raise _transient(exc, "removing files of an unfinished write", self.root) from exc
+        with self._lock(consumer):
+            stored = {tp: self._read_position(consumer, tp) for tp in tps}
+            try:
+                self._remove_orphans(consumer, stored)
+            except OSError as exc:
+                raise _transient(exc, "removing files of an unfinished write", self.root) from exc
         return stored
 
     def write(self, batch: Batch, before_commit: BeforeCommit) -> None:
@@ -147,6 +158,10 @@ class ParquetTarget:
         Raises PositionConflict (nothing written) when a stored position is not the expected
         one, TransientError when the file system fails (the files of partitions whose position
         was not stored are removed again). ``batch.rejected`` is filled afresh on every call."""
+        with self._lock(batch.consumer):
+            self._write(batch, before_commit)
+
+    def _write(self, batch: Batch, before_commit: BeforeCommit) -> None:
         stored = {tp: self._read_position(batch.consumer, tp) for tp in batch.positions}
         stale = [tp for tp, (expected, _new) in batch.positions.items() if stored[tp] != expected]
         if stale:
@@ -208,17 +223,50 @@ class ParquetTarget:
     def reset(self, consumer: str) -> None:
         """Delete every data file and the consumer's positions (positions first: a process
         killed in between leaves data without positions, which :meth:`positions` deletes)."""
-        current = self._positions_dir(consumer)
-        try:
-            if current.exists():
-                shutil.rmtree(current)
-            for current in self._table_dirs():
-                shutil.rmtree(current)
-        except OSError as exc:
-            raise _transient(exc, "resetting", current) from exc
+        folder = current = self._positions_dir(consumer)
+        with self._lock(consumer):  # the lock file stays: another process may wait on it
+            try:
+                for current in sorted(folder.iterdir()):
+                    if current.name != _LOCK_FILE:
+                        current.unlink()
+                for current in self._table_dirs():
+                    shutil.rmtree(current)
+            except OSError as exc:
+                raise _transient(exc, "resetting", current) from exc
 
     def close(self) -> None:
-        """Nothing to release: every write is complete when it returns."""
+        """Nothing to release: every call is complete, its lock released, when it returns."""
+
+    @contextlib.contextmanager
+    def _lock(self, consumer: str) -> Iterator[None]:
+        """Hold the consumer's lock file (``flock``, so every process and thread on this host
+        waits for it): the check of the expected positions and the commit are one step, and
+        :meth:`positions` never deletes the files of a write still in progress (of an instance
+        the group replaced that is still landing). Not re-entrant; a TransientError after
+        ``lock_timeout_s``."""
+        folder = self._positions_dir(consumer)
+        try:
+            _makedirs(folder)
+            fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _transient(exc, "opening the lock file", folder) from exc
+        try:
+            deadline = time.monotonic() + self.lock_timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TransientError(
+                            f"parquet target: {folder / _LOCK_FILE} stayed locked for "
+                            f"{self.lock_timeout_s:g}s (another instance is landing this "
+                            "consumer's partitions); check for a stuck worker on the folder"
+                        ) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # -- files -----------------------------------------------------------------------------------
     def _positions_dir(self, consumer: str) -> Path:

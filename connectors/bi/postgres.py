@@ -4,7 +4,7 @@ consumed positions, all written by one transaction per batch (exactly once, no p
 Tables, in the configured schema (default ``bi``)::
 
     events            every event: ids, type, aggregate, version, times, Kafka position,
-                      headers and the payload as jsonb
+                      the other headers and the payload as jsonb
     <event_type>      e.g. order_created: the _-prefixed metadata columns, then one typed column
                       per top-level field (numeric(18,2), timestamptz, date …; nested → jsonb)
     _positions        (consumer, topic, partition) → next offset to consume
@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -50,6 +50,7 @@ from connectors.bi.columns import (
 )
 from pipeline.db import database_url
 from pipeline.errors import ConfigError, DatabaseUnavailable, PermanentError
+from pipeline.kafka import headers as hd
 from pipeline.sink.target import TP, Batch, BeforeCommit, PositionConflict, Rejected
 from pipeline.worker.connector import Event
 
@@ -67,6 +68,17 @@ _RAW_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id", "agg
                 "occurred_at", "schema_version", "topic", "partition", "offset",
                 "kafka_timestamp", "traceparent", "headers", "payload")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+# a COPY statement and its rows
+Prepared = tuple[sql.Composed, Sequence[Sequence[Any]]]
+
+
+def copy_rows(conn: psycopg.Connection[Any], prepared: Iterable[Prepared]) -> None:
+    """Run COPY statements with their rows (text format; psycopg's C row writer)."""
+    for stmt, rows in prepared:
+        with conn.cursor().copy(stmt) as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 class RowRefused(PermanentError):
@@ -266,10 +278,7 @@ class PostgresTarget:
             raise self._transient(exc) from exc
 
     def _write(self, batch: Batch, before_commit: BeforeCommit) -> None:
-        if self.typed:
-            for event in batch.events:
-                if event.schema is not None:
-                    self._ensure_table(event)
+        self.prepare(batch.events)
         conn = self._connect()
         batch.rejected.clear()
         try:
@@ -302,6 +311,10 @@ class PostgresTarget:
             before_commit(batch.rejected)
 
     def _copy(self, conn: psycopg.Connection[Any], events: Iterable[Event]) -> None:
+        copy_rows(conn, self.rows_for(events))
+
+    def rows_for(self, events: Iterable[Event]) -> list[Prepared]:
+        """The COPY statements and rows of these events: the raw table's, then one per type."""
         by_type: dict[str, list[Event]] = defaultdict(list)
         raw_rows = []
         for e in events:
@@ -309,33 +322,38 @@ class PostgresTarget:
                 by_type[e.event_type].append(e)
             if self.raw:
                 raw_rows.append(_raw_row(e))
+        out: list[Prepared] = []
         if raw_rows:
-            stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            out.append((sql.SQL("COPY {} ({}) FROM STDIN").format(
                 sql.Identifier(self.schema, "events"),
-                sql.SQL(", ").join(map(sql.Identifier, _RAW_COLUMNS)))
-            with conn.cursor().copy(stmt) as copy:
-                for raw_row in raw_rows:
-                    copy.write_row(raw_row)
+                sql.SQL(", ").join(map(sql.Identifier, _RAW_COLUMNS))), raw_rows))
         for event_type, group in by_type.items():
             table = table_name(event_type)
-            have = self._tables.get(table, {})
-            fields = [c for c in have.values() if not c.name.startswith("_")]
+            fields = [c for c in self._tables.get(table, {}).values()
+                      if not c.name.startswith("_")]
             names = [c.name for c in META] + [c.name for c in fields]
             json_cols = {c.name for c in fields if c.kind == JSON}
-            stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                sql.Identifier(self.schema, table), sql.SQL(", ").join(map(sql.Identifier,
-                                                                           names)))
-            with conn.cursor().copy(stmt) as copy:
-                for e in group:
-                    p = e.payload
-                    row: list[Any] = [e.event_id, e.aggregate_type, e.aggregate_id,
-                                      e.aggregate_version, e.occurred_at,
-                                      e.schema.version if e.schema else None, e.topic,
-                                      e.partition, e.offset]
-                    for c in fields:
-                        v = p.get(c.name)
-                        row.append(to_json(v) if c.name in json_cols and v is not None else v)
-                    copy.write_row(row)
+            rows = []
+            for e in group:
+                p = e.payload
+                row: list[Any] = [e.event_id, e.aggregate_type, e.aggregate_id,
+                                  e.aggregate_version, e.occurred_at,
+                                  e.schema.version if e.schema else None, e.topic,
+                                  e.partition, e.offset]
+                for c in fields:
+                    v = p.get(c.name)
+                    row.append(to_json(v) if c.name in json_cols and v is not None else v)
+                rows.append(row)
+            out.append((sql.SQL("COPY {} ({}) FROM STDIN").format(
+                sql.Identifier(self.schema, table),
+                sql.SQL(", ").join(map(sql.Identifier, names))), rows))
+        return out
+
+    def prepare(self, events: Sequence[Event]) -> None:
+        """Create the tables these events need (as a write would), without landing them."""
+        for event in events:
+            if event.schema is not None and self.typed:
+                self._ensure_table(event)
 
     # -- backfill ---------------------------------------------------------------------------------
     def reset(self, consumer: str) -> None:
@@ -362,10 +380,24 @@ def _header_text(value: Any) -> Any:
     return "0x" + value.hex() if "\x00" in text else text
 
 
+# headers the raw table has columns for are not repeated in its headers column
+_IN_COLUMNS = frozenset({hd.CE_ID, hd.CE_TYPE, hd.CE_SUBJECT, hd.CE_TIME, hd.TRACEPARENT,
+                         hd.AGGREGATE_TYPE, hd.AGGREGATE_VERSION})
+
+
+def _headers_json(raw: Mapping[str, Any]) -> str:
+    try:  # the usual case: every header is UTF-8 text without NUL
+        text = to_json({k: v.decode() for k, v in raw.items() if k not in _IN_COLUMNS})
+        if "\\u0000" not in text:
+            return text
+    except (UnicodeDecodeError, AttributeError):
+        pass
+    return to_json({k: _header_text(v) for k, v in raw.items() if k not in _IN_COLUMNS})
+
+
 def _raw_row(e: Event) -> tuple[Any, ...]:
-    headers = {k: _header_text(v) for k, v in e.raw_headers.items()}
     return (e.event_id, e.event_type, e.aggregate_type, e.aggregate_id, e.aggregate_version,
             e.occurred_at, e.schema.version if e.schema else None, e.topic, e.partition,
             e.offset,
             _EPOCH + dt.timedelta(milliseconds=e.timestamp_ms) if e.timestamp_ms else None,
-            e.traceparent, to_json(headers), to_json(e.payload))
+            e.traceparent, _headers_json(e.raw_headers), to_json(e.payload))

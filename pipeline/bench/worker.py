@@ -53,7 +53,15 @@ class _Target:
                 raise TransientError("benchmark: fail once")
 
 
-def _publish(settings: Settings, topic: str, n: int, keys: int, partitions: int) -> list[str]:
+def _publish(
+    settings: Settings,
+    topic: str,
+    n: int,
+    keys: int,
+    partitions: int,
+    event_types: tuple[str, ...] = ("order.created",),
+) -> list[str]:
+    """Publish ``n`` events as the relay would, ``keys`` aggregates, the event types in turn."""
     t = settings.topics
     from confluent_kafka.admin import AdminClient
 
@@ -68,21 +76,23 @@ def _publish(settings: Settings, topic: str, n: int, keys: int, partitions: int)
     rng = random.Random(1)
     now = dt.datetime.now(dt.UTC)
     payloads = {
-        k: payload_for("order.created", rng, aggregate_id=f"SO-{k:05d}", now=now)
+        (k, et): payload_for(et, rng, aggregate_id=f"SO-{k:05d}", now=now)
         for k in range(keys)
+        for et in event_types
     }
     p = Producer(producer_config(settings))
     ids = []
     for i in range(n):
         k = i % keys
+        et = event_types[(i // keys) % len(event_types)]
         row = OutboxRow(
             i + 1,
             str(uuid.uuid4()),
             "order",
             f"SO-{k:05d}",
             i // keys + 1,
-            "order.created",
-            payloads[k],
+            et,
+            payloads[(k, et)],
             {},
             now.isoformat(),
         )

@@ -88,4 +88,26 @@ def wms_cmd(
     click.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench.command("bi")
+@click.option("--events", type=int, default=50_000, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--batch-size", type=int, default=5000, show_default=True)
+@click.option(
+    "--parquet/--no-parquet", default=True, show_default=True, help="also the Parquet target"
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
+@pass_ctx
+def bi_cmd(
+    ctx: Context, events: int, repeat: int, batch_size: int, parquet: bool, as_json: bool
+) -> None:
+    """Events/s landed exactly once into PostgreSQL (and Parquet), against a plain COPY of the
+    same rows measured in the same run."""
+    from pipeline.bench.bi import run_bi_bench
+
+    result = run_bi_bench(
+        ctx.settings, events=events, repeat=repeat, batch_size=batch_size, parquet=parquet
+    )
+    click.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 COMMANDS = [bench]

@@ -237,7 +237,9 @@ class Decoder:
 
     def _read(self, sv: SchemaVersion, data: bytes, offset: int) -> dict[str, Any]:
         try:
-            value = fastavro.schemaless_reader(io.BytesIO(data[offset:]), sv.parsed, None)
+            buf = io.BytesIO(data)
+            buf.seek(offset)
+            value = fastavro.schemaless_reader(buf, sv.parsed, None)
         except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError…
             raise DecodeError(
                 f"corrupt Avro body for {sv.event_type} v{sv.version}: {type(exc).__name__}: {exc}"

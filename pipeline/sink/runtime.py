@@ -62,6 +62,8 @@ class SinkStats:
     conflicts: int = 0
     write_failures: int = 0
     last_batch_s: float = 0.0
+    first_consumed_at: float | None = None  # monotonic
+    last_landed_at: float | None = None
 
     @property
     def dead_lettered_total(self) -> int:
@@ -187,7 +189,9 @@ class SinkWorker:
             )
         )
         self._consumer.subscribe(
-            self.main_topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+            self.main_topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
         if self.cfg.health_port is not None:
@@ -290,6 +294,8 @@ class SinkWorker:
             return  # fetched before a seek took effect
         assert self._decoder is not None
         self.stats.consumed += 1
+        if self.stats.first_consumed_at is None:
+            self.stats.first_consumed_at = time.monotonic()
         part.next = offset + 1
         if self._oldest is None:
             self._oldest = time.monotonic()
@@ -305,9 +311,7 @@ class SinkWorker:
     # -- landing ------------------------------------------------------------------------------
     def _flush(self) -> bool:
         """Write the buffer; True when it is landed (or dropped after a conflict)."""
-        positions = {
-            tp: (p.stored, p.next) for tp, p in self.parts.items() if p.next is not None
-        }
+        positions = {tp: (p.stored, p.next) for tp, p in self.parts.items() if p.next is not None}
         if not positions:
             self._oldest = None
             return True
@@ -332,6 +336,7 @@ class SinkWorker:
         self.stats.batches += 1
         self.stats.landed += len(batch.events) - len(batch.rejected)
         self.stats.last_batch_s = seconds
+        self.stats.last_landed_at = time.monotonic()
         self._backoff = 0.0
         self._retry_at = 0.0
         commits = []
@@ -407,8 +412,11 @@ class SinkWorker:
         sent: list[tuple[Message, BaseException]] = [
             (msg, exc) for p in self.parts.values() for msg, exc in p.bad
         ]
-        by_pos = {(e.topic, e.partition, e.offset): m for p in self.parts.values()
-                  for e, m in p.events} if rejected else {}
+        by_pos = (
+            {(e.topic, e.partition, e.offset): m for p in self.parts.values() for e, m in p.events}
+            if rejected
+            else {}
+        )
         for r in rejected:
             msg = by_pos.get((r.event.topic, r.event.partition, r.event.offset))
             if msg is not None:
@@ -435,8 +443,7 @@ class SinkWorker:
                 self.dlq_topic,
                 cls,
                 exc,
-                extra={"topic": msg.topic(), "partition": msg.partition(),
-                       "offset": msg.offset()},
+                extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()},
             )
 
     def _produce_dlq(self, msg: Message, exc: BaseException) -> None:
@@ -463,7 +470,10 @@ class SinkWorker:
         while True:
             try:
                 self._producer.produce(
-                    self.dlq_topic, msg.value(), msg.key(), headers=headers,  # type: ignore[arg-type]
+                    self.dlq_topic,
+                    msg.value(),
+                    msg.key(),
+                    headers=headers,  # type: ignore[arg-type]
                     on_delivery=delivered,
                 )
                 return
@@ -531,8 +541,11 @@ class SinkWorker:
         if not self.parts:
             self.buffered = 0
             self._oldest = None
-        log.info("sink %s revoked %s", self.name,
-                 ", ".join(f"{p.topic}[{p.partition}]" for p in parts) or "nothing")
+        log.info(
+            "sink %s revoked %s",
+            self.name,
+            ", ".join(f"{p.topic}[{p.partition}]" for p in parts) or "nothing",
+        )
 
     # -- backfill -------------------------------------------------------------------------------
     def _high_watermarks(self) -> dict[TP, int]:
@@ -541,7 +554,7 @@ class SinkWorker:
         md = self._consumer.list_topics(timeout=self.settings.kafka.request_timeout_s)
         for topic in self.main_topics:
             t = md.topics.get(topic)
-            for pid in (t.partitions if t is not None else {}):
+            for pid in t.partitions if t is not None else {}:
                 _lo, hi = self._consumer.get_watermark_offsets(
                     TopicPartition(topic, pid), timeout=self.settings.kafka.request_timeout_s
                 )

@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import errno
+import fcntl
 import functools
 import json
 import os
 import random
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from decimal import Decimal
@@ -141,6 +143,10 @@ def crash(rejected: Sequence[Rejected]) -> None:
 
 def data_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*.parquet"))
+
+
+def tmp_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".tmp-" in p.name)
 
 
 def all_files(root: Path) -> dict[str, bytes]:
@@ -310,7 +316,7 @@ def test_files_land_where_the_layout_says_with_arrow_types_and_values(
     assert rows[1]["credit_limit"] == events[7].payload["credit_limit"]
     limit = json_form("customer.upserted", 1, "CUST-1001")["credit_limit"]
     assert limit is not None and str(rows[1]["credit_limit"]) == limit
-    assert not any(p.name.startswith(".") for p in root.rglob("*"))  # no tmp file left
+    assert tmp_files(root) == []
 
 
 def test_positions_advance_and_the_next_batch_starts_where_the_last_ended(
@@ -626,7 +632,7 @@ def test_a_file_system_error_is_transient_and_leaves_nothing_half_visible(
     assert calls[1] in message
     assert "No space left on device" in message and "free space" in message
     assert commits.calls == []
-    assert [p for p in root.rglob("*") if p.is_file()] == []  # neither data nor tmp files
+    assert data_files(root) == [] and tmp_files(root) == []
     assert target.positions(CONSUMER, [P0]) == {P0: None}
 
     monkeypatch.setattr(os, "replace", real_replace)
@@ -653,7 +659,7 @@ def test_a_failing_positions_write_removes_the_data_of_that_partition(
     assert data_files(root) == [
         "order_created/date=2026-11-27/erp.order+0+00000000000000000010.parquet"
     ]
-    assert not any(p.name.startswith(".") for p in root.rglob("*"))
+    assert tmp_files(root) == []
 
 
 def test_a_corrupt_positions_file_is_named(target: ParquetTarget, root: Path) -> None:
@@ -673,3 +679,55 @@ def test_consumer_names_stay_one_folder_under_positions(
     assert sorted(p.parent.name for p in root.rglob("*.json")) == sorted(
         ["..%2Fescape", "%2E%2E", "a%2Fb"])
     assert all(p.parent.parent == root / "_positions" for p in root.rglob("*.json"))
+
+
+# -- concurrent instances -------------------------------------------------------------------------
+def test_positions_waits_for_a_write_in_progress_instead_of_deleting_its_files(
+    target: ParquetTarget, root: Path
+) -> None:
+    """A replaced instance still landing a batch: the new owner's positions() waits for its
+    commit rather than taking its files for orphans."""
+    landing, release = threading.Event(), threading.Event()
+
+    def slow_dead_letter(rejected: Sequence[Rejected]) -> None:
+        landing.set()
+        assert release.wait(5)
+
+    old_owner = threading.Thread(target=target.write, args=(
+        batch([order(P0, 10), invoice(P0, 11)], {P0: (None, 12)}), slow_dead_letter))
+    old_owner.start()
+    assert landing.wait(5)
+    files = data_files(root)
+    assert len(files) == 2
+
+    new_owner = ParquetTarget(str(root))
+    seen: list[dict[TP, int | None]] = []
+    asking = threading.Thread(target=lambda: seen.append(new_owner.positions(CONSUMER, [P0])))
+    asking.start()
+    asking.join(0.3)
+    assert asking.is_alive()  # waiting for the lock
+    assert data_files(root) == files
+    release.set()
+    old_owner.join(5)
+    asking.join(5)
+    assert seen == [{P0: 12}]
+    assert data_files(root) == files
+
+
+def test_a_lock_held_too_long_is_a_transient_error(target: ParquetTarget, root: Path) -> None:
+    lock = root / "_positions" / CONSUMER / ".lock"
+    impatient = ParquetTarget(str(root), lock_timeout_s=0.1)
+    impatient.positions(CONSUMER, [P0])
+    assert lock.exists()
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process is landing
+        with pytest.raises(TransientError, match=r"\.lock stayed locked for 0\.1s"):
+            impatient.positions(CONSUMER, [P0])
+        with pytest.raises(TransientError, match="stayed locked"):
+            impatient.write(batch([order(P0, 10)], {P0: (None, 11)}), Commits())
+        assert data_files(root) == []
+    finally:
+        os.close(fd)
+    impatient.write(batch([order(P0, 10)], {P0: (None, 11)}), Commits())
+    assert impatient.positions(CONSUMER, [P0]) == {P0: 11}
