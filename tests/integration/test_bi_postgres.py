@@ -5,12 +5,9 @@ dead-lettered; a schema that gains a field adds the column."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -29,6 +26,7 @@ from pipeline.sink.runtime import SinkWorker
 from tests.conftest import make_settings
 from tests.fixtures.connectors import make_events, publish, publish_raw
 from tests.fixtures.relay import _url, wait_for
+from tests.fixtures.sink import Running, cli, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -40,31 +38,6 @@ def bi_settings(database_url: str, bootstrap: str, prefix: str, **worker: Any) -
     return make_settings(database_url, bootstrap, prefix,
                          topics={"aggregate_types": ["order"], "partitions": 3},
                          workers={"bi": cfg})
-
-
-class Running:
-    def __init__(self, sink: SinkWorker) -> None:
-        self.sink = sink
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.sink.run(self.stop)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "sink did not stop"
-        if self.error is not None:
-            raise self.error
 
 
 def _sink(s: Settings) -> SinkWorker:
@@ -140,7 +113,8 @@ def test_every_event_lands_typed_and_raw_exactly_once_across_restarts(
     raw = _q(s, "SELECT payload, headers, event_type FROM BI.events WHERE event_id = %s",
              rows[0].event_id)[0]
     assert raw[0]["order_id"] == rows[0].payload["order_id"]
-    assert raw[1][hd.CE_ID] == rows[0].event_id and raw[2] == "order.created"
+    assert raw[1][hd.CE_SOURCE] == "/erp/outbox" and raw[2] == "order.created"
+    assert hd.CE_ID not in raw[1]  # headers with a column of their own are not repeated
     # positions: one row per partition, at the end of what was consumed
     positions = _q(s, "SELECT topic, partition, next_offset FROM BI._positions")
     assert {p[0] for p in positions} == {f"{topic_prefix}.order"}
@@ -279,30 +253,18 @@ def bi_proc(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefi
             p.wait(10)
 
 
-def _start_proc(path: Path, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    log = path.parent / f"bi-{len(procs)}.log"
-    with open(log, "wb") as out:
-        p = subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(path),
-                              "worker", "bi"], cwd=path.parent, env=env, stdout=out,
-                             stderr=subprocess.STDOUT)
-    procs.append(p)
-    return p
-
-
 @pytest.mark.slow
 def test_kill_9_mid_batch_lands_every_event_exactly_once(bi_proc):
     s, procs, path = bi_proc
     rows = make_events([f"SO-{i}" for i in range(100)], 100)  # 10,000 events
     publish(str(s.kafka.bootstrap_servers), s.topics.prefix, rows)
-    first = _start_proc(path, procs)
+    first = start_worker(path, "bi", procs)
     wait_for(lambda: _count(s) >= 2000, 90, "landing under way")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     landed_at_kill = _count(s)
     assert landed_at_kill < len(rows), "killed too late to test anything"
-    second = _start_proc(path, procs)
+    second = start_worker(path, "bi", procs)
     wait_for(lambda: _count(s) >= len(rows), 120, "every event landed after the restart")
     second.send_signal(signal.SIGTERM)
     assert second.wait(30) == 0
@@ -310,18 +272,11 @@ def test_kill_9_mid_batch_lands_every_event_exactly_once(bi_proc):
     assert _count(s, "order_created") == len(rows)
 
 
-def _cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    return subprocess.run([sys.executable, "-m", "pipeline", "--config", str(path), *args],
-                          cwd=path.parent, env=env, capture_output=True, text=True, timeout=240)
-
-
 def test_backfill_rebuilds_the_tables_from_the_topics(bi_proc):
     s, _procs, path = bi_proc
     rows = make_events([f"SO-{i}" for i in range(30)], 4)
     publish(str(s.kafka.bootstrap_servers), s.topics.prefix, rows)
-    r = _cli(path, "bi", "backfill")  # catch up from the stored positions (none yet) and exit
+    r = cli(path, "bi", "backfill")  # catch up from the stored positions (none yet) and exit
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["caught_up"] is True and out["landed"] == len(rows)
@@ -329,7 +284,7 @@ def test_backfill_rebuilds_the_tables_from_the_topics(bi_proc):
     # the BI tables get damaged; a backfill from the beginning rebuilds them exactly
     _q_exec(s, "DELETE FROM BI.order_created WHERE _aggregate_version = 2")
     _q_exec(s, "UPDATE BI.events SET payload = '{}'::jsonb")
-    r = _cli(path, "bi", "backfill", "--from-beginning", "--yes")
+    r = cli(path, "bi", "backfill", "--from-beginning", "--yes")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["from_beginning"] is True and out["landed"] == len(rows)
@@ -337,7 +292,7 @@ def test_backfill_rebuilds_the_tables_from_the_topics(bi_proc):
     assert _count(s, "order_created") == len(rows)
     assert _q(s, "SELECT count(*) FROM BI.events WHERE payload = '{}'::jsonb")[0][0] == 0
     # a worker that is not a BI target is refused with a clear message
-    r = _cli(path, "bi", "backfill", "--worker", "nope")
+    r = cli(path, "bi", "backfill", "--worker", "nope")
     assert r.returncode != 0 and "no worker named 'nope'" in r.stderr
 
 
