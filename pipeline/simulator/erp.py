@@ -43,6 +43,8 @@ class SimulatorStats:
     late_commits: int = 0
     errors: int = 0
     committed_at: dict[str, float] = field(default_factory=dict)
+    # event id → (event type, aggregate id, payload in JSON form) when ``keep_ledger``
+    ledger: dict[str, tuple[str, str, dict[str, Any]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -56,6 +58,7 @@ class SimulatorConfig:
     customers: int = 200
     max_events: int | None = None
     track_latency: bool = False
+    keep_ledger: bool = False  # remember every committed event (tests compare targets with it)
     seed: int = 42
 
 
@@ -187,6 +190,8 @@ class ErpSimulator:
                 self.stats.written += 1
                 if self.cfg.track_latency:
                     self.stats.committed_at[event_id] = time.time()
+                if self.cfg.keep_ledger:
+                    self.stats.ledger[event_id] = (event_type, agg_id, payload)
         except psycopg.Error as exc:
             conn.rollback()
             with self.stats.lock:
