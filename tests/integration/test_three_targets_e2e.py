@@ -106,12 +106,13 @@ def test_erp_to_wms_crm_and_bi_exactly_once_in_order(database_url, kafka_bootstr
     for et, n in by_type.items():
         table = et.replace(".", "_")
         assert _q(database_url, f'SELECT count(*) FROM "{schema}".{table}')[0][0] == n, et
-    bi_paid = _q(database_url, f'SELECT coalesce(sum(amount), 0) FROM "{schema}".payment_completed')
+    bi_paid = _q(database_url,
+                 f'SELECT coalesce(sum(amount), 0) FROM "{schema}".payment_completed')
     assert bi_paid[0][0] == sum(Decimal(p["amount"]) for p in payloads["payment.completed"])
     # per-entity order in BI: versions of each aggregate are 1..n without gaps or repeats
-    versions = _q(database_url, f'SELECT aggregate_type, aggregate_id, array_agg('
-                                f'aggregate_version ORDER BY aggregate_version) FROM "{schema}".events '
-                                'GROUP BY 1, 2')
+    versions = _q(database_url, "SELECT aggregate_type, aggregate_id, array_agg("
+                                "aggregate_version ORDER BY aggregate_version) "
+                                f'FROM "{schema}".events GROUP BY 1, 2')
     assert all(v == list(range(1, len(v) + 1)) for _t, _a, v in versions)
 
     # WMS: every order once, its history in version order; every reservation once
