@@ -31,6 +31,11 @@ class ConfigError(PipelineError):
     """The configuration is invalid; the message lists each offending field."""
 
 
+class UsageError(ConfigError):
+    """A command was given something it cannot use: an unknown group, a malformed filter, an
+    offset out of range (exit code 2, like a configuration error)."""
+
+
 class TransientError(PipelineError):
     """A failure worth retrying: the same operation may succeed later."""
 

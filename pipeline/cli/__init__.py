@@ -60,9 +60,20 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import bench, bi, config_cmd, outbox, relay, run, schemas, topics, worker
+    from pipeline.cli import (
+        bench,
+        bi,
+        config_cmd,
+        dlq,
+        outbox,
+        relay,
+        run,
+        schemas,
+        topics,
+        worker,
+    )
 
-    for mod in (config_cmd, outbox, schemas, topics, relay, worker, bi, bench, run):
+    for mod in (config_cmd, outbox, schemas, topics, relay, worker, bi, dlq, bench, run):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

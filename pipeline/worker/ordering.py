@@ -114,6 +114,13 @@ class Ordering:
             st.blocked_by = event_id
             self._set(key, st)
 
+    def replayed(self, key: str, event_id: str) -> None:
+        """An operator replayed this event from the DLQ. If it is what blocks its key, it heads
+        the key again (unblocked): it runs, and the key's replayed followers queue behind it."""
+        st = self.keys.get(key)
+        if st is not None and st.blocked_by == event_id:
+            self._set(key, KeyState(head=event_id))
+
     def release(self, key: str) -> None:
         """Forget a key's state (an operator replayed or discarded its dead letters)."""
         if key in self.keys:

@@ -43,6 +43,7 @@ BLOCKED_BY = "erp_blocked_by"
 RETRY_TIER = "erp_retry_tier"
 TARGET_ERROR_BODY = "erp_target_error_body"
 DECODE_ERROR = "erp_decode_error"
+REPLAY_ID = "erp_replay_id"  # set by `pipeline dlq replay` (see pipeline.dlq.records)
 
 _PER_HOP = (
     EXCEPTION_FQCN,

@@ -427,6 +427,8 @@ class Worker:
                 self._unused_call(now)
                 return
             key, work = nxt
+            if routing.REPLAY_ID in work.event.raw_headers:  # sent by `pipeline dlq replay`
+                self.ordering.replayed(work.key, work.event.event_id)
             verdict, ref = self.ordering.admit(work.key, work.event.event_id)
             if verdict == FOLLOW:
                 self._unused_call(now)  # routing it does not call the target

@@ -1,0 +1,205 @@
+"""Replaying dead letters to the group that failed them.
+
+What is sent: the event's bytes (or its corrected copy from ``pipeline dlq edit``), to the
+group's first retry tier, due at once, attempts reset to 1, with the original-position headers
+kept (so strict ordering knows the key) and provenance headers added. Per key, records go in
+DLQ order — a corrected copy takes its original's place — and the events blocked behind a
+selected head (strict ordering) come with it. What was replayed is recorded in a compacted topic
+keyed by DLQ position: the same replay again sends nothing unless ``again``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, Producer
+
+from pipeline.dlq.records import (
+    REPLAY_ID,
+    REPLAY_OF,
+    REPLAYED_AT,
+    REPLAYED_BY,
+    DlqRecord,
+    FilterError,
+)
+from pipeline.dlq.store import GroupDlq
+from pipeline.errors import BrokerUnavailable
+from pipeline.kafka.client import producer_config
+from pipeline.worker import routing
+
+_DROP = {
+    routing.EXCEPTION_FQCN, routing.EXCEPTION_MESSAGE, routing.EXCEPTION_STACKTRACE,
+    routing.ATTEMPTS, routing.BACKOFF_TIMESTAMP, routing.RETRY_TIER, routing.BLOCKED_BY,
+    routing.TARGET_ERROR_BODY, routing.DECODE_ERROR, REPLAY_ID, REPLAY_OF, REPLAYED_BY,
+    REPLAYED_AT,
+}
+
+
+def parse_rate(text: str | None) -> float | None:
+    """``200/s``, ``200``, ``12000/m`` → events per second; None = unthrottled."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    unit = 1.0
+    for suffix, seconds in (("/s", 1.0), ("/m", 60.0), ("/h", 3600.0)):
+        if t.endswith(suffix):
+            t, unit = t[: -len(suffix)], seconds
+            break
+    try:
+        rate = float(t) / unit
+    except ValueError:
+        raise FilterError(f"bad --rate {text!r}: give events per second, e.g. 200/s") from None
+    if rate <= 0:
+        raise FilterError(f"bad --rate {text!r}: must be positive")
+    return rate
+
+
+def operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class Plan:
+    """What a replay sends, in order, and what it leaves out and why."""
+
+    send: list[DlqRecord] = field(default_factory=list)
+    already: list[DlqRecord] = field(default_factory=list)  # replayed before (no --again)
+    superseded: list[DlqRecord] = field(default_factory=list)  # an edit replaces them
+    followers_added: int = 0  # blocked events brought along with their head
+
+
+def plan(selected: Sequence[DlqRecord], everything: Sequence[DlqRecord],
+         replayed: dict[str, object], *, again: bool = False) -> Plan:
+    p = Plan()
+    latest_edit: dict[str, DlqRecord] = {}
+    for r in everything:
+        if r.edit_of is not None:
+            latest_edit[str(r.edit_of)] = r  # DLQ order: the last edit wins
+    chosen = {str(r.position): r for r in selected}
+    ids = {r.event_id for r in selected if r.event_id}
+    for r in everything:  # the followers a selected head blocked come along
+        if r.blocked_by in ids and str(r.position) not in chosen:
+            chosen[str(r.position)] = r
+            p.followers_added += 1
+    effective: list[tuple[tuple[int, int], DlqRecord]] = []
+    seen: set[str] = set()
+    for pos, r in chosen.items():
+        if r.edit_of is not None:
+            orig_pos = str(r.edit_of)
+            if latest_edit.get(orig_pos) is not r:
+                p.superseded.append(r)
+                continue
+            place = (r.edit_of.partition, r.edit_of.offset)
+            ident = orig_pos
+        else:
+            edit = latest_edit.get(pos)
+            if edit is not None:
+                p.superseded.append(r)
+                r, place, ident = edit, (r.position.partition, r.position.offset), pos
+            else:
+                place, ident = (r.position.partition, r.position.offset), pos
+        if ident in seen:
+            continue
+        seen.add(ident)
+        if not again and (ident in replayed or str(r.position) in replayed):
+            p.already.append(r)
+            continue
+        effective.append((place, r))
+    effective.sort(key=lambda pr: pr[0])
+    p.send = [r for _place, r in effective]
+    return p
+
+
+def replay_headers(r: DlqRecord, *, dlq_topic: str, replay_id: str, by: str, now_ms: int
+                   ) -> list[tuple[str, bytes]]:
+    out = [(k, v) for k, v in r.headers.items() if k not in _DROP]
+    out += [
+        (routing.ATTEMPTS, routing.big_int(1)),
+        (routing.BACKOFF_TIMESTAMP, routing.big_int(now_ms)),
+        (routing.RETRY_TIER, b"1"),
+        (REPLAY_ID, replay_id.encode()),
+        (REPLAY_OF, f"{dlq_topic}/{r.edit_of or r.position}".encode()),
+        (REPLAYED_BY, by.encode()),
+        (REPLAYED_AT, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_ms / 1000)).encode()),
+    ]
+    return out
+
+
+@dataclass
+class Result:
+    replay_id: str
+    sent: int
+    seconds: float
+    target: str
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else float("inf")
+
+
+def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
+         progress: Callable[[int], None] | None = None) -> Result:
+    """Send ``records`` in order to the group's first retry tier, at most ``rate`` per second,
+    then record them as replayed. Raises BrokerUnavailable when Kafka does not acknowledge."""
+    dlq.ensure_replays_topic()
+    replay_id = str(uuid.uuid4())
+    by = operator()
+    errors: list[str] = []
+
+    def delivered(err: KafkaError | None, _m: object) -> None:
+        if err is not None:
+            errors.append(err.str())
+
+    producer = Producer(producer_config(dlq.settings))
+    started = time.monotonic()
+    for i, r in enumerate(records):
+        if rate:
+            due = started + i / rate
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        now_ms = int(time.time() * 1000)
+        headers = replay_headers(r, dlq_topic=dlq.topic, replay_id=replay_id, by=by,
+                                 now_ms=now_ms)
+        while True:
+            try:
+                producer.produce(dlq.retry_topic, r.value, r.key,
+                                 headers=headers,  # type: ignore[arg-type]
+                                 on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+        if progress is not None:
+            progress(1)
+    if producer.flush(dlq.settings.kafka.request_timeout_s) or errors:
+        raise BrokerUnavailable(
+            f"replay {replay_id}: Kafka did not acknowledge every record to {dlq.retry_topic} "
+            f"({errors[0] if errors else 'timed out'}); nothing was recorded as replayed, so "
+            "running the replay again re-sends them (the target's idempotency keys make that "
+            "safe)"
+        )
+    elapsed = time.monotonic() - started
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for r in records:
+        for pos in {str(r.position), str(r.edit_of) if r.edit_of else str(r.position)}:
+            producer.produce(dlq.replays_topic, json.dumps(
+                {"replay_id": replay_id, "by": by, "at": stamp, "sent_to": dlq.retry_topic,
+                 "event_id": r.event_id, "copy_of": str(r.position)}).encode(), pos.encode(),
+                on_delivery=delivered)
+    if producer.flush(dlq.settings.kafka.request_timeout_s) or errors:
+        raise BrokerUnavailable(
+            f"replay {replay_id} sent {len(records)} records but could not record them in "
+            f"{dlq.replays_topic}: a second replay would send them again"
+        )
+    return Result(replay_id, len(records), elapsed, dlq.retry_topic)
