@@ -74,7 +74,7 @@ def stage(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefix:
 def test_inspect_edit_and_replay_the_dead_letters(stage, read_topic):
     s, config, _sink, rows = stage
     prefix = s.topics.prefix
-    a, b, c, k1, k2, k3 = rows[:6]
+    a, _b, c, k1, k2, k3 = rows[:6]
     ids = {r.event_id: r for r in rows}
 
     # -- ls and its filters ----------------------------------------------------------------
