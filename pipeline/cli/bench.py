@@ -110,4 +110,18 @@ def bi_cmd(
     click.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+@bench.command("dlq")
+@click.option("--records", type=int, default=100_000, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
+@pass_ctx
+def dlq_cmd(ctx: Context, records: int, repeat: int, as_json: bool) -> None:
+    """`dlq ls` over a large DLQ (seconds) and unthrottled replay throughput (events/s), against
+    a bare producer writing the same records."""
+    from pipeline.bench.dlq import run_dlq_bench
+
+    result = run_dlq_bench(ctx.settings, records=records, repeat=repeat)
+    click.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 COMMANDS = [bench]

@@ -15,7 +15,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, Producer
@@ -79,7 +79,7 @@ class Plan:
 
 
 def plan(selected: Sequence[DlqRecord], everything: Sequence[DlqRecord],
-         replayed: dict[str, object], *, again: bool = False) -> Plan:
+         replayed: Mapping[str, object], *, again: bool = False) -> Plan:
     p = Plan()
     latest_edit: dict[str, DlqRecord] = {}
     for r in everything:
