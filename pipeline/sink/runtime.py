@@ -1,6 +1,6 @@
 """The batch-sink loop (``pipeline worker bi``): one consumer group landing events in bulk.
 
-    consume main topics ─▶ decode (header + body) ─▶ buffer per partition
+    consume main topics (+ the replay input) ─▶ decode (header + body) ─▶ buffer per partition
         │ undecodable: kept aside, dead-lettered with the batch
         ▼
     flush when ``batch_size`` events or ``batch_max_wait_s`` passed:
@@ -106,11 +106,15 @@ class SinkWorker:
         self.cfg = wc
         self.group = wc.group or name
         self.group_id = f"{settings.topics.prefix}.{self.group}"
-        self.dlq_topic = routing.Tiers(settings.topics.prefix, self.group, []).dlq_topic
+        tiers = routing.Tiers(settings.topics.prefix, self.group, [1.0])
+        self.dlq_topic = tiers.dlq_topic
         self.main_topics = [
             settings.topics.event_topic(a)
             for a in (wc.aggregate_types or settings.topics.aggregate_types)
         ]
+        # `pipeline dlq replay` sends corrected or retried dead letters here; landed like the rest
+        self.replay_topic = tiers.retry_topic(1)
+        self.topics = [*self.main_topics, self.replay_topic]
         obj = target if target is not None else load_connector(wc.connector, wc.options)
         if not isinstance(obj, BatchTarget):
             raise ConfigError(f"{wc.connector} is not a batch target (open/positions/write/reset)")
@@ -189,7 +193,7 @@ class SinkWorker:
             )
         )
         self._consumer.subscribe(
-            self.main_topics,
+            self.topics,
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -216,7 +220,7 @@ class SinkWorker:
             AdminClient(admin_config(self.settings)),
             [
                 TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
-                for topic in [*self.main_topics, self.dlq_topic]
+                for topic in [*self.topics, self.dlq_topic]
             ],
             timeout_s=self.settings.kafka.request_timeout_s,
             create_only=True,
@@ -552,7 +556,7 @@ class SinkWorker:
         assert self._consumer is not None
         ends: dict[TP, int] = {}
         md = self._consumer.list_topics(timeout=self.settings.kafka.request_timeout_s)
-        for topic in self.main_topics:
+        for topic in self.topics:
             t = md.topics.get(topic)
             for pid in t.partitions if t is not None else {}:
                 _lo, hi = self._consumer.get_watermark_offsets(

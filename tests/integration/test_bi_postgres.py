@@ -299,3 +299,26 @@ def test_backfill_rebuilds_the_tables_from_the_topics(bi_proc):
 def _q_exec(s: Settings, query: str) -> None:
     with psycopg.connect(_url(s), autocommit=True) as conn:
         conn.execute(query.replace("BI.", f'"bi_{s.topics.prefix}".'))
+
+
+def test_a_refused_row_corrected_and_replayed_lands_once(bi_proc):
+    """On-call: the BI database refused a row; `dlq edit` corrects it, `dlq replay` sends it to
+    the BI worker's replay input, and it lands exactly once."""
+    s, procs, path = bi_proc
+    rows = make_events([f"SO-{i}" for i in range(4)], 3)
+    bad = rows[5]
+    bad.payload["note"] = "bad \x00 byte"
+    publish(str(s.kafka.bootstrap_servers), s.topics.prefix, rows)
+    start_worker(path, "bi", procs)
+    wait_for(lambda: _count(s) == len(rows) - 1, 90, "the good rows landed")
+    listed = json.loads(cli(path, "dlq", "ls", "--group", "bi", "--json").stdout)
+    assert [d["event_id"] for d in listed] == [bad.event_id]
+    assert listed[0]["error_class"] == "RowRefused"
+    fix = cli(path, "dlq", "edit", "bi", listed[0]["position"], "--set", "note=clean")
+    assert fix.returncode == 0, fix.stderr
+    sent = json.loads(cli(path, "dlq", "replay", "--group", "bi", "--yes", "--json").stdout)
+    assert sent["sent"] == 1 and sent["superseded_by_edit"] == 1
+    wait_for(lambda: _count(s) == len(rows), 60, "the corrected row landed")
+    _assert_exactly_once(s, {r.event_id for r in rows})
+    note = _q(s, "SELECT note, _topic FROM BI.order_created WHERE _event_id = %s", bad.event_id)
+    assert note == [("clean", f"{s.topics.prefix}.bi.retry.1")]
