@@ -228,9 +228,19 @@ def replay_cmd(ctx: Context, /, dry_run: bool, rate: str | None, again: bool, ye
         click.confirm(f"Replay {len(p.send)} records to {d.retry_topic}?", abort=True, err=True)
     interactive = sys.stderr.isatty() and not as_json
     if interactive:
+        import time
+
+        started, done = time.monotonic(), [0]
         with click.progressbar(length=len(p.send), label=f"replaying to {d.retry_topic}",
-                               show_eta=True, show_pos=True, file=sys.stderr) as bar:
-            result = rp.send(d, p.send, rate=per_s, progress=bar.update)
+                               show_eta=True, show_pos=True, file=sys.stderr,
+                               item_show_func=lambda rate: rate) as bar:
+
+            def tick(n: int) -> None:
+                done[0] += n
+                elapsed = max(1e-6, time.monotonic() - started)
+                bar.update(n, f"{done[0] / elapsed:.0f}/s")
+
+            result = rp.send(d, p.send, rate=per_s, progress=tick)
     else:
         result = rp.send(d, p.send, rate=per_s)
     out = {**summary, "replay_id": result.replay_id, "sent": result.sent,
