@@ -262,6 +262,26 @@ class Settings(BaseSettings):
         default_factory=dict, description="consumer workers by name (`pipeline worker NAME`)"
     )
 
+    def worker_config(self, name: str, *, given: bool = False) -> WorkerConfig:
+        """``workers.NAME``; when absent, defaults if a connector object was given in code,
+        else a ConfigError naming the configured workers."""
+        wc = self.workers.get(name)
+        if wc is not None:
+            return wc
+        if given:
+            return WorkerConfig(connector="<given>")
+        known = ", ".join(sorted(self.workers)) or "none configured"
+        raise ConfigError(
+            f"no worker named {name!r} in the configuration (workers: {known}); add "
+            f"workers.{name}.connector: module:attribute (e.g. connectors.wms:WmsConnector or "
+            "connectors.bi.postgres:PostgresTarget)"
+        )
+
+    def event_topics(self, wc: WorkerConfig) -> list[str]:
+        """The event topics a worker consumes: its aggregate types, else all of them."""
+        return [self.topics.event_topic(a) for a in (wc.aggregate_types
+                                                     or self.topics.aggregate_types)]
+
     @classmethod
     def settings_customise_sources(
         cls,

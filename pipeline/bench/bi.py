@@ -25,6 +25,7 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from psycopg import sql
 
+from pipeline.bench import scoped
 from pipeline.bench.worker import _publish
 from pipeline.config import Settings, WorkerConfig
 from pipeline.db import database_url
@@ -50,13 +51,7 @@ def run_bi_bench(
     settings: Settings, *, events: int, repeat: int, batch_size: int, parquet: bool
 ) -> dict[str, Any]:
     with local_stack(settings, fresh_database=True) as s:
-        s = s.model_copy(
-            update={
-                "topics": s.topics.model_copy(
-                    update={"prefix": f"bench{uuid.uuid4().hex[:6]}", "aggregate_types": ["order"]}
-                )
-            }
-        )
+        s = scoped(s)
         topic = s.topics.event_topic("order")
         _publish(
             s, topic, events, keys=1000, partitions=s.topics.partitions, event_types=EVENT_TYPES

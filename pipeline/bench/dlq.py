@@ -25,6 +25,7 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from pipeline.bench import scoped
 from pipeline.config import Settings
 from pipeline.dlq import replay as rp
 from pipeline.dlq.records import Filter, select, table
@@ -86,8 +87,8 @@ def _produce(s: Settings, topic: str, records: list[Any]) -> float:
 
 def run_dlq_bench(settings: Settings, *, records: int, repeat: int) -> dict[str, Any]:
     with local_stack(settings, fresh_database=False) as s:
-        prefix = f"bench{uuid.uuid4().hex[:6]}"
-        s = s.model_copy(update={"topics": s.topics.model_copy(update={"prefix": prefix})})
+        s = scoped(s)
+        prefix = s.topics.prefix
         dlq_topic = f"{prefix}.bench.dlq"
         t = s.topics
         apply_topics(AdminClient(admin_config(s)),

@@ -20,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from pipeline.bench import scoped
 from pipeline.config import Settings, WorkerConfig
 from pipeline.embedded.stack import local_stack
 from pipeline.errors import TransientError
@@ -169,13 +170,7 @@ def _bare_consume(settings: Settings, topic: str, n: int) -> float:
 
 def run_worker_bench(settings: Settings, *, events: int, repeat: int) -> dict[str, Any]:
     with local_stack(settings, fresh_database=False) as s:
-        s = s.model_copy(
-            update={
-                "topics": s.topics.model_copy(
-                    update={"prefix": f"bench{uuid.uuid4().hex[:6]}", "aggregate_types": ["order"]}
-                )
-            }
-        )
+        s = scoped(s)
         topic = s.topics.event_topic("order")
         _publish(s, topic, events, keys=500, partitions=s.topics.partitions)
         noop_rates, bare_rates = [], []

@@ -55,10 +55,7 @@ def backfill(ctx: Context, name: str, from_beginning: bool, yes: bool, timeout_s
 
     s = ctx.settings
     logs.setup(f"bi-backfill-{name}", s.log.level, s.log.format)
-    config = s.workers.get(name)
-    if config is None:
-        known = ", ".join(sorted(s.workers)) or "none configured"
-        raise ConfigError(f"no worker named {name!r} in the configuration (workers: {known})")
+    config = s.worker_config(name)
     target = load_connector(config.connector, config.options)
     if not is_batch_target(target):
         raise ConfigError(

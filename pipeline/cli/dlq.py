@@ -99,27 +99,13 @@ def show_cmd(ctx: Context, group: str, position: str, as_json: bool) -> None:
     """Everything about one dead letter: headers, decoded payload, stack trace, the target's
     answer, and the events blocked behind it. POSITION is PARTITION:OFFSET as ls shows it."""
     from pipeline.dlq.store import GroupDlq
-    from pipeline.relay.relay import _registry
-    from pipeline.schemas.catalogue import Catalogue
-    from pipeline.schemas.codec import Decoder
-    from pipeline.schemas.jsonform import to_json_form
     from pipeline.worker import routing
 
     now = dt.datetime.now(dt.UTC)
     d = GroupDlq(ctx.settings, group)
     r = d.get(position)
-    decoder = Decoder(Catalogue.load(ctx.settings.schemas.path), _registry(ctx.settings))
-    try:
-        decoded = decoder.decode(r.value)
-        payload: Any = to_json_form(decoded.value)
-        decode_error = None
-    except Exception as exc:  # show what is there, whatever it is
-        payload, decode_error = None, f"{type(exc).__name__}: {exc}"
-    binary = {routing.ORIGINAL_PARTITION: r.original_partition,
-              routing.ORIGINAL_OFFSET: r.original_offset, routing.ATTEMPTS: r.attempts}
-    headers = {k: (binary[k] if k in binary else
-                   v.decode("utf-8", "replace") if _is_text(v) else "0x" + v.hex())
-               for k, v in r.headers.items()}
+    payload, decode_error = _payload(_decoder(ctx), r)
+    headers = _headers(r)
     blocked = d.blocked_behind(r.event_id)
     data = {"group": group, "topic": d.topic, **r.summary(now), "headers": headers,
             "payload": payload, "payload_error": decode_error,
@@ -148,6 +134,35 @@ def show_cmd(ctx: Context, group: str, position: str, as_json: bool) -> None:
         click.echo(f"\nstack trace:\n{data['stacktrace'].rstrip()}")
     click.echo(f"\nblocked behind it (strict ordering): "
                f"{', '.join(data['blocked_behind']) or 'none'}")
+
+
+def _decoder(ctx: Context) -> Any:
+    from pipeline.relay.relay import _registry
+    from pipeline.schemas.catalogue import Catalogue
+    from pipeline.schemas.codec import Decoder
+
+    return Decoder(Catalogue.load(ctx.settings.schemas.path), _registry(ctx.settings))
+
+
+def _payload(decoder: Any, r: Any) -> tuple[Any, str | None]:
+    """(the payload in JSON form, None) or (None, why it cannot be decoded)."""
+    from pipeline.schemas.jsonform import to_json_form
+
+    try:
+        return to_json_form(decoder.decode(r.value).value), None
+    except Exception as exc:  # show what is there, whatever it is
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _headers(r: Any) -> dict[str, Any]:
+    """Headers for people: the binary Spring ones as numbers, other non-text ones in hex."""
+    from pipeline.worker import routing
+
+    binary = {routing.ORIGINAL_PARTITION: r.original_partition,
+              routing.ORIGINAL_OFFSET: r.original_offset, routing.ATTEMPTS: r.attempts}
+    return {k: (binary[k] if k in binary else
+                v.decode("utf-8", "replace") if _is_text(v) else "0x" + v.hex())
+            for k, v in r.headers.items()}
 
 
 def _is_text(v: bytes) -> bool:
@@ -322,10 +337,6 @@ def edit_cmd(ctx: Context, group: str, position: str, sets: tuple[str, ...],
 @pass_ctx
 def export_cmd(ctx: Context, /, fmt: str, **kw: Any) -> None:
     """Write the selected dead letters to stdout (jsonl: with headers and decoded payload)."""
-    from pipeline.relay.relay import _registry
-    from pipeline.schemas.catalogue import Catalogue
-    from pipeline.schemas.codec import Decoder
-    from pipeline.schemas.jsonform import to_json_form
 
     now = dt.datetime.now(dt.UTC)
     picked = _select(ctx, kw)
@@ -338,17 +349,12 @@ def export_cmd(ctx: Context, /, fmt: str, **kw: Any) -> None:
             for r in rs:
                 w.writerow({"group": d.group, **r.summary(now)})
         return
-    decoder = Decoder(Catalogue.load(ctx.settings.schemas.path), _registry(ctx.settings))
+    decoder = _decoder(ctx)
     for d, rs in picked:
         for r in rs:
-            try:
-                payload: Any = to_json_form(decoder.decode(r.value).value)
-            except Exception as exc:
-                payload = {"_undecodable": f"{type(exc).__name__}: {exc}"}
-            headers = {k: v.decode("utf-8", "replace") if _is_text(v) else "0x" + v.hex()
-                       for k, v in r.headers.items()}
-            click.echo(json.dumps({"group": d.group, **r.summary(now), "headers": headers,
-                                   "payload": payload}, default=str))
+            payload, error = _payload(decoder, r)
+            click.echo(json.dumps({"group": d.group, **r.summary(now), "headers": _headers(r),
+                                   "payload": payload, "payload_error": error}, default=str))
 
 
 COMMANDS = [dlq]

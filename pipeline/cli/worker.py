@@ -22,7 +22,6 @@ def worker(ctx: Context, name: str, connector: str | None) -> None:
     the batch-sink runtime instead: events landed in bulk, exactly once, positions kept in the
     target."""
     from pipeline.config import WorkerConfig
-    from pipeline.errors import ConfigError
     from pipeline.sink import is_batch_target
     from pipeline.sink.runtime import SinkWorker
     from pipeline.worker.connector import load_connector
@@ -36,11 +35,7 @@ def worker(ctx: Context, name: str, connector: str | None) -> None:
             update={"connector": connector}
         )
     if config is None:
-        known = ", ".join(sorted(s.workers)) or "none configured"
-        raise ConfigError(
-            f"no worker named {name!r} in the configuration (workers: {known}); add "
-            f"workers.{name}.connector: module:attribute, or pass --connector"
-        )
+        config = s.worker_config(name)  # raises: names the configured workers
     target = load_connector(config.connector, config.options)
     stop = stop_on_signals()
     if is_batch_target(target):

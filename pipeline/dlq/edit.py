@@ -18,7 +18,12 @@ from pipeline.schemas.jsonform import to_json_form
 _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
+_PATH = re.compile(r"[^.\[\]]+(\[\d+\])*(\.[^.\[\]]+(\[\d+\])*)*")
+
+
 def _steps(path: str) -> list[str | int]:
+    if not _PATH.fullmatch(path):
+        raise UsageError(f"bad --set path {path!r}: use field.sub[0].name")
     steps: list[str | int] = []
     pos = 0
     for m in _STEP.finditer(path):

@@ -202,7 +202,7 @@ class Filter:
     original_topic: str | None = None
     event_type: str | None = None
     key: str | None = None
-    error: str | None = None  # short class name or fqcn (suffix match, case-insensitive)
+    error: str | None = None  # class name, full or dotted tail (case-insensitive)
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     headers: tuple[tuple[str, str], ...] = ()
@@ -234,7 +234,8 @@ class Filter:
             return False
         if self.error is not None:
             want = self.error.lower()
-            if r.error_class.lower() != want and not r.error_fqcn.lower().endswith(want):
+            fqcn = r.error_fqcn.lower()
+            if r.error_class.lower() != want and fqcn != want and not fqcn.endswith("." + want):
                 return False
         if self.since is not None and r.when < self.since:
             return False

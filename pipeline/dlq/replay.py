@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import socket
 import time
 import uuid
@@ -55,8 +56,8 @@ def parse_rate(text: str | None) -> float | None:
         rate = float(t) / unit
     except ValueError:
         raise FilterError(f"bad --rate {text!r}: give events per second, e.g. 200/s") from None
-    if rate <= 0:
-        raise FilterError(f"bad --rate {text!r}: must be positive")
+    if not math.isfinite(rate) or rate <= 0:
+        raise FilterError(f"bad --rate {text!r}: must be a positive number, e.g. 200/s")
     return rate
 
 

@@ -92,15 +92,7 @@ class SinkWorker:
         *,
         config: WorkerConfig | None = None,
     ) -> None:
-        wc = config or settings.workers.get(name)
-        if wc is None:
-            if target is None:
-                known = ", ".join(sorted(settings.workers)) or "none configured"
-                raise ConfigError(
-                    f"no worker named {name!r} in the configuration (workers: {known}); add "
-                    f"workers.{name}.connector: connectors.bi:PostgresTarget"
-                )
-            wc = WorkerConfig(connector="<given>")
+        wc = config or settings.worker_config(name, given=target is not None)
         self.settings = settings
         self.name = name
         self.cfg = wc
@@ -108,10 +100,7 @@ class SinkWorker:
         self.group_id = f"{settings.topics.prefix}.{self.group}"
         tiers = routing.Tiers(settings.topics.prefix, self.group, [1.0])
         self.dlq_topic = tiers.dlq_topic
-        self.main_topics = [
-            settings.topics.event_topic(a)
-            for a in (wc.aggregate_types or settings.topics.aggregate_types)
-        ]
+        self.main_topics = settings.event_topics(wc)
         # `pipeline dlq replay` sends corrected or retried dead letters here; landed like the rest
         self.replay_topic = tiers.retry_topic(1)
         self.topics = [*self.main_topics, self.replay_topic]

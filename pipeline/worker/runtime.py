@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
-from pipeline.errors import ConfigError, DecodeError, PipelineError
+from pipeline.errors import DecodeError, PipelineError
 from pipeline.kafka.client import admin_config, consumer_config, producer_config
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
@@ -97,25 +97,14 @@ class Worker:
         config: WorkerConfig | None = None,
         observer: Observer | None = None,
     ) -> None:
-        wc = config or settings.workers.get(name)
-        if wc is None:
-            if connector is None:
-                known = ", ".join(sorted(settings.workers)) or "none configured"
-                raise ConfigError(
-                    f"no worker named {name!r} in the configuration (workers: {known}); add "
-                    f"workers.{name}.connector: module:attribute"
-                )
-            wc = WorkerConfig(connector="<given>")
+        wc = config or settings.worker_config(name, given=connector is not None)
         self.settings = settings
         self.name = name
         self.cfg = wc
         self.group = wc.group or name
         self.group_id = f"{settings.topics.prefix}.{self.group}"
         self.tiers = routing.Tiers(settings.topics.prefix, self.group, wc.retry_delays_s)
-        self.main_topics = [
-            settings.topics.event_topic(a)
-            for a in (wc.aggregate_types or settings.topics.aggregate_types)
-        ]
+        self.main_topics = settings.event_topics(wc)
         self.connector = (
             connector if connector is not None else load_connector(wc.connector, wc.options)
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from tests.fixtures.connectors import (
     publish_raw,
 )
 from tests.fixtures.relay import _url, wait_for
+from tests.fixtures.sink import Running
 
 pytestmark = pytest.mark.integration
 
@@ -40,31 +40,6 @@ def worker_settings(database_url: str, bootstrap: str, prefix: str, **worker: An
     with psycopg.connect(database_url, autocommit=True) as conn:
         install(conn, "pipeline")
     return s
-
-
-class Running:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.worker.run(self.stop)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "worker did not stop"
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture
