@@ -66,6 +66,9 @@ def _echo_json(data: Any) -> None:
 @click.group("dlq")
 def dlq() -> None:
     """Dead-lettered events: ls, show, stats, edit, replay, export."""
+    from pipeline.kafka.client import silence_client_logs
+
+    silence_client_logs()
 
 
 @dlq.command("ls")

@@ -3,6 +3,7 @@ dictionaries, and wraps confluent-kafka errors into the pipeline's exception tre
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pipeline.config import Settings
@@ -19,6 +20,18 @@ def bootstrap_servers(settings: Settings) -> str:
     return settings.kafka.bootstrap_servers
 
 
+_quiet: logging.Logger | None = None
+
+
+def silence_client_logs() -> None:
+    """For one-shot commands (``pipeline dlq``): librdkafka's own log lines (a connection
+    refused, retried every 50 ms) are dropped; what fails reaches the user as one error."""
+    global _quiet
+    _quiet = logging.getLogger("pipeline.kafka.librdkafka")
+    _quiet.setLevel(logging.CRITICAL + 1)
+    _quiet.propagate = False
+
+
 def common_config(settings: Settings) -> dict[str, Any]:
     k = settings.kafka
     conf: dict[str, Any] = {
@@ -27,6 +40,8 @@ def common_config(settings: Settings) -> dict[str, Any]:
         "security.protocol": k.security_protocol,
         "socket.connection.setup.timeout.ms": int(k.request_timeout_s * 1000),
     }
+    if _quiet is not None:
+        conf["logger"] = _quiet
     if k.sasl_mechanism:
         conf["sasl.mechanism"] = k.sasl_mechanism
         conf["sasl.username"] = k.sasl_username or ""

@@ -189,3 +189,18 @@ def test_inspect_edit_and_replay_the_dead_letters(stage, read_topic):
     # -- a second replay sends nothing ----------------------------------------------------
     again = _json(cli(config, "dlq", "replay", "--group", "sink", "--yes", "--json"))
     assert again["sent"] == 0 and again["to_send"] == 0
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    from pipeline.embedded.broker import free_port
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}", "request_timeout_s": 2},
+        "topics": {"prefix": "nowhere"}}))
+    for args in (["ls"], ["stats", "--group", "wms"], ["replay", "--group", "wms", "--dry-run"]):
+        r = cli(config, "dlq", *args)
+        assert r.returncode == 1, (args, r.returncode, r.stderr[-2000:])
+        err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("error: "), (args, r.stderr[-2000:])
+        assert "is the broker up?" in err[0]
