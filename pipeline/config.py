@@ -164,6 +164,10 @@ class RelayConfig(_Model):
     flush_timeout_s: float = Field(
         default=30.0, gt=0, description="on stop, how long to wait for unacknowledged records"
     )
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="port of /healthz, /readyz and /metrics (0 = any; unset = none)",
+    )
 
 
 class BreakerConfig(_Model):
@@ -210,7 +214,8 @@ class WorkerConfig(_Model):
     commit_interval_s: float = Field(default=1.0, gt=0, description="offset commit interval")
     session_timeout_ms: int = Field(default=10_000, ge=1000, description="consumer session")
     health_port: int | None = Field(
-        default=None, ge=0, le=65535, description="port of /healthz and /readyz (0 = any)"
+        default=None, ge=0, le=65535,
+        description="port of /healthz, /readyz and /metrics (0 = any; unset = none)",
     )
     batch_size: int = Field(
         default=5000, ge=1, le=1_000_000,

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from pipeline import telemetry
 from pipeline.errors import PermanentError, TransientError
 
 _RETRYABLE = frozenset({408, 425, 429})
@@ -150,16 +151,23 @@ class RestTarget:
         retry: Collection[int | str] = (),
     ) -> httpx.Response:
         """``skip``/``retry``: statuses or ``"status:error_code"`` rules (:func:`status_rules`)."""
-        headers = {"Idempotency-Key": idempotency_key, "X-Request-Id": str(uuid.uuid4())}
-        if traceparent:
-            headers["traceparent"] = traceparent
         where = f"{method} {self.base_url}{path}"
-        try:
-            r = self.http.request(method, path, json=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise TargetError(f"{where} timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise TargetError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+        attrs = {"http.request.method": method, "url.full": f"{self.base_url}{path}",
+                 "server.address": self.http.base_url.host}
+        with telemetry.client_span(method, attrs) as span:
+            headers = {"Idempotency-Key": idempotency_key, "X-Request-Id": str(uuid.uuid4())}
+            # the call's own span when tracing, else the event's context as it came
+            parent = telemetry.current_traceparent() or traceparent
+            if parent:
+                headers["traceparent"] = parent
+            try:
+                r = self.http.request(method, path, json=body, headers=headers)
+            except httpx.TimeoutException as exc:
+                raise TargetError(f"{where} timed out ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:
+                raise TargetError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+            if span is not None:
+                span.set_attribute("http.response.status_code", r.status_code)
         status = r.status_code
         if status < 300 or (skip and _matches(status_rules(skip), r)):
             return r

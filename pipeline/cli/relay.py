@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from pipeline import logs
+from pipeline import logs, telemetry
 from pipeline.cli import Context, pass_ctx
 
 
@@ -44,9 +44,13 @@ def relay(ctx: Context, shard: int) -> None:
 
     s = ctx.settings
     logs.setup("relay", s.log.level, s.log.format)
+    telemetry.setup("relay")
     r = Relay(s, shard)
     stop = stop_on_signals()
-    r.run(stop)
+    try:
+        r.run(stop)
+    finally:
+        telemetry.shutdown()
     logging.getLogger("pipeline.relay").info(
         "relay stopped: published %d, dead-lettered %d, duplicates skipped %d",
         r.stats.published,

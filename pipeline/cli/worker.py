@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from pipeline import logs
+from pipeline import logs, telemetry
 from pipeline.cli import Context, pass_ctx
 from pipeline.cli.relay import stop_on_signals
 
@@ -29,6 +29,7 @@ def worker(ctx: Context, name: str, connector: str | None) -> None:
 
     s = ctx.settings
     logs.setup(f"worker-{name}", s.log.level, s.log.format)
+    telemetry.setup(f"worker-{name}")
     config = s.workers.get(name)
     if connector is not None:
         config = (config or WorkerConfig(connector=connector)).model_copy(
@@ -40,7 +41,10 @@ def worker(ctx: Context, name: str, connector: str | None) -> None:
     stop = stop_on_signals()
     if is_batch_target(target):
         sink = SinkWorker(s, name, target, config=config)  # type: ignore[arg-type]
-        sink.run(stop)
+        try:
+            sink.run(stop)
+        finally:
+            telemetry.shutdown()
         ss = sink.stats
         logging.getLogger("pipeline.sink").info(
             "sink %s stopped: consumed %d, landed %d in %d batches, dead-lettered %d, "
@@ -54,7 +58,10 @@ def worker(ctx: Context, name: str, connector: str | None) -> None:
         )
         return
     w = Worker(s, name, target, config=config)
-    w.run(stop)
+    try:
+        w.run(stop)
+    finally:
+        telemetry.shutdown()
     st = w.stats
     logging.getLogger("pipeline.worker").info(
         "worker %s stopped: consumed %d, applied %d, skipped %d, retried %s, dead-lettered %d",

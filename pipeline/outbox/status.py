@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,3 +63,43 @@ def outbox_status(conn: psycopg.Connection[Any], schema: str) -> OutboxStatus:
         ).fetchall()
     ]
     return OutboxStatus(version, int(row[0]), None if row[1] is None else float(row[1]), shards)
+
+
+class BacklogProbe:
+    """Backlog figures for the metrics gauges, read on its own connection (a scrape runs on
+    another thread than the relay's) at most every ``every_s`` seconds."""
+
+    def __init__(self, url: str, schema: str, every_s: float = 5.0) -> None:
+        self.url = url
+        self.schema = schema
+        self.every_s = every_s
+        self._at = 0.0
+        self._rows = 0.0
+        self._age = 0.0
+        self._lock = threading.Lock()
+
+    def _refresh(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._at < self.every_s:
+                return
+            self._at = time.monotonic()
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
+                    row = conn.execute(
+                        sql.SQL(
+                            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - "
+                            "min(occurred_at)), 0) FROM {}.outbox"
+                        ).format(sql.Identifier(self.schema))
+                    ).fetchone()
+            except psycopg.Error:
+                return  # keep the last figures; the relay's own log says what is wrong
+            if row is not None:
+                self._rows, self._age = float(row[0]), float(row[1])
+
+    def rows(self) -> list[tuple[float, dict[str, Any]]]:
+        self._refresh()
+        return [(self._rows, {})]
+
+    def oldest_age(self) -> list[tuple[float, dict[str, Any]]]:
+        self._refresh()
+        return [(self._age, {})]

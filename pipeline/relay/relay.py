@@ -16,6 +16,8 @@ was acknowledged but not deleted is found again by the read-back on the next sta
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -33,6 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from pipeline import telemetry
 from pipeline.claimcheck import ClaimStore, claim_store, sha256
 from pipeline.config import Settings
 from pipeline.db import database_url, first_line
@@ -48,6 +51,7 @@ from pipeline.kafka import headers as h
 from pipeline.kafka.client import producer_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import ensure_topics
+from pipeline.outbox.status import BacklogProbe
 from pipeline.relay.envelope import (
     OutboxRow,
     Oversized,
@@ -60,6 +64,7 @@ from pipeline.relay.envelope import (
 from pipeline.relay.store import RelayStore, leader_name
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Encoder
+from pipeline.worker.health import HealthServer
 
 log = logging.getLogger("pipeline.relay")
 
@@ -121,6 +126,7 @@ class Relay:
             database_url(settings), settings.database.schema_name, shard, settings.relay.shards
         )
         self.is_leader = False
+        self.health_port: int | None = None
         self._producer: Producer | None = None
         self._claims: ClaimStore | None = None
         self._known_topics: set[str] = set()
@@ -139,6 +145,14 @@ class Relay:
             before_sleep=self._log_retry,
             reraise=True,
         )
+        m = telemetry.metrics()
+        backlog = BacklogProbe(database_url(self.settings), self.settings.database.schema_name)
+        removers = [
+            m.observe("pipeline.relay.leader", self._gauges),
+            m.observe("pipeline.outbox.backlog", backlog.rows),
+            m.observe("pipeline.outbox.oldest_age", backlog.oldest_age),
+        ]
+        health = self._health_server()
         try:
             for attempt in retrying:
                 with attempt:
@@ -149,7 +163,23 @@ class Relay:
             if not stop.is_set():
                 raise
         finally:
+            for remove in removers:
+                remove()
+            if health is not None:
+                health.stop()
             self._shutdown()
+
+    def _health_server(self) -> HealthServer | None:
+        if self.cfg.health_port is None:
+            return None
+        server = HealthServer(
+            self.cfg.health_port,
+            lambda: (True, {"leader": self.is_leader, "shard": self.shard}),
+            lambda: (True, {"leader": self.is_leader, "shard": self.shard}),
+        ).start()
+        self.health_port = server.port
+        log.info("relay health and metrics on port %d", server.port)
+        return server
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -352,6 +382,9 @@ class Relay:
             except PermanentError as exc:
                 self._invalid(row, exc)
                 dead.append((row, exc))
+        if telemetry.tracing():
+            records = [(row, self._traced(row, rec)) for row, rec in records]
+        started = time.perf_counter()
         for failed_row, error in self._publish(records, stop):
             self._invalid(failed_row, error)
             dead.append((failed_row, error))
@@ -365,6 +398,7 @@ class Relay:
                     "is lost"
                 )
         ack = time.time()
+        self._measure(records, dead, time.perf_counter() - started)
         self.store.complete([r.id for r in rows], self.name, len(rows) - len(dead), len(dead))
         self.stats.published += len(rows) - len(dead)
         self.stats.dead_lettered += len(dead)
@@ -372,6 +406,45 @@ class Relay:
         if self.observer is not None:
             self.observer(rows, ack)
         return len(rows)
+
+    def _traced(self, row: OutboxRow, rec: Record) -> Record:
+        """The record under a ``send <topic>`` span that continues the ERP's trace."""
+        parent = row.headers.get(h.TRACEPARENT)
+        tp = telemetry.send_span(
+            rec.topic,
+            parent if isinstance(parent, str) else None,
+            {
+                "messaging.message.id": row.event_id,
+                "messaging.kafka.message.key": row.aggregate_id,
+                "erp.event_type": row.event_type,
+                "erp.aggregate_version": row.aggregate_version,
+                "erp.outbox_id": row.id,
+            },
+        )
+        if tp is None:
+            return rec
+        headers = [(k, v) for k, v in rec.headers if k != h.TRACEPARENT]
+        headers.append((h.TRACEPARENT, tp.encode()))
+        return dataclasses.replace(rec, headers=headers)
+
+    def _measure(
+        self,
+        records: list[tuple[OutboxRow, Record]],
+        dead: list[tuple[OutboxRow, BaseException]],
+        seconds: float,
+    ) -> None:
+        m = telemetry.metrics()
+        failed = {r.id for r, _e in dead}
+        per_topic = collections.Counter(rec.topic for row, rec in records if row.id not in failed)
+        for topic, n in per_topic.items():
+            m.sent.add(n, {"messaging.system": "kafka", "messaging.destination.name": topic})
+        if records:
+            m.operation_duration.record(
+                seconds, {"messaging.system": "kafka", "messaging.operation.name": "send"}
+            )
+
+    def _gauges(self) -> list[tuple[float, dict[str, object]]]:
+        return [(1.0 if self.is_leader else 0.0, {"shard": self.shard})]
 
     def _take_prefetched(self) -> list[OutboxRow] | None:
         fut, self._prefetch = self._prefetch, None

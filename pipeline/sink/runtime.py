@@ -18,10 +18,11 @@ duplicates a row. The group's committed Kafka offsets only mirror them for monit
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from pipeline import telemetry
 from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, PipelineError, TransientError
@@ -49,6 +51,7 @@ from pipeline.worker import routing
 from pipeline.worker.connector import Event, load_connector
 from pipeline.worker.health import HealthServer
 from pipeline.worker.records import event_of, header_list
+from pipeline.worker.runtime import lag_figures
 
 log = logging.getLogger("pipeline.sink")
 
@@ -126,6 +129,12 @@ class SinkWorker:
         self._dlq_error: str | None = None
         self._stop: threading.Event | None = None
         self._ends: dict[TP, int] = {}  # high watermarks, for run_until_caught_up
+        self._m = telemetry.metrics()
+        self._last_ts: dict[TP, int] = {}
+        self._lag: list[tuple[float, dict[str, Any]]] = []
+        self._lag_age: list[tuple[float, dict[str, Any]]] = []
+        self._lag_at = 0.0
+        self._unobserve: list[Callable[[], None]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -187,6 +196,10 @@ class SinkWorker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        self._unobserve = [
+            self._m.observe("pipeline.consumer.lag", lambda: self._lag),
+            self._m.observe("pipeline.consumer.lag_age", lambda: self._lag_age),
+        ]
         if self.cfg.health_port is not None:
             self._health = HealthServer(self.cfg.health_port, self._healthz, self._readyz).start()
         log.info(
@@ -233,6 +246,8 @@ class SinkWorker:
         self.parts.clear()
 
     def _close(self) -> None:
+        for remove in self._unobserve:
+            remove()
         if self._health is not None:
             self._health.stop()
         if self._producer is not None:
@@ -263,6 +278,11 @@ class SinkWorker:
         )
         if due and time.time() >= self._retry_at:
             self._flush()
+        if now - self._lag_at >= 1.0:
+            self._lag_at = now
+            self._lag, self._lag_age = lag_figures(
+                self._consumer, self.assigned, self._last_ts, self.group_id
+            )
 
     def _pause(self, paused: bool) -> None:
         if paused == self._paused or self._consumer is None:
@@ -287,6 +307,7 @@ class SinkWorker:
             return  # fetched before a seek took effect
         assert self._decoder is not None
         self.stats.consumed += 1
+        self._last_ts[tp] = msg.timestamp()[1]
         if self.stats.first_consumed_at is None:
             self.stats.first_consumed_at = time.monotonic()
         part.next = offset + 1
@@ -326,6 +347,14 @@ class SinkWorker:
         return True
 
     def _landed(self, batch: Batch, seconds: float) -> None:
+        per_topic = collections.Counter(e.topic for e in batch.events)
+        for topic, n in per_topic.items():
+            self._m.consumed.add(n, {"messaging.system": "kafka",
+                                     "messaging.consumer.group.name": self.group_id,
+                                     "messaging.destination.name": topic})
+        self._m.process_duration.record(seconds, {"messaging.system": "kafka",
+                                                  "messaging.consumer.group.name": self.group_id,
+                                                  "messaging.operation.name": "write_batch"})
         self.stats.batches += 1
         self.stats.landed += len(batch.events) - len(batch.rejected)
         self.stats.last_batch_s = seconds
@@ -428,6 +457,9 @@ class SinkWorker:
         for msg, exc in sent:
             cls = type(exc).__name__
             self.stats.dead_lettered[cls] = self.stats.dead_lettered.get(cls, 0) + 1
+            self._m.dead_lettered.add(
+                1, {"messaging.consumer.group.name": self.group_id, "error.type": cls}
+            )
             log.error(
                 "record %s[%s]@%s sent to %s: %s: %s",
                 msg.topic(),

@@ -1,5 +1,6 @@
-"""``/healthz`` (process alive, loop not stuck) and ``/readyz`` (partitions assigned, broker
-reachable) for Kubernetes probes, on a small background HTTP server."""
+"""``/healthz`` (process alive, loop not stuck), ``/readyz`` (partitions assigned, broker
+reachable) for Kubernetes probes, and ``/metrics`` (Prometheus text format, see
+:mod:`pipeline.telemetry`), on a small background HTTP server."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ class HealthServer:
                 pass
 
             def do_GET(self) -> None:
+                if self.path.split("?")[0] == "/metrics":
+                    from pipeline.telemetry import prometheus_text
+
+                    text = prometheus_text()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
                 check = checks.get(self.path.split("?")[0])
                 if check is None:
                     ok, body = False, {"error": f"no such endpoint {self.path}"}

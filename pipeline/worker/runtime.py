@@ -30,9 +30,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from pipeline import telemetry
 from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import DecodeError, PipelineError
+from pipeline.kafka import headers as h
 from pipeline.kafka.client import admin_config, consumer_config, producer_config
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
@@ -63,6 +65,7 @@ class Work:
     tp: TP
     key: str  # ordering key: original topic + aggregate key
     gen: int  # the partition's assignment generation when the record was consumed
+    trace: Any = None  # the SpanContext of its last ``process`` span (tracing on)
 
 
 @dataclass
@@ -142,6 +145,14 @@ class Worker:
         self._generation = 0
         self._fatal: PipelineError | None = None
         self._busy_tp: collections.Counter[TP] = collections.Counter()
+        self._m = telemetry.metrics()
+        self._attr_cache: dict[tuple[str, str], dict[str, str]] = {}
+        self._consumed: collections.Counter[str] = collections.Counter()
+        self._last_ts: dict[TP, int] = {}  # timestamp (ms) of the last record consumed
+        self._lag: list[tuple[float, dict[str, Any]]] = []
+        self._lag_age: list[tuple[float, dict[str, Any]]] = []
+        self._lag_at = 0.0
+        self._unobserve: list[Callable[[], None]] = []
         self._parked_pending = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -188,6 +199,17 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+        group = {"messaging.consumer.group.name": self.group_id}
+        self._unobserve = [
+            self._m.observe("pipeline.parked_keys", lambda: [(self.ordering.parked, group)]),
+            self._m.observe(
+                "pipeline.breaker.state",
+                lambda: [({"closed": 0, "half-open": 1, "open": 2}.get(self.breaker.state, 2),
+                          group)],
+            ),
+            self._m.observe("pipeline.consumer.lag", lambda: self._lag),
+            self._m.observe("pipeline.consumer.lag_age", lambda: self._lag_age),
+        ]
         if self.cfg.health_port is not None:
             self._health = HealthServer(self.cfg.health_port, self._healthz, self._readyz).start()
             log.info("worker %s health endpoints on port %d", self.name, self._health.port)
@@ -226,6 +248,8 @@ class Worker:
         )
 
     def _close(self) -> None:
+        for remove in self._unobserve:
+            remove()
         if self._health is not None:
             self._health.stop()
         if self._pool is not None:
@@ -294,6 +318,7 @@ class Worker:
         self._producer.poll(0)
         if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
             self._commit(asynchronous=True)
+            self._flush_metrics()
 
     def _ingest(self, msg: Message, now: float) -> None:
         err = msg.error()
@@ -318,6 +343,8 @@ class Worker:
                 self._hold_partition(tp, offset, due_ms / 1000)
                 return
         self.stats.consumed += 1
+        self._consumed[tp[0]] += 1
+        self._last_ts[tp] = msg.timestamp()[1]
         self.offsets[tp].started(offset)
         try:
             event = self._event(msg, tp, offset, raw)
@@ -349,6 +376,21 @@ class Worker:
     def _event(self, msg: Message, tp: TP, offset: int, raw: dict[str, Any]) -> Event:
         assert self._decoder is not None
         return event_of(self._decoder, msg, tp, offset, raw)
+
+    def _flush_metrics(self) -> None:
+        """Counters summed since the last call; lag read from the consumer's cached watermarks
+        (no request to the broker) at most every second."""
+        for topic, n in self._consumed.items():
+            self._m.consumed.add(n, {"messaging.system": "kafka",
+                                     "messaging.consumer.group.name": self.group_id,
+                                     "messaging.destination.name": topic})
+        self._consumed.clear()
+        if time.monotonic() - self._lag_at < 1.0 or self._consumer is None:
+            return
+        self._lag_at = time.monotonic()
+        self._lag, self._lag_age = lag_figures(
+            self._consumer, self.assigned, self._last_ts, self.group_id
+        )
 
     # -- pausing ------------------------------------------------------------------------------
     def _hold_partition(self, tp: TP, offset: int, resume_at: float) -> None:
@@ -481,14 +523,52 @@ class Worker:
         handler = self.dispatch.handler_for(work.event.event_type)
         if handler is None:
             return work, SKIPPED, None
+        ev = work.event
         started = time.perf_counter()
-        try:
-            handler(work.event)
-        except BaseException as exc:
-            return work, FAILED, exc
-        finally:
-            self._pace.observe(time.perf_counter() - started)
-        return work, OK, None
+        outcome, error = OK, None
+        if telemetry.tracing():
+            attrs = self._span_attributes(ev)
+            with telemetry.process_span(ev.topic, ev.traceparent, attrs) as span:
+                try:
+                    handler(ev)
+                except BaseException as exc:
+                    telemetry.fail(span, exc)
+                    outcome, error = FAILED, exc
+                if span is not None:
+                    work.trace = span.get_span_context()
+        else:
+            try:
+                handler(ev)
+            except BaseException as exc:
+                outcome, error = FAILED, exc
+        elapsed = time.perf_counter() - started
+        self._pace.observe(elapsed)
+        self._m.process_duration.record(elapsed, self._process_attrs(ev.topic, outcome))
+        return work, outcome, error
+
+    def _span_attributes(self, ev: Event) -> dict[str, Any]:
+        return {
+            "messaging.consumer.group.name": self.group_id,
+            "messaging.destination.partition.id": str(ev.partition),
+            "messaging.kafka.offset": ev.offset,
+            "messaging.kafka.message.key": ev.aggregate_id,
+            "messaging.message.id": ev.event_id,
+            "erp.event_type": ev.event_type,
+            "erp.aggregate_version": ev.aggregate_version,
+            "erp.attempt": ev.attempt,
+        }
+
+    def _process_attrs(self, topic: str, outcome: str) -> dict[str, str]:
+        key = (topic, outcome)
+        attrs = self._attr_cache.get(key)
+        if attrs is None:
+            attrs = self._attr_cache[key] = {
+                "messaging.system": "kafka",
+                "messaging.consumer.group.name": self.group_id,
+                "messaging.destination.name": topic,
+                "outcome": outcome,
+            }
+        return attrs
 
     # -- outcomes -----------------------------------------------------------------------------
     def _drain_completions(self, timeout: float) -> None:
@@ -523,6 +603,11 @@ class Worker:
                 self.breaker.cancel_probe(time.time())  # no call reached the target
             if outcome == OK:
                 self.stats.applied += 1
+                if ev.occurred_at is not None:
+                    self._m.end_to_end.record(
+                        max(0.0, time.time() - ev.occurred_at.timestamp()),
+                        {"messaging.consumer.group.name": self.group_id},
+                    )
             else:
                 self.stats.skipped += 1
             self.ordering.succeeded(work.key, ev.event_id)
@@ -586,6 +671,9 @@ class Worker:
             self.ordering.retrying(work.key, ev.event_id)
             self._persist_ordering()  # the parked state before the copy: a crash keeps both
             self.stats.retried[route.tier] = self.stats.retried.get(route.tier, 0) + 1
+            self._m.retries.add(
+                1, {"messaging.consumer.group.name": self.group_id, "tier": str(route.tier)}
+            )
             log.warning(
                 "event %s (%s %s v%d) failed (%s: %s); retry %d in %gs",
                 ev.event_id,
@@ -608,6 +696,9 @@ class Worker:
         ev = work.event
         reason = type(exc).__name__ if exc is not None else "BlockedByDeadLetter"
         self.stats.dead_lettered[reason] = self.stats.dead_lettered.get(reason, 0) + 1
+        self._m.dead_lettered.add(
+            1, {"messaging.consumer.group.name": self.group_id, "error.type": reason}
+        )
         self.ordering.dead_lettered(work.key, ev.event_id)
         if blocked_by:
             log.error(
@@ -676,6 +767,15 @@ class Worker:
             blocked_by=blocked_by,
             decode_error=decode_error,
         )
+        if work is not None and work.trace is not None:
+            hop = telemetry.send_span(
+                route.topic,
+                work.trace,
+                {"messaging.message.id": work.event.event_id, "erp.retry_tier": route.tier},
+            )
+            if hop is not None:
+                headers = [(k, v) for k, v in headers if k != h.TRACEPARENT]
+                headers.append((h.TRACEPARENT, hop.encode()))
         self._routing_pending += 1
         self._busy_tp[tp] += 1
         gen = work.gen if work is not None else self._gen.get(tp, 0)
@@ -870,6 +970,32 @@ class Worker:
             "breaker": self.breaker.state,
             "parked_keys": self.ordering.parked,
         }
+
+
+def lag_figures(
+    consumer: Consumer, assigned: set[TP], last_ts: dict[TP, int], group_id: str
+) -> tuple[list[tuple[float, dict[str, Any]]], list[tuple[float, dict[str, Any]]]]:
+    """(records behind the end, age in seconds of the last record consumed while behind) per
+    assigned partition, from the consumer's cached watermarks and positions."""
+    lag: list[tuple[float, dict[str, Any]]] = []
+    age: list[tuple[float, dict[str, Any]]] = []
+    now_ms = time.time() * 1000
+    for tp in list(assigned):
+        try:
+            _lo, hi = consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+            pos = consumer.position([TopicPartition(*tp)])[0].offset
+        except KafkaException:
+            continue
+        if hi < 0 or pos < 0:
+            continue
+        behind = max(0, hi - pos)
+        attrs = {"messaging.consumer.group.name": group_id,
+                 "messaging.destination.name": tp[0],
+                 "messaging.destination.partition.id": str(tp[1])}
+        lag.append((float(behind), attrs))
+        ts = last_ts.get(tp)
+        age.append((max(0.0, (now_ms - ts) / 1000) if behind and ts and ts > 0 else 0.0, attrs))
+    return lag, age
 
 
 class _Pace:
