@@ -233,6 +233,29 @@ class WorkerConfig(_Model):
         return v
 
 
+class StatusConfig(_Model):
+    """Thresholds of `pipeline status`: crossing one makes it exit 1 (for cron and scripts)."""
+
+    max_backlog_rows: int | None = Field(
+        default=None, ge=0, description="outbox rows not yet published (unset = no limit)"
+    )
+    max_backlog_age_s: float | None = Field(
+        default=300.0, ge=0, description="age of the oldest unpublished outbox row"
+    )
+    max_lag_records: int | None = Field(
+        default=None, ge=0, description="records a group is behind, per group (unset = no limit)"
+    )
+    max_lag_s: float | None = Field(
+        default=600.0, ge=0, description="age of the oldest record a group has not consumed"
+    )
+    max_dlq: int | None = Field(
+        default=None, ge=0, description="dead letters in a group's DLQ (unset = no limit)"
+    )
+    require_leader: bool = Field(
+        default=True, description="every relay shard must have a leader with a fresh heartbeat"
+    )
+
+
 class SchemasConfig(_Model):
     path: Path | None = Field(default=None, description="catalogue folder; unset = built in")
 
@@ -263,6 +286,7 @@ class Settings(BaseSettings):
     relay: RelayConfig = Field(default_factory=RelayConfig)
     schemas: SchemasConfig = Field(default_factory=SchemasConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
     workers: dict[str, WorkerConfig] = Field(
         default_factory=dict, description="consumer workers by name (`pipeline worker NAME`)"
     )

@@ -69,11 +69,12 @@ def _register() -> None:
         relay,
         run,
         schemas,
+        status,
         topics,
         worker,
     )
 
-    for mod in (config_cmd, outbox, schemas, topics, relay, worker, bi, dlq, bench, run):
+    for mod in (config_cmd, outbox, schemas, topics, relay, worker, bi, dlq, status, bench, run):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

@@ -129,6 +129,7 @@ class SinkWorker:
         self._dlq_error: str | None = None
         self._stop: threading.Event | None = None
         self._ends: dict[TP, int] = {}  # high watermarks, for run_until_caught_up
+        self._idle_polls = 0
         self._m = telemetry.metrics()
         self._last_ts: dict[TP, int] = {}
         self._lag: list[tuple[float, dict[str, Any]]] = []
@@ -269,6 +270,7 @@ class SinkWorker:
         else:
             self._pause(False)
         msgs = self._consumer.consume(max(1, min(room, 5000)), timeout=0.1)
+        self._idle_polls = 0 if msgs else self._idle_polls + 1
         for msg in msgs:
             self._ingest(msg)
         self._producer.poll(0)
@@ -587,7 +589,9 @@ class SinkWorker:
         return ends
 
     def _caught_up(self) -> bool:
-        if not self.assigned or self.buffered:
+        # fetches have come back empty a few times too (a broker's watermark may lag behind
+        # what it serves: tansu reports a batch's base offset + 1)
+        if not self.assigned or self.buffered or self._idle_polls < 3:
             return False
         assert self._consumer is not None
         for tp, end in self._ends.items():
