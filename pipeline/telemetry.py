@@ -220,6 +220,28 @@ def process_span(topic: str, traceparent: str | None, attributes: Mapping[str, A
         yield span
 
 
+@contextlib.contextmanager
+def batch_span(name: str, traceparents: Iterable[str | None], attributes: Mapping[str, Any],
+               max_links: int = 128) -> Iterator[Span | None]:
+    """A CONSUMER span over a batch write, linked to (up to ``max_links``) events' traces."""
+    if _tracer_provider is None:
+        yield None
+        return
+    links = []
+    for tp in traceparents:
+        ctx = trace.get_current_span(context_of(tp)).get_span_context() if tp else None
+        if ctx is not None and ctx.is_valid:
+            links.append(Link(ctx))
+            if len(links) >= max_links:
+                break
+    with _tracer().start_as_current_span(
+        name, kind=SpanKind.CONSUMER, links=links,
+        attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
+                    **attributes},
+    ) as span:
+        yield span
+
+
 def fail(span: Span | None, exc: BaseException) -> None:
     if span is not None:
         span.record_exception(exc)

@@ -66,9 +66,12 @@ def _echo_json(data: Any) -> None:
 @click.group("dlq")
 def dlq() -> None:
     """Dead-lettered events: ls, show, stats, edit, replay, export."""
+    from pipeline import telemetry
     from pipeline.kafka.client import silence_client_logs
 
     silence_client_logs()
+    if telemetry.traces_configured():  # replays continue the events' traces
+        telemetry.setup("dlq")
 
 
 @dlq.command("ls")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, Producer
 
+from pipeline import telemetry
 from pipeline.dlq.records import (
     REPLAY_ID,
     REPLAY_OF,
@@ -32,6 +33,7 @@ from pipeline.dlq.records import (
 from pipeline.dlq.store import GroupDlq
 from pipeline.errors import BrokerUnavailable
 from pipeline.kafka.client import producer_config
+from pipeline.kafka.headers import TRACEPARENT
 from pipeline.worker import routing
 
 _DROP = {
@@ -172,6 +174,12 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         now_ms = int(time.time() * 1000)
         headers = replay_headers(r, dlq_topic=dlq.topic, replay_id=replay_id, by=by,
                                  now_ms=now_ms)
+        hop = telemetry.send_span(dlq.retry_topic, r.header(TRACEPARENT),
+                                  {"messaging.message.id": r.event_id or "", "erp.replay_id":
+                                   replay_id, "erp.replay_of": str(r.edit_of or r.position)})
+        if hop is not None:  # the event's trace goes on through the replay
+            headers = [(k, v) for k, v in headers if k != TRACEPARENT]
+            headers.append((TRACEPARENT, hop.encode()))
         while True:
             try:
                 producer.produce(dlq.retry_topic, r.value, r.key,

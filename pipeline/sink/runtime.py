@@ -339,7 +339,13 @@ class SinkWorker:
         )
         started = time.perf_counter()
         try:
-            self.target.write(batch, self._dead_letter)
+            with telemetry.batch_span(
+                f"process {self.group_id}", [e.traceparent for e in batch.events],
+                {"messaging.consumer.group.name": self.group_id,
+                 "messaging.batch.message_count": len(batch.events),
+                 "erp.target": self.target.name},
+            ):
+                self.target.write(batch, self._dead_letter)
         except PositionConflict as exc:
             return self._resolve_conflict(batch, exc)
         except TransientError as exc:
