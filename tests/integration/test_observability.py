@@ -196,3 +196,51 @@ def test_metrics_of_the_relay_and_a_worker_after_a_known_workload(
     assert _value(relay_text, "pipeline_relay_leader", shard="0") == 1
     assert _value(relay_text, "pipeline_outbox_backlog") == 0
     assert _value(relay_text, "messaging_client_operation_duration_seconds_count") >= 1
+
+
+def test_a_collector_that_is_down_never_blocks_the_relay(tmp_path, database_url,
+                                                         kafka_bootstrap, topic_prefix):
+    """Tracing on (OTLP endpoint set) with nothing listening there: the relay publishes
+    everything and stops on SIGTERM with exit code 0 in bounded time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.embedded.broker import free_port
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        install(conn, "pipeline")
+    rows = make_events([f"C{i}" for i in range(10)], 2)
+    with psycopg.connect(database_url) as conn:
+        for r in rows:
+            emit(conn, "order", r.aggregate_id, r.event_type, r.payload, event_id=r.event_id)
+        conn.commit()
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"url": database_url}, "kafka": {"bootstrap_servers": kafka_bootstrap},
+        "topics": {"prefix": topic_prefix, "aggregate_types": ["order"]},
+        "relay": {"poll_interval_s": 0.2}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "OTEL_"))}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    log = tmp_path / "relay.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--config", str(config),
+                                 "relay"], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: outbox_count(database_url) == 0, 60, "the relay to publish everything")
+        time.sleep(1.0)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - stopped < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
