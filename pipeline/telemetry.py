@@ -116,7 +116,7 @@ def setup(
         if _meter_provider is not None:
             _meter_provider.shutdown(timeout_millis=1000)
         _meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-        _metrics = Metrics(_meter_provider.get_meter("erp-pipeline"))
+        _metrics = Metrics(_meter_provider.get_meter("erp-pipeline"), _registry)
 
 
 def _exporter(kind: str) -> SpanExporter:
@@ -262,6 +262,30 @@ def client_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Span | Non
 
 # -- metrics ---------------------------------------------------------------------------------
 
+
+class FastHistogram:
+    """A per-event histogram on prometheus_client (``record(value, attributes)`` like OTel's);
+    attribute names become label names with ``.`` → ``_``, missing ones empty."""
+
+    def __init__(self, name: str, doc: str, attributes: tuple[str, ...],
+                 buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        from prometheus_client import Histogram
+
+        self._names = attributes
+        self._h = Histogram(name.removesuffix("_seconds"), doc,
+                            [a.replace(".", "_") for a in attributes], unit="seconds",
+                            buckets=buckets, registry=registry)
+        self._children: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+    def record(self, value: float, attributes: Mapping[str, Any]) -> None:
+        key = tuple(attributes.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._h.labels(
+                *[str(attributes.get(a, "")) for a in self._names])
+        child.observe(value)
+
+
 Gauge = Callable[[], Iterable[tuple[float, Mapping[str, Any]]]]
 
 
@@ -269,7 +293,7 @@ class Metrics:
     """Every instrument, created once per process. Observable gauges read from sources that
     runtimes register (and remove on close) with :meth:`observe`."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, registry: CollectorRegistry) -> None:
         self._sources: dict[str, dict[int, Gauge]] = {}
         m = meter
         self.sent = m.create_counter(
@@ -277,10 +301,14 @@ class Metrics:
             "Records a producer sent and Kafka acknowledged")
         self.consumed = m.create_counter(
             "messaging.client.consumed.messages", "{message}", "Records a consumer received")
-        self.process_duration = m.create_histogram(
-            "messaging.process.duration", "s", "Time a handler (or a batch write) took",
-            explicit_bucket_boundaries_advisory=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                                 0.5, 1, 2.5, 5, 10])
+        # Recorded once per event: prometheus_client's histogram costs ~2 µs an observation
+        # where the OTel SDK's costs ~20 µs (measured here), a fifth of a no-op event's trip.
+        # These two are therefore served on /metrics but not pushed by OTLP.
+        self.process_duration = FastHistogram(
+            "messaging_process_duration_seconds", "Time a handler (or a batch write) took",
+            ("messaging.system", "messaging.consumer.group.name", "messaging.destination.name",
+             "messaging.operation.name", "outcome"),
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry)
         self.operation_duration = m.create_histogram(
             "messaging.client.operation.duration", "s",
             "Time from producing a batch to Kafka's last acknowledgement",
@@ -290,11 +318,11 @@ class Metrics:
             "pipeline.dead_lettered", "{event}", "Events sent to a DLQ, by group and error class")
         self.retries = m.create_counter(
             "pipeline.retries", "{event}", "Events sent to a retry tier, by group and tier")
-        self.end_to_end = m.create_histogram(
-            "pipeline.end_to_end.duration", "s",
+        self.end_to_end = FastHistogram(
+            "pipeline_end_to_end_duration_seconds",
             "From the event's time in the ERP to applied by a worker",
-            explicit_bucket_boundaries_advisory=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                                                 60, 300, 900, 3600])
+            ("messaging.consumer.group.name",),
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600), registry)
         for name, unit, doc in (
             ("pipeline.outbox.backlog", "{row}", "Outbox rows not yet published"),
             ("pipeline.outbox.oldest_age", "s", "Age of the oldest unpublished outbox row"),
