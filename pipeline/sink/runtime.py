@@ -49,7 +49,7 @@ from pipeline.schemas.codec import Decoder
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
 from pipeline.worker import routing
 from pipeline.worker.connector import Event, load_connector
-from pipeline.worker.health import HealthServer
+from pipeline.worker.health import HealthServer, loop_alive
 from pipeline.worker.records import event_of, header_list
 from pipeline.worker.runtime import lag_figures
 
@@ -615,8 +615,7 @@ class SinkWorker:
 
     # -- health -------------------------------------------------------------------------------
     def _healthz(self) -> tuple[bool, dict[str, Any]]:
-        age = time.monotonic() - self._heartbeat
-        return age < 30, {"loop_age_s": round(age, 3)}
+        return loop_alive(self._heartbeat)
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         ok = bool(self.assigned) and self._retry_at <= time.time()

@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def loop_alive(heartbeat: float, max_age_s: float = 30.0) -> tuple[bool, dict[str, Any]]:
+    """``/healthz`` of a loop that stamps ``heartbeat`` (time.monotonic()) on every turn."""
+    age = time.monotonic() - heartbeat
+    return age < max_age_s, {"loop_age_s": round(age, 3)}
 
 
 class HealthServer:

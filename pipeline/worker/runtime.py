@@ -45,7 +45,7 @@ from pipeline.worker import routing
 from pipeline.worker.breaker import CircuitBreaker
 from pipeline.worker.classify import TRANSIENT, classify
 from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
-from pipeline.worker.health import HealthServer
+from pipeline.worker.health import HealthServer, loop_alive
 from pipeline.worker.offsets import PartitionOffsets
 from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
 from pipeline.worker.ratelimit import TokenBucket
@@ -952,8 +952,7 @@ class Worker:
 
     # -- health -------------------------------------------------------------------------------
     def _healthz(self) -> tuple[bool, dict[str, Any]]:
-        age = time.monotonic() - self._heartbeat
-        return age < 30, {"loop_age_s": round(age, 3)}
+        return loop_alive(self._heartbeat)
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         down = self._broker_down_since
