@@ -1,11 +1,10 @@
-"""``pipeline run``: the pipeline on embedded defaults (or the configured servers), with the ERP
-simulator, a live progress line and a verdict at the end."""
+"""``pipeline up``: the whole pipeline in one command (see :mod:`pipeline.up`)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from typing import Any
 
 import click
 
@@ -15,121 +14,274 @@ from pipeline.cli.relay import stop_on_signals
 
 
 @click.command("up")
-@click.option(
-    "--rate",
-    type=float,
-    default=200.0,
-    show_default=True,
-    help="simulated ERP events per second (0 = as fast as possible)",
-)
-@click.option(
-    "--writers", type=int, default=4, show_default=True, help="concurrent simulated ERP writers"
-)
-@click.option(
-    "--duration",
-    type=float,
-    default=None,
-    help="stop after this many seconds [default: until Ctrl-C]",
-)
-@click.option("--no-simulator", is_flag=True, help="relay only: publish what the ERP writes")
+@click.option("--rate", type=float, default=200.0, show_default=True,
+              help="simulated ERP events per second (0 = as fast as possible)")
+@click.option("--writers", type=int, default=4, show_default=True,
+              help="concurrent simulated ERP writers")
+@click.option("--duration", type=float, default=None,
+              help="stop after this many seconds [default: until Ctrl-C]")
+@click.option("--components", default=None,
+              help="comma-separated subset: simulator, relay and worker names "
+                   "[default: all; with a configured database, the simulator only if named]")
+@click.option("--no-simulator", is_flag=True, help="no simulated ERP activity")
+@click.option("--no-faults", is_flag=True,
+              help="embedded reference servers without injected failures")
 @pass_ctx
-def run(
-    ctx: Context, rate: float, writers: int, duration: float | None, no_simulator: bool
-) -> None:
-    """Run the outbox relay with the ERP simulator; Ctrl-C stops and prints a verdict."""
+def run(ctx: Context, rate: float, writers: int, duration: float | None,
+        components: str | None, no_simulator: bool, no_faults: bool) -> None:
+    """Run everything — ERP simulator, relay, WMS/CRM/BI workers (and reference WMS/CRM servers
+    when none are configured) — with a live view; Ctrl-C stops and prints a verdict: events
+    written, published, applied per target, dead-lettered, lost, applied twice, out of order."""
+    from contextlib import ExitStack
+
     import psycopg
 
+    from connectors.crm.server import CrmServer
+    from connectors.wms.server import WmsServer
     from pipeline.db import database_url
     from pipeline.embedded.stack import local_stack
+    from pipeline.errors import PipelineError
+    from pipeline.kafka.client import silence_client_logs
     from pipeline.kafka.topics import ensure_topics
     from pipeline.outbox.migrations import install
-    from pipeline.outbox.status import outbox_status
-    from pipeline.relay.relay import Relay
-    from pipeline.simulator.erp import ErpSimulator, SimulatorConfig
-    from pipeline.verify import verify_topics
+    from pipeline.up import (
+        DEMO_WORKERS,
+        Supervisor,
+        Tracker,
+        demo_workers,
+        parse_components,
+        preflight,
+    )
 
     settings = ctx.settings
-    logs.setup(
-        "run",
-        "WARNING" if settings.log.level == "INFO" else settings.log.level,
-        settings.log.format,
-    )
-    log = logging.getLogger("pipeline.run")
+    # the live view is the output; the components' logs only for errors (or what is asked)
+    logs.setup("up", "ERROR" if settings.log.level in ("INFO", "WARNING") else settings.log.level,
+               settings.log.format)
+    silence_client_logs()
+    log = logging.getLogger("pipeline.up")
+    embedded_db = settings.database.url is None
+    demo = not settings.workers
+    worker_names = list(DEMO_WORKERS) if demo else sorted(settings.workers)
+    chosen = parse_components(components, worker_names,
+                              simulator=(embedded_db and not no_simulator))
+    if no_simulator and "simulator" in chosen:
+        chosen.remove("simulator")
     stop = stop_on_signals()
-    embedded_note = []
-    if settings.database.url is None:
-        embedded_note.append("local PostgreSQL (fresh database; pgserver when none answers)")
+    notes = []
+    if embedded_db:
+        notes.append("local PostgreSQL (fresh database; pgserver when none answers)")
     if not settings.kafka.bootstrap_servers:
-        embedded_note.append("embedded broker")
-    click.echo(f"starting: {', '.join(embedded_note) or 'configured servers'} …")
-    with local_stack(settings, fresh_database=settings.database.url is None) as s:
+        notes.append("embedded broker")
+    click.echo(f"starting {', '.join(chosen)} on {', '.join(notes) or 'the configured servers'} …")
+    with ExitStack() as stack:
+        s = stack.enter_context(local_stack(settings, fresh_database=embedded_db))
+        faults = demo and not no_faults
+        if demo:
+            wms = stack.enter_context(WmsServer(seed=1, error_rate=0.03 if faults else 0.0,
+                                                error_status=503))
+            crm = stack.enter_context(CrmServer(seed=2, error_rate=0.004 if faults else 0.0,
+                                                error_status=422))
+            s = s.model_copy(update={"workers": demo_workers(s, wms.url, crm.url)})
+            click.echo(f"reference WMS {wms.url}, CRM {crm.url}"
+                       + (" (injected: 3 % WMS 503s → retries, 0.4 % CRM 422s → DLQ)"
+                          if faults else ""))
+        problems = preflight(s, chosen)
+        if problems:
+            for p in problems:
+                click.echo(f"error: {p}", err=True)
+            raise SystemExit(1)
         url = database_url(s)
         schema = s.database.schema_name
         with psycopg.connect(url, autocommit=True) as conn:
             install(conn, schema)
         ensure_topics(s, list(s.topics.aggregate_types))
-        click.echo(
-            f"database ready, broker {s.kafka.bootstrap_servers}, topics "
-            f"{s.topics.prefix}.*; Ctrl-C to stop"
-        )
-        relay = Relay(s)
-        relay_stop = threading.Event()
-        relay_thread = threading.Thread(target=relay.run, args=(relay_stop,), name="relay")
-        relay_thread.start()
-        sim = None
-        sim_stop = threading.Event()
-        sim_thread = None
-        if not no_simulator:
-            sim = ErpSimulator(url, schema, SimulatorConfig(writers=writers, rate=rate))
-            sim_thread = threading.Thread(
-                target=sim.run, args=(sim_stop,), name="simulator", daemon=True
-            )
-            sim_thread.start()
+        click.echo(f"ready: database {'embedded' if embedded_db else 'configured'}, broker "
+                   f"{s.kafka.bootstrap_servers}, topics {s.topics.prefix}.*; Ctrl-C to stop")
+        sup = Supervisor()
+        trackers: dict[str, Tracker] = {}
+        runners: dict[str, Any] = {}
+        sim = relay = None
+        if "relay" in chosen:
+            from pipeline.relay.relay import Relay
+
+            relay = Relay(s)
+            sup.start("relay", relay.run)
+        for name in [c for c in chosen if c in s.workers]:
+            runners[name] = _worker(s, name, trackers)
+            sup.start(name, runners[name].run)
+        if "simulator" in chosen:
+            from pipeline.simulator.erp import ErpSimulator, SimulatorConfig
+
+            sim = ErpSimulator(url, schema, SimulatorConfig(writers=writers, rate=rate,
+                                                            keep_ledger=True))
+            sup.start("simulator", sim.run)
         started = time.monotonic()
-        last_pub, last_t = 0, started
-        with psycopg.connect(url, autocommit=True) as conn:
-            while not stop.wait(2.0):
-                now = time.monotonic()
-                st = outbox_status(conn, schema)
-                pub = relay.stats.published
-                click.echo(
-                    f"[{now - started:6.0f}s] written {sim.stats.written if sim else '-':>7} "
-                    f"published {pub:>7} ({(pub - last_pub) / (now - last_t):7.0f}/s) "
-                    f"backlog {st.backlog_rows:>5} dead-lettered {relay.stats.dead_lettered} "
-                    f"{'leader' if relay.is_leader else 'standby'}"
-                )
-                last_pub, last_t = pub, now
-                if duration is not None and now - started >= duration:
-                    break
-            sim_stop.set()
-            if sim_thread is not None:
-                sim_thread.join(10)  # the last transactions commit before the backlog check
-            click.echo("stopping: waiting for the relay to publish the backlog …")
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and outbox_status(conn, schema).backlog_rows:
-                time.sleep(0.2)
-            relay_stop.set()
-            relay_thread.join(60)
-            backlog = outbox_status(conn, schema).backlog_rows
-        written = sim.stats.written if sim else None
-        report = verify_topics(s, written_ids=None)
-        click.echo("")
-        click.echo("summary")
-        click.echo(f"  events written (committed)   {written if written is not None else '-'}")
-        click.echo(f"  rolled back (never sent)     {sim.stats.rolled_back if sim else '-'}")
-        click.echo(f"  published                    {relay.stats.published}")
-        click.echo(f"  dead-lettered (outbox DLQ)   {relay.stats.dead_lettered}")
-        click.echo(f"  still in outbox              {backlog}")
-        click.echo(f"  in Kafka                     {report.records}")
-        click.echo(f"  duplicates in Kafka          {report.duplicates}")
-        click.echo(f"  order violations             {report.order_violations}")
-        lost = None if written is None else written - report.records - backlog
-        click.echo(f"  lost                         {lost if lost is not None else '-'}")
-        ok = report.duplicates == 0 and report.order_violations == 0 and not lost
-        click.echo(f"verdict: {'OK' if ok else 'FAILED'}")
-        log.debug("run finished")
+        view = _LiveView(s, sim, relay, runners, trackers, url, schema)
+        while not stop.wait(2.0):
+            click.echo(view.line(time.monotonic() - started))
+            for name in sup.dead():
+                click.echo(f"! {name} stopped: {sup.errors.get(name)!r}", err=True)
+                sup.threads[name][1].set()
+            if duration is not None and time.monotonic() - started >= duration:
+                break
+        click.echo("stopping: the simulator first, then draining the relay and the workers …")
+        sup.stop("simulator", 15)
+        view.drain(timeout_s=45)
+        for name in [*runners, "relay"]:
+            sup.stop(name, 60)
+        try:
+            ok = view.verdict(click.echo, sup.errors)
+        except PipelineError as exc:
+            log.error("could not verify: %s", exc)
+            ok = False
         if not ok:
             raise SystemExit(1)
+
+
+def _worker(s: Any, name: str, trackers: dict[str, Any]) -> Any:
+    from pipeline.sink import is_batch_target
+    from pipeline.sink.runtime import SinkWorker
+    from pipeline.up import Tracker
+    from pipeline.worker.connector import load_connector
+    from pipeline.worker.runtime import Worker
+
+    wc = s.workers[name]
+    obj = load_connector(wc.connector, wc.options)
+    if is_batch_target(obj):
+        return SinkWorker(s, name, obj)  # type: ignore[arg-type]
+    trackers[name] = Tracker(name)
+    return Worker(s, name, obj, observer=trackers[name].observe)
+
+
+class _LiveView:
+    def __init__(self, s: Any, sim: Any, relay: Any, runners: dict[str, Any],
+                 trackers: dict[str, Any], url: str, schema: str) -> None:
+        self.s, self.sim, self.relay = s, sim, relay
+        self.runners, self.trackers = runners, trackers
+        self.url, self.schema = url, schema
+        self.last: dict[str, tuple[float, int]] = {}
+
+    def _rate(self, key: str, value: int) -> float:
+        now = time.monotonic()
+        t0, v0 = self.last.get(key, (now, value))
+        self.last[key] = (now, value)
+        return (value - v0) / (now - t0) if now > t0 else 0.0
+
+    def _done(self, name: str) -> int:
+        r = self.runners[name]
+        if name in self.trackers:
+            return int(self.trackers[name].handled + r.stats.dead_lettered_total)
+        return int(r.stats.landed + r.stats.dead_lettered_total)
+
+    def line(self, elapsed: float) -> str:
+        from pipeline.up import percentile
+
+        parts = [f"[{elapsed:5.0f}s]"]
+        if self.sim is not None:
+            parts.append(f"written {self.sim.stats.written}")
+        if self.relay is not None:
+            pub = self.relay.stats.published
+            parts.append(f"published {pub} ({self._rate('relay', pub):.0f}/s)")
+        for name, r in self.runners.items():
+            lag = int(sum(v for v, _a in getattr(r, "_lag", [])))
+            retried = sum(getattr(r.stats, "retried", {}).values())
+            parts.append(f"| {name} {self._done(name)} lag {lag} retry {retried} "
+                         f"dlq {r.stats.dead_lettered_total}")
+        lat = [x for t in self.trackers.values() for x in list(t.latencies)]
+        p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+        if p50 is not None and p99 is not None:
+            parts.append(f"| latency p50 {p50 * 1000:.0f}ms p99 {p99 * 1000:.0f}ms")
+        return " ".join(parts)
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait until the relay published the backlog and every worker handled every written
+        event (applied, skipped or dead-lettered), or ``timeout_s``."""
+        import psycopg
+
+        from pipeline.outbox.status import outbox_status
+
+        written = self.sim.stats.written if self.sim is not None else None
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                backlog = outbox_status(conn, self.schema).backlog_rows
+                behind = [n for n in self.runners
+                          if written is not None and self._done(n) < written]
+                if backlog == 0 and not behind:
+                    return
+                time.sleep(0.5)
+
+    def verdict(self, echo: Any, errors: dict[str, BaseException]) -> bool:
+        import psycopg
+
+        from pipeline.outbox.status import outbox_status
+        from pipeline.verify import verify_topics
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            backlog = outbox_status(conn, self.schema).backlog_rows
+        ledger = set(self.sim.stats.ledger) if self.sim is not None else None
+        written = len(ledger) if ledger is not None else None
+        report = verify_topics(self.s)
+        rows: list[tuple[str, Any]] = [
+            ("events written (committed)", written if written is not None else "-"),
+            ("rolled back (never sent)", self.sim.stats.rolled_back if self.sim else "-"),
+        ]
+        ok = report.duplicates == 0 and report.order_violations == 0
+        if self.relay is not None:
+            lost = None if written is None else written - report.records - backlog
+            ok = ok and not lost
+            rows += [("published", self.relay.stats.published),
+                     ("dead lettered by the relay", self.relay.stats.dead_lettered),
+                     ("still in outbox", backlog), ("in Kafka", report.records),
+                     ("duplicates in Kafka", report.duplicates),
+                     ("order violations", report.order_violations),
+                     ("lost", lost if lost is not None else "-")]
+        for name, r in self.runners.items():
+            dlq = r.stats.dead_lettered_total
+            if name in self.trackers:
+                t = self.trackers[name]
+                seen = set(t.applied) | t.skipped
+                missing = len(ledger - seen) if ledger is not None else 0
+                t_lost: int | str = max(0, missing - dlq) if ledger is not None else "-"
+                rows += [(f"{name} applied", len(t.applied)), (f"{name} skipped", len(t.skipped)),
+                         (f"{name} retried", sum(r.stats.retried.values())),
+                         (f"{name} dead lettered", dlq), (f"{name} applied twice", t.twice),
+                         (f"{name} order violations", t.order_violations),
+                         (f"{name} lost", t_lost)]
+                ok = ok and t.twice == 0 and t.order_violations == 0 and t_lost in (0, "-")
+            else:
+                landed, dupes, missing = self._bi_counts(r, ledger)
+                b_lost: int | str = max(0, missing - dlq) if ledger is not None else "-"
+                rows += [(f"{name} landed", landed), (f"{name} dead lettered", dlq),
+                         (f"{name} landed twice", dupes), (f"{name} lost", b_lost)]
+                ok = ok and dupes == 0 and b_lost in (0, "-")
+        ok = ok and not errors
+        echo("")
+        echo("summary")
+        for key, value in rows:
+            echo(f"  {key:<30} {value}")
+        for name, exc in errors.items():
+            echo(f"  ! {name} failed: {exc!r}")
+        for example in report.examples:
+            echo(f"  ! {example}")
+        echo(f"verdict: {'OK' if ok else 'FAILED'}")
+        return ok
+
+    def _bi_counts(self, r: Any, ledger: set[str] | None) -> tuple[int, int, int]:
+        import psycopg
+        from psycopg import sql
+
+        schema = getattr(r.target, "schema", "bi")
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                ids = [row[0] for row in conn.execute(
+                    sql.SQL("SELECT event_id FROM {}").format(sql.Identifier(schema, "events"))
+                ).fetchall()]
+        except psycopg.Error:
+            return 0, 0, len(ledger or ())
+        landed = set(ids)
+        missing = len(ledger - landed) if ledger is not None else 0
+        return len(landed), len(ids) - len(landed), missing
 
 
 COMMANDS = [run]

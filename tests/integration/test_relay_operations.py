@@ -155,14 +155,28 @@ def test_pipeline_up_runs_embedded_and_reports_a_clean_verdict(tmp_path: Path,
     # Broker: the session's (or KAFKA_BOOTSTRAP); database: embedded/local, chosen by `up`.
     proc = _up(tmp_path, {"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
                           "PIPELINE_TOPICS__PREFIX": f"up{os.getpid()}"},
-               "--duration", "6", "--rate", "300")
-    out, _ = proc.communicate(timeout=120)
+               "--duration", "8", "--rate", "300")
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     v = _verdict(out)
-    assert int(v["events written (committed)"]) > 500, out
+    written = int(v["events written (committed)"])
+    assert written > 500, out
     assert v["lost"] == "0" and v["duplicates in Kafka"] == "0", out
     assert v["order violations"] == "0", out
-    assert int(v["in Kafka"]) == int(v["events written (committed)"]), out
+    assert int(v["in Kafka"]) == written, out
+    # the three workers against the reference servers and the BI tables
+    for target in ("wms", "crm"):
+        assert v[f"{target} lost"] == "0" and v[f"{target} applied twice"] == "0", out
+        assert v[f"{target} order violations"] == "0", out
+        assert int(v[f"{target} applied"]) > 0, out
+        handled = sum(int(v[f"{target} {k}"]) for k in ("applied", "skipped", "dead lettered"))
+        assert handled >= written, out
+    assert v["bi lost"] == "0" and v["bi landed twice"] == "0", out
+    assert int(v["bi landed"]) + int(v["bi dead lettered"]) == written, out
+    # the injected failures were exercised: retries (WMS 503s, early events) and the DLQ
+    # (the reference CRM's seeded 422s: its first is its 345th request)
+    assert int(v["wms retried"]) + int(v["crm retried"]) > 0, out
+    assert int(v["wms dead lettered"]) + int(v["crm dead lettered"]) > 0, out
     assert "verdict: OK" in out
 
 
@@ -179,10 +193,41 @@ def test_pipeline_up_stops_cleanly_on_sigint(tmp_path: Path, kafka_bootstrap: st
         if "published" in line and "written" in line:
             break
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=90)
+    out, _ = proc.communicate(timeout=150)
     out = seen + out
     assert proc.returncode == 0, out
     assert "verdict: OK" in out, out
+
+
+@pytest.mark.slow
+def test_pipeline_up_runs_a_subset_of_components(tmp_path: Path, kafka_bootstrap: str):
+    proc = _up(tmp_path, {"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+                          "PIPELINE_TOPICS__PREFIX": f"upsub{os.getpid()}"},
+               "--components", "simulator,relay,bi", "--duration", "4", "--rate", "200")
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out
+    v = _verdict(out)
+    assert "wms applied" not in v and "crm applied" not in v, out
+    assert v["bi lost"] == "0" and int(v["bi landed"]) == int(v["events written (committed)"])
+
+
+def test_pipeline_up_names_every_unreachable_dependency(tmp_path: Path):
+    from pipeline.embedded.broker import free_port
+
+    proc = _up(tmp_path, {"PIPELINE_DATABASE__URL": "postgresql://postgres@127.0.0.1:1/erp",
+                          "PIPELINE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"},
+               "--duration", "1")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert any("database postgresql://postgres@127.0.0.1:1/erp unreachable" in e
+               for e in errors), out
+    assert any("Kafka at 127.0.0.1:" in e and "unreachable" in e for e in errors), out
+    assert "verdict" not in out
+    r = subprocess.run([sys.executable, "-m", "pipeline", "up", "--components", "relay,nope"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")})
+    assert r.returncode == 2 and "--components: unknown nope" in r.stderr
 
 
 def test_read_back_reaches_back_to_the_previous_leaders_last_activity(settings: Settings):
