@@ -8,6 +8,7 @@ or bootstrap server means "embedded": ``make run`` and the tests start a local s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -372,29 +373,41 @@ def load_config(path: Path | None = None, *, overrides: dict[str, Any] | None = 
         raise ConfigError(format_validation_error(exc, origin)) from exc
 
 
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|api_?key|authorization)")
+
+
 def masked_dump(settings: Settings) -> dict[str, Any]:
-    """The resolved configuration as plain data, secrets shown as ``**********``."""
+    """The resolved configuration as plain data, secrets shown as ``**********``: SecretStr
+    fields, passwords inside URLs, and connector options whose name says secret (``password``,
+    ``token``, ``bearer_token``, ``api_key`` …)."""
     dumped: dict[str, Any] = settings.model_dump(mode="json")
-    # SecretStr dumps as '**********' already in json mode; URLs may embed passwords.
     url = settings.database.url
     dumped["database"]["url"] = mask_url(url.get_secret_value()) if url else None
+    for worker in dumped.get("workers", {}).values():
+        worker["options"] = _mask_options(worker.get("options") or {})
     return dumped
 
 
-def mask_url(url: str) -> str:
-    """A libpq URL or key=value string with its password (user info or parameter) masked."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        password = conninfo_to_dict(url).get("password")
-    except Exception:
+def _mask_options(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_options(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_options(v, key) for v in value]
+    if value is not None and _SECRET_KEY.search(key):
         return "**********"
-    if password:
-        from urllib.parse import quote
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
 
-        for form in {str(password), quote(str(password), safe="")}:
-            url = url.replace(form, "**********")
-    return url
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*:)([^@/?#]*)(@)")
+_PARAM_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
+
+
+def mask_url(url: str) -> str:
+    """A URL or libpq key=value string with its password (user info or parameter) masked."""
+    url = _URL_PASSWORD.sub(r"\1**********\3", url, count=1)
+    return _PARAM_PASSWORD.sub(r"\1**********", url)
 
 
 def _is_section(ann: Any) -> bool:

@@ -305,3 +305,29 @@ def test_masked_dump_hides_password_given_as_url_query_parameter() -> None:
         overrides={"database": {"url": "postgresql://erp@db:5432/erp?password=qp-s3cret"}}
     )
     assert "qp-s3cret" not in repr(masked_dump(s))
+
+
+def test_masking_a_short_password_masks_only_the_password():
+    from pipeline.config import mask_url
+
+    assert mask_url("postgresql://u:p@h/db") == "postgresql://u:**********@h/db"
+    assert mask_url("postgres://u@h/db?password=p&x=1") == "postgres://u@h/db?password=**********&x=1"
+    assert mask_url("host=h password='a b' user=u") == "host=h password=********** user=u"
+    assert mask_url("postgresql://h/db") == "postgresql://h/db"
+
+
+def test_connector_options_that_hold_secrets_are_masked(tmp_path):
+    from pipeline.config import load_config, masked_dump
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(
+        "workers:\n  wms:\n    connector: connectors.wms.connector:WmsConnector\n"
+        "    options:\n      base_url: https://user:hunter2@wms.example.com/api\n"
+        "      bearer_token: tok-123\n      headers: {Authorization: Basic abc, X-Team: ops}\n"
+        "      timeout_s: 5\n")
+    opts = masked_dump(load_config(cfg))["workers"]["wms"]["options"]
+    assert opts["base_url"] == "https://user:**********@wms.example.com/api"
+    assert opts["bearer_token"] == "**********"
+    assert opts["headers"] == {"Authorization": "**********", "X-Team": "ops"}
+    assert opts["timeout_s"] == 5
+    assert "hunter2" not in str(opts) and "tok-123" not in str(opts)
