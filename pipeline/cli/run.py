@@ -60,8 +60,12 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
     silence_client_logs()
     log = logging.getLogger("pipeline.up")
     embedded_db = settings.database.url is None
-    demo = not settings.workers
+    # no workers configured on embedded servers: the demo workers and their reference targets;
+    # with a configured database and cluster nothing embedded starts
+    demo = not settings.workers and (embedded_db or not settings.kafka.bootstrap_servers)
     worker_names = list(DEMO_WORKERS) if demo else sorted(settings.workers)
+    if not demo and not settings.workers:
+        click.echo("no workers configured (workers.NAME.connector): running the relay only")
     chosen = parse_components(components, worker_names,
                               simulator=(embedded_db and not no_simulator))
     if no_simulator and "simulator" in chosen:
