@@ -17,7 +17,6 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.dlq.records import from_message
-from pipeline.errors import PipelineError
 from pipeline.kafka.client import consumer_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
 from pipeline.worker import routing
@@ -100,19 +99,16 @@ def _outbox(settings: Settings, sample_s: float) -> tuple[dict[str, Any] | None,
     from pipeline.outbox.status import outbox_status
 
     schema = settings.database.schema_name
-    try:
-        with connect(settings) as conn:
-            first = outbox_status(conn, schema)
-            rate = None
-            if sample_s > 0 and first.installed_version is not None:
-                time.sleep(sample_s)
-                second = outbox_status(conn, schema)
-                done = sum(s.published for s in second.shards) - sum(
-                    s.published for s in first.shards)
-                rate = max(0.0, done / sample_s)
-                first = second
-    except PipelineError:
-        raise
+    with connect(settings) as conn:
+        first = outbox_status(conn, schema)
+        rate = None
+        if sample_s > 0 and first.installed_version is not None:
+            time.sleep(sample_s)
+            second = outbox_status(conn, schema)
+            done = sum(s.published for s in second.shards) - sum(
+                s.published for s in first.shards)
+            rate = max(0.0, done / sample_s)
+            first = second
     return first.as_json(), rate
 
 
@@ -156,10 +152,9 @@ def _lag(settings: Settings, group_id: str, md: Any, topics: list[str]
                 behind.append(TopicPartition(tp.topic, tp.partition, max(start, lo)))
                 records, age = out[tp.topic]
                 out[tp.topic] = (records + n, age)
-        for topic, partition, ts in _first_timestamps(settings, behind):
+        for topic, ts in _first_timestamps(settings, behind):
             records, age = out[topic]
             out[topic] = (records, max(age, time.time() - ts / 1000))
-            del partition
     except KafkaException as exc:
         raise wrap_kafka_error(exc, f"reading the offsets of group {group_id}") from exc
     finally:
@@ -168,8 +163,8 @@ def _lag(settings: Settings, group_id: str, md: Any, topics: list[str]
 
 
 def _first_timestamps(settings: Settings, parts: list[TopicPartition]
-                      ) -> list[tuple[str, int, int]]:
-    """(topic, partition, timestamp ms) of the record at each given offset."""
+                      ) -> list[tuple[str, int]]:
+    """(topic, timestamp ms) of the record at each given offset."""
     if not parts:
         return []
     c = Consumer(consumer_config(settings, f"pipeline-status-{uuid.uuid4().hex[:8]}"))
@@ -183,7 +178,7 @@ def _first_timestamps(settings: Settings, parts: list[TopicPartition]
                 key = (str(m.topic()), int(m.partition() or 0))
                 if m.error() is None and key in want:
                     want.discard(key)
-                    out.append((key[0], key[1], int(m.timestamp()[1])))
+                    out.append((key[0], int(m.timestamp()[1])))
                     c.pause([TopicPartition(*key)])
     finally:
         c.close()

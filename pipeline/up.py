@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.config import Settings, WorkerConfig
@@ -127,7 +126,7 @@ def preflight(settings: Settings, components: list[str]) -> list[str]:
     from pipeline.kafka.client import admin_config
 
     try:
-        AdminClient({**admin_config(settings), "logger": _quiet()}).list_topics(timeout=5)
+        AdminClient(admin_config(settings)).list_topics(timeout=5)
     except ConfigError as exc:
         problems.append(str(exc))
     except KafkaException:
@@ -160,15 +159,6 @@ def _reachable(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def _quiet() -> Any:
-    import logging
-
-    q = logging.getLogger("pipeline.up.preflight")
-    q.setLevel(logging.CRITICAL + 1)
-    q.propagate = False
-    return q
 
 
 class Supervisor:

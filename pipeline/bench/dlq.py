@@ -31,7 +31,7 @@ from pipeline.dlq import replay as rp
 from pipeline.dlq.records import Filter, select, table
 from pipeline.dlq.store import GroupDlq
 from pipeline.embedded.stack import local_stack
-from pipeline.kafka.client import admin_config, producer_config
+from pipeline.kafka.client import admin_config, produce, producer_config
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from pipeline.relay.envelope import OutboxRow, Record, build_record
 from pipeline.schemas.catalogue import Catalogue
@@ -74,12 +74,7 @@ def _produce(s: Settings, topic: str, records: list[Any]) -> float:
     p = Producer(producer_config(s, **{"linger.ms": 20}))
     started = time.monotonic()
     for value, key, headers in records:
-        while True:
-            try:
-                p.produce(topic, value, key, headers=headers)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce(p, topic, value, key, headers=headers)
     if p.flush(120):
         raise RuntimeError(f"benchmark records to {topic} were not all acknowledged")
     return len(records) / (time.monotonic() - started)

@@ -24,7 +24,7 @@ from pipeline.bench import scoped
 from pipeline.config import Settings, WorkerConfig
 from pipeline.embedded.stack import local_stack
 from pipeline.errors import TransientError
-from pipeline.kafka.client import consumer_config, producer_config
+from pipeline.kafka.client import consumer_config, produce, producer_config
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from pipeline.relay.envelope import OutboxRow, Record, build_record
 from pipeline.schemas.catalogue import Catalogue
@@ -106,12 +106,7 @@ def _publish(
             max_payload_bytes=1 << 24,
         )
         assert isinstance(rec, Record)
-        while True:
-            try:
-                p.produce(topic, rec.value, rec.key, headers=rec.headers)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce(p, topic, rec.value, rec.key, headers=rec.headers)
         ids.append(row.event_id)
     if p.flush(60):
         raise RuntimeError("benchmark records were not all acknowledged")

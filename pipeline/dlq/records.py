@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import struct
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,10 +314,6 @@ def stats(records: Sequence[DlqRecord], by: str) -> list[dict[str, Any]]:
                     "oldest": min(r.when for r in rs).isoformat(),
                     "newest": max(r.when for r in rs).isoformat()})
     return out
-
-
-def counts_by(records: Iterable[DlqRecord], attr: str) -> Counter[str]:
-    return Counter(str(getattr(r, attr)) for r in records)
 
 
 def from_message(msg: Any) -> DlqRecord:

@@ -32,7 +32,7 @@ from pipeline.dlq.records import (
 )
 from pipeline.dlq.store import GroupDlq
 from pipeline.errors import BrokerUnavailable
-from pipeline.kafka.client import producer_config
+from pipeline.kafka.client import produce, producer_config
 from pipeline.kafka.headers import TRACEPARENT
 from pipeline.worker import routing
 
@@ -180,14 +180,8 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         if hop is not None:  # the event's trace goes on through the replay
             headers = [(k, v) for k, v in headers if k != TRACEPARENT]
             headers.append((TRACEPARENT, hop.encode()))
-        while True:
-            try:
-                producer.produce(dlq.retry_topic, r.value, r.key,
-                                 headers=headers,  # type: ignore[arg-type]
-                                 on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
+                on_delivery=delivered)
         producer.poll(0)
         if progress is not None:
             progress(1)

@@ -56,9 +56,8 @@ class GroupDlq:
         prefix = settings.topics.prefix
         self.topic = f"{prefix}.{group}{_SUFFIX}"
         self.replays_topic = f"{prefix}.{group}.dlq-replays"
-        wc = settings.workers.get(group)
-        delays = wc.retry_delays_s if wc is not None else [1.0]
-        self.retry_topic = routing.Tiers(prefix, group, delays).retry_topic(1)
+        # a replay goes to the first tier, whatever the group's delays
+        self.retry_topic = routing.Tiers(prefix, group, [1.0]).retry_topic(1)
         names = topic_names(settings) if topics is None else topics
         if self.topic not in names:
             known = ", ".join(dlq_groups(settings, names)) or "none yet"

@@ -89,6 +89,25 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
     return conf
 
 
+def produce(
+    producer: Any,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    *,
+    headers: Any = None,
+    on_delivery: Any = None,
+) -> None:
+    """``producer.produce`` that waits (serving delivery reports) while the local queue is
+    full, instead of raising BufferError."""
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def admin_config(settings: Settings) -> dict[str, Any]:
     return common_config(settings)
 

@@ -22,7 +22,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,26 +32,20 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
 from pipeline import telemetry
-from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, PipelineError, TransientError
-from pipeline.kafka.client import admin_config, consumer_config, producer_config
+from pipeline.kafka.client import admin_config, consumer_config, produce
 from pipeline.kafka.topics import TopicSpec, apply_topics
-from pipeline.relay.relay import _registry
-from pipeline.schemas.catalogue import Catalogue
-from pipeline.schemas.codec import Decoder
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
 from pipeline.worker import routing
 from pipeline.worker.connector import Event, load_connector
-from pipeline.worker.health import HealthServer, loop_alive
+from pipeline.worker.group import GroupRuntime
 from pipeline.worker.records import event_of, header_list
-from pipeline.worker.runtime import lag_figures
 
 log = logging.getLogger("pipeline.sink")
 
@@ -83,7 +77,7 @@ class _Partition:
     next: int | None = None  # offset after the last buffered record
 
 
-class SinkWorker:
+class SinkWorker(GroupRuntime):
     """Runs one batch target. ``run(stop)`` returns after a graceful stop; ``run_until_caught_up``
     stops once every assigned partition reached its end (a backfill)."""
 
@@ -95,15 +89,10 @@ class SinkWorker:
         *,
         config: WorkerConfig | None = None,
     ) -> None:
-        wc = config or settings.worker_config(name, given=target is not None)
-        self.settings = settings
-        self.name = name
-        self.cfg = wc
-        self.group = wc.group or name
-        self.group_id = f"{settings.topics.prefix}.{self.group}"
+        super().__init__(settings, name, config, given=target is not None)
+        wc = self.cfg
         tiers = routing.Tiers(settings.topics.prefix, self.group, [1.0])
         self.dlq_topic = tiers.dlq_topic
-        self.main_topics = settings.event_topics(wc)
         # `pipeline dlq replay` sends corrected or retried dead letters here; landed like the rest
         self.replay_topic = tiers.retry_topic(1)
         self.topics = [*self.main_topics, self.replay_topic]
@@ -111,31 +100,17 @@ class SinkWorker:
         if not isinstance(obj, BatchTarget):
             raise ConfigError(f"{wc.connector} is not a batch target (open/positions/write/reset)")
         self.target: BatchTarget = obj
-        self.catalogue = Catalogue.load(settings.schemas.path)
         self.stats = SinkStats()
         self.parts: dict[TP, _Partition] = {}
-        self.assigned: set[TP] = set()
         self.buffered = 0
         self._oldest: float | None = None  # monotonic time the buffer got its first record
         self._retry_at = 0.0
         self._backoff = 0.0
         self._paused = False
-        self._heartbeat = time.monotonic()
-        self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
-        self._claims: ClaimStore | None = None
-        self._decoder: Decoder | None = None
-        self._health: HealthServer | None = None
         self._dlq_error: str | None = None
         self._stop: threading.Event | None = None
         self._ends: dict[TP, int] = {}  # high watermarks, for run_until_caught_up
         self._idle_polls = 0
-        self._m = telemetry.metrics()
-        self._last_ts: dict[TP, int] = {}
-        self._lag: list[tuple[float, dict[str, Any]]] = []
-        self._lag_age: list[tuple[float, dict[str, Any]]] = []
-        self._lag_at = 0.0
-        self._unobserve: list[Callable[[], None]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -168,14 +143,7 @@ class SinkWorker:
 
     def _start(self) -> None:
         self._ensure_topics()
-        self._producer = Producer(
-            producer_config(
-                self.settings,
-                **{"error_cb": lambda err: log.warning("kafka producer: %s", err.str())},
-            )
-        )
-        self._claims = claim_store(self.settings) if self.settings.database.url else None
-        self._decoder = Decoder(self.catalogue, _registry(self.settings), self._claims)
+        self._open_clients()
         self.target.open(self.settings, self.group_id)
         self._consumer = Consumer(
             consumer_config(
@@ -197,12 +165,7 @@ class SinkWorker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        self._unobserve = [
-            self._m.observe("pipeline.consumer.lag", lambda: self._lag),
-            self._m.observe("pipeline.consumer.lag_age", lambda: self._lag_age),
-        ]
-        if self.cfg.health_port is not None:
-            self._health = HealthServer(self.cfg.health_port, self._healthz, self._readyz).start()
+        self._start_health(self._readyz)
         log.info(
             "sink %s started: group %s, target %s, topics %s, batches of %d events or %gs",
             self.name,
@@ -212,10 +175,6 @@ class SinkWorker:
             self.cfg.batch_size,
             self.cfg.batch_max_wait_s,
         )
-
-    @property
-    def health_port(self) -> int | None:
-        return self._health.port if self._health else None
 
     def _ensure_topics(self) -> None:
         t = self.settings.topics
@@ -247,17 +206,7 @@ class SinkWorker:
         self.parts.clear()
 
     def _close(self) -> None:
-        for remove in self._unobserve:
-            remove()
-        if self._health is not None:
-            self._health.stop()
-        if self._producer is not None:
-            self._producer.flush(10)
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
-        if self._claims is not None:
-            self._claims.close()
+        self._close_clients()
         self.target.close()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -280,11 +229,7 @@ class SinkWorker:
         )
         if due and time.time() >= self._retry_at:
             self._flush()
-        if now - self._lag_at >= 1.0:
-            self._lag_at = now
-            self._lag, self._lag_age = lag_figures(
-                self._consumer, self.assigned, self._last_ts, self.group_id
-            )
+        self._refresh_lag()
 
     def _pause(self, paused: bool) -> None:
         if paused == self._paused or self._consumer is None:
@@ -333,7 +278,7 @@ class SinkWorker:
             return True
         batch = Batch(
             events=[e for p in self.parts.values() for e, _m in p.events],
-            positions={tp: (exp, new) for tp, (exp, new) in positions.items() if new is not None},
+            positions=positions,
             consumer=self.group_id,
             undecodable=sum(len(p.bad) for p in self.parts.values()),
         )
@@ -500,18 +445,8 @@ class SinkWorker:
             if err is not None:
                 self._dlq_error = err.str()
 
-        while True:
-            try:
-                self._producer.produce(
-                    self.dlq_topic,
-                    msg.value(),
-                    msg.key(),
-                    headers=headers,  # type: ignore[arg-type]
-                    on_delivery=delivered,
-                )
-                return
-            except BufferError:
-                self._producer.poll(0.05)
+        produce(self._producer, self.dlq_topic, msg.value(), msg.key(), headers=headers,
+                on_delivery=delivered)
 
     # -- assignment -----------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
@@ -614,9 +549,6 @@ class SinkWorker:
         return True
 
     # -- health -------------------------------------------------------------------------------
-    def _healthz(self) -> tuple[bool, dict[str, Any]]:
-        return loop_alive(self._heartbeat)
-
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         ok = bool(self.assigned) and self._retry_at <= time.time()
         return ok, {

@@ -27,25 +27,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline import telemetry
-from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import DecodeError, PipelineError
 from pipeline.kafka import headers as h
-from pipeline.kafka.client import admin_config, consumer_config, producer_config
+from pipeline.kafka.client import admin_config, consumer_config, produce
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
-from pipeline.relay.relay import _registry
-from pipeline.schemas.catalogue import Catalogue
-from pipeline.schemas.codec import Decoder
 from pipeline.worker import routing
 from pipeline.worker.breaker import CircuitBreaker
 from pipeline.worker.classify import TRANSIENT, classify
 from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
-from pipeline.worker.health import HealthServer, loop_alive
+from pipeline.worker.group import GroupRuntime
 from pipeline.worker.offsets import PartitionOffsets
 from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
 from pipeline.worker.ratelimit import TokenBucket
@@ -88,7 +84,7 @@ class WorkerStats:
 Observer = Callable[[Event, str], None]
 
 
-class Worker:
+class Worker(GroupRuntime):
     """Runs one connector. ``run(stop)`` returns when ``stop`` is set (after a graceful stop)."""
 
     def __init__(
@@ -100,20 +96,14 @@ class Worker:
         config: WorkerConfig | None = None,
         observer: Observer | None = None,
     ) -> None:
-        wc = config or settings.worker_config(name, given=connector is not None)
-        self.settings = settings
-        self.name = name
-        self.cfg = wc
-        self.group = wc.group or name
-        self.group_id = f"{settings.topics.prefix}.{self.group}"
+        super().__init__(settings, name, config, given=connector is not None)
+        wc = self.cfg
         self.tiers = routing.Tiers(settings.topics.prefix, self.group, wc.retry_delays_s)
-        self.main_topics = settings.event_topics(wc)
         self.connector = (
             connector if connector is not None else load_connector(wc.connector, wc.options)
         )
         self.dispatch: Dispatch = dispatch_of(self.connector)
         self.observer = observer
-        self.catalogue = Catalogue.load(settings.schemas.path)
         self.ordering = Ordering(strict=wc.ordering == "strict")
         self.breaker = CircuitBreaker(
             wc.breaker.threshold, wc.breaker.probe_initial_s, wc.breaker.probe_max_s
@@ -122,7 +112,6 @@ class Worker:
         self.scheduler: KeyScheduler[Work] = KeyScheduler(wc.max_in_flight)
         self.stats = WorkerStats()
         self.offsets: dict[TP, PartitionOffsets] = {}
-        self.assigned: set[TP] = set()
         self._due_pauses: dict[TP, float] = {}  # partition → resume time (epoch s)
         self._rewound: dict[TP, int] = {}  # partition → offset it was rewound to
         self._held: deque[Work] = deque()  # failed while the breaker is open / Retry-After
@@ -130,14 +119,8 @@ class Worker:
         self._completions: queue.Queue[tuple[Work, str, BaseException | None]] = queue.Queue()
         self._running = 0
         self._last_commit = 0.0
-        self._heartbeat = time.monotonic()
         self._broker_down_since: float | None = None
-        self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
-        self._claims: ClaimStore | None = None
-        self._decoder: Decoder | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._health: HealthServer | None = None
         self._routing_pending = 0
         self._pace = _Pace()
         self._tier_of: dict[str, int] = {}
@@ -145,14 +128,8 @@ class Worker:
         self._generation = 0
         self._fatal: PipelineError | None = None
         self._busy_tp: collections.Counter[TP] = collections.Counter()
-        self._m = telemetry.metrics()
         self._attr_cache: dict[tuple[str, str], dict[str, str]] = {}
         self._consumed: collections.Counter[str] = collections.Counter()
-        self._last_ts: dict[TP, int] = {}  # timestamp (ms) of the last record consumed
-        self._lag: list[tuple[float, dict[str, Any]]] = []
-        self._lag_age: list[tuple[float, dict[str, Any]]] = []
-        self._lag_at = 0.0
-        self._unobserve: list[Callable[[], None]] = []
         self._parked_pending = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -167,14 +144,7 @@ class Worker:
 
     def _start(self) -> None:
         self._ensure_topics()
-        self._producer = Producer(
-            producer_config(
-                self.settings,
-                **{"error_cb": lambda err: log.warning("kafka producer: %s", err.str())},
-            )
-        )
-        self._claims = claim_store(self.settings) if self.settings.database.url else None
-        self._decoder = Decoder(self.catalogue, _registry(self.settings), self._claims)
+        self._open_clients()
         self._pool = ThreadPoolExecutor(
             self.cfg.max_in_flight, thread_name_prefix=f"{self.name}-handler"
         )
@@ -200,18 +170,16 @@ class Worker:
             on_lost=self._on_revoke,
         )
         group = {"messaging.consumer.group.name": self.group_id}
-        self._unobserve = [
+        self._unobserve += [
             self._m.observe("pipeline.parked_keys", lambda: [(self.ordering.parked, group)]),
             self._m.observe(
                 "pipeline.breaker.state",
                 lambda: [({"closed": 0, "half-open": 1, "open": 2}.get(self.breaker.state, 2),
                           group)],
             ),
-            self._m.observe("pipeline.consumer.lag", lambda: self._lag),
-            self._m.observe("pipeline.consumer.lag_age", lambda: self._lag_age),
         ]
-        if self.cfg.health_port is not None:
-            self._health = HealthServer(self.cfg.health_port, self._healthz, self._readyz).start()
+        self._start_health(self._readyz)
+        if self._health is not None:
             log.info("worker %s health endpoints on port %d", self.name, self._health.port)
         log.info(
             "worker %s started: group %s, topics %s, retry tiers %s, ordering %s",
@@ -221,10 +189,6 @@ class Worker:
             ", ".join(f"{d:g}s" for d in self.cfg.retry_delays_s),
             self.cfg.ordering,
         )
-
-    @property
-    def health_port(self) -> int | None:
-        return self._health.port if self._health else None
 
     def _ensure_topics(self) -> None:
         t = self.settings.topics
@@ -248,19 +212,9 @@ class Worker:
         )
 
     def _close(self) -> None:
-        for remove in self._unobserve:
-            remove()
-        if self._health is not None:
-            self._health.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._producer is not None:
-            self._producer.flush(10)
-        if self._consumer is not None:
-            self._consumer.close()  # leaves the group
-            self._consumer = None
-        if self._claims is not None:
-            self._claims.close()
+        self._close_clients()
         self.dispatch.close()
 
     def _graceful_stop(self) -> None:
@@ -385,12 +339,7 @@ class Worker:
                                      "messaging.consumer.group.name": self.group_id,
                                      "messaging.destination.name": topic})
         self._consumed.clear()
-        if time.monotonic() - self._lag_at < 1.0 or self._consumer is None:
-            return
-        self._lag_at = time.monotonic()
-        self._lag, self._lag_age = lag_figures(
-            self._consumer, self.assigned, self._last_ts, self.group_id
-        )
+        self._refresh_lag()
 
     # -- pausing ------------------------------------------------------------------------------
     def _hold_partition(self, tp: TP, offset: int, resume_at: float) -> None:
@@ -795,18 +744,8 @@ class Worker:
                 return
             self._finished(tp, offset, gen)
 
-        while True:
-            try:
-                self._producer.produce(
-                    route.topic,
-                    msg.value(),
-                    msg.key(),
-                    headers=headers,  # type: ignore[arg-type]
-                    on_delivery=delivered,
-                )
-                return
-            except BufferError:
-                self._producer.poll(0.05)
+        produce(self._producer, route.topic, msg.value(), msg.key(), headers=headers,
+                on_delivery=delivered)
 
     def _current(self, tp: TP, gen: int) -> bool:
         """Is the partition still assigned as it was when this work was consumed?"""
@@ -951,9 +890,6 @@ class Worker:
         log.warning("kafka consumer: %s", err.str())
 
     # -- health -------------------------------------------------------------------------------
-    def _healthz(self) -> tuple[bool, dict[str, Any]]:
-        return loop_alive(self._heartbeat)
-
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         down = self._broker_down_since
         if down is not None and self._consumer is not None and time.monotonic() - down > 5:
@@ -969,32 +905,6 @@ class Worker:
             "breaker": self.breaker.state,
             "parked_keys": self.ordering.parked,
         }
-
-
-def lag_figures(
-    consumer: Consumer, assigned: set[TP], last_ts: dict[TP, int], group_id: str
-) -> tuple[list[tuple[float, dict[str, Any]]], list[tuple[float, dict[str, Any]]]]:
-    """(records behind the end, age in seconds of the last record consumed while behind) per
-    assigned partition, from the consumer's cached watermarks and positions."""
-    lag: list[tuple[float, dict[str, Any]]] = []
-    age: list[tuple[float, dict[str, Any]]] = []
-    now_ms = time.time() * 1000
-    for tp in list(assigned):
-        try:
-            _lo, hi = consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
-            pos = consumer.position([TopicPartition(*tp)])[0].offset
-        except KafkaException:
-            continue
-        if hi < 0 or pos < 0:
-            continue
-        behind = max(0, hi - pos)
-        attrs = {"messaging.consumer.group.name": group_id,
-                 "messaging.destination.name": tp[0],
-                 "messaging.destination.partition.id": str(tp[1])}
-        lag.append((float(behind), attrs))
-        ts = last_ts.get(tp)
-        age.append((max(0.0, (now_ms - ts) / 1000) if behind and ts and ts > 0 else 0.0, attrs))
-    return lag, age
 
 
 class _Pace:

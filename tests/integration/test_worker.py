@@ -241,8 +241,6 @@ def test_key_ordered_concurrency_applies_every_key_in_order(sink_settings, many_
     assert len({r[0] for r in applied}) == 200
 
 
-@pytest.mark.skipif(bool(__import__("os").environ.get("KAFKA_BOOTSTRAP")),
-                    reason="needs a broker process this test stops")
 def test_readyz_reports_an_unreachable_broker(database_url, topic_prefix):
     import urllib.error
 

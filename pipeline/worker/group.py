@@ -1,0 +1,102 @@
+"""What both runtimes of a consumer group share (the per-event :class:`~pipeline.worker.runtime.
+Worker` and the batch :class:`~pipeline.sink.runtime.SinkWorker`): names, the producer, claim
+store and decoder, the lag gauges, the health server, and closing it all."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from pipeline import telemetry
+from pipeline.claimcheck import ClaimStore, claim_store
+from pipeline.config import Settings, WorkerConfig
+from pipeline.kafka.client import producer_config
+from pipeline.kafka.lag import lag_figures
+from pipeline.relay.relay import _registry
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Decoder
+from pipeline.worker.health import Check, HealthServer, loop_alive
+
+log = logging.getLogger("pipeline.worker")
+
+TP = tuple[str, int]
+
+
+class GroupRuntime:
+    def __init__(self, settings: Settings, name: str, config: WorkerConfig | None,
+                 *, given: bool) -> None:
+        wc = config or settings.worker_config(name, given=given)
+        self.settings = settings
+        self.name = name
+        self.cfg = wc
+        self.group = wc.group or name
+        self.group_id = f"{settings.topics.prefix}.{self.group}"
+        self.main_topics = settings.event_topics(wc)
+        self.catalogue = Catalogue.load(settings.schemas.path)
+        self.assigned: set[TP] = set()
+        self._heartbeat = time.monotonic()
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._claims: ClaimStore | None = None
+        self._decoder: Decoder | None = None
+        self._health: HealthServer | None = None
+        self._m = telemetry.metrics()
+        self._last_ts: dict[TP, int] = {}  # timestamp (ms) of the last record consumed
+        self._lag: list[tuple[float, dict[str, Any]]] = []
+        self._lag_age: list[tuple[float, dict[str, Any]]] = []
+        self._lag_at = 0.0
+        self._unobserve: list[Callable[[], None]] = []
+
+    def _open_clients(self) -> None:
+        """The producer (retry copies, dead letters), the claim store and the decoder, and the
+        lag gauges."""
+        self._producer = Producer(
+            producer_config(
+                self.settings,
+                **{"error_cb": lambda err: log.warning("kafka producer: %s", err.str())},
+            )
+        )
+        self._claims = claim_store(self.settings) if self.settings.database.url else None
+        self._decoder = Decoder(self.catalogue, _registry(self.settings), self._claims)
+        self._unobserve += [
+            self._m.observe("pipeline.consumer.lag", lambda: self._lag),
+            self._m.observe("pipeline.consumer.lag_age", lambda: self._lag_age),
+        ]
+
+    def _start_health(self, readyz: Check) -> None:
+        if self.cfg.health_port is not None:
+            self._health = HealthServer(self.cfg.health_port, self._healthz, readyz).start()
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health.port if self._health else None
+
+    def _refresh_lag(self) -> None:
+        """Lag from the consumer's cached watermarks (no request to the broker), at most once a
+        second."""
+        if time.monotonic() - self._lag_at < 1.0 or self._consumer is None:
+            return
+        self._lag_at = time.monotonic()
+        self._lag, self._lag_age = lag_figures(
+            self._consumer, self.assigned, self._last_ts, self.group_id
+        )
+
+    def _close_clients(self) -> None:
+        for remove in self._unobserve:
+            remove()
+        if self._health is not None:
+            self._health.stop()
+        if self._producer is not None:
+            self._producer.flush(10)
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group
+            self._consumer = None
+        if self._claims is not None:
+            self._claims.close()
+
+    def _healthz(self) -> tuple[bool, dict[str, Any]]:
+        return loop_alive(self._heartbeat)
