@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit test-integration bench lint fmt clean
+.PHONY: help install kafka run test test-unit test-integration test-tansu bench lint fmt clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,19 +18,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-run: $(STAMP) ## run the pipeline (embedded PostgreSQL and broker when none is configured)
+# Apache Kafka 4.4.0 jars from Maven Central into ~/.cache/erp-pipeline (PIPELINE_CACHE_DIR);
+# with no Java or Maven this says so and the embedded broker is tansu.
+kafka: $(STAMP) ## fetch Apache Kafka's jars (needs Java 17+ and Maven; else tansu is used)
+	@if command -v java >/dev/null && command -v mvn >/dev/null; then \
+		$(BIN)/python -m pipeline.embedded.kafka fetch; \
+	else echo "no Java/Maven here: the embedded broker is tansu"; fi
+
+run: kafka ## run the pipeline (embedded PostgreSQL and broker when none is configured)
 	$(BIN)/pipeline up $(ARGS)
 
-test: $(STAMP) ## run every test (unit + integration against real PostgreSQL and broker)
+test: kafka ## every test on Apache Kafka (tansu without Java), then the tansu smoke set
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if $(BIN)/python -m pipeline.embedded.kafka available; then $(MAKE) --no-print-directory test-tansu; fi
+
+test-tansu: $(STAMP) ## the smoke set on tansu, the Python-only broker
+	PIPELINE_TEST_BROKER=tansu $(BIN)/python -m pytest -m tansu_smoke $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## unit tests only (no servers)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP) ## integration tests only
+test-integration: kafka ## integration tests only
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-bench: $(STAMP) ## relay benchmarks (JSON figures, baseline measured in the same run)
+bench: kafka ## relay benchmarks (JSON figures, baseline measured in the same run)
 	$(BIN)/pipeline bench relay --events 50000 --json
 	$(BIN)/pipeline bench relay --rate 1000 --seconds 20 --json
 

@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -59,6 +60,11 @@ class KafkaConfig(_Model):
     )
     sasl_username: str | None = Field(default=None, description="SASL user")
     sasl_password: SecretStr | None = Field(default=None, description="SASL password (secret)")
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); "
+        "unset = the system's trust store",
+    )
     client_id: str = Field(default="erp-pipeline", description="Kafka client.id")
     producer: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="extra librdkafka producer properties"
@@ -69,6 +75,23 @@ class KafkaConfig(_Model):
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="timeout of metadata/admin requests and connection setup"
     )
+
+
+    @field_validator("ssl_ca_location")
+    @classmethod
+    def _ca_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no CA file at {v}")
+        return v.resolve() if v is not None else None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs kafka.sasl_mechanism "
+                "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512) with sasl_username and sasl_password"
+            )
+        return self
 
 
 class SchemaRegistryConfig(_Model):
@@ -115,6 +138,11 @@ class TopicsConfig(_Model):
     overrides: dict[str, TopicOverride] = Field(
         default_factory=dict, description="per aggregate type: partitions, config"
     )
+    state_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="topic configs of the compacted state topics (<prefix>.<group>.parked, "
+        "<prefix>.<group>.dlq-replays), on top of cleanup.policy=compact",
+    )
 
     def event_topic(self, aggregate_type: str) -> str:
         return f"{self.prefix}.{aggregate_type}"
@@ -122,6 +150,11 @@ class TopicsConfig(_Model):
     @property
     def outbox_dlq(self) -> str:
         return f"{self.prefix}.outbox.dlq"
+
+    @property
+    def compacted_config(self) -> dict[str, str]:
+        """Topic configs of a compacted state topic."""
+        return {**self.state_config, "cleanup.policy": "compact"}
 
 
 class ClaimCheckConfig(_Model):

@@ -107,7 +107,7 @@ class GroupDlq:
             AdminClient(admin_config(self.settings)),
             [
                 TopicSpec(self.replays_topic, 1, t.replication_factor,
-                          {"cleanup.policy": "compact"}),
+                          t.compacted_config),
                 TopicSpec(self.retry_topic, t.partitions, t.replication_factor, dict(t.config)),
             ],
             timeout_s=self.settings.kafka.request_timeout_s,

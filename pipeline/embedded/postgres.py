@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,11 @@ class EmbeddedPostgres:
 
     def start(self) -> EmbeddedPostgres:
         try:
-            import pgserver  # type: ignore[attr-defined,unused-ignore]
+            with warnings.catch_warnings():
+                # platformdirs warns that XDG_RUNTIME_DIR is unset (root on a bare machine)
+                # when pgserver asks where its runtime files go; /tmp/runtime-<uid> serves.
+                warnings.simplefilter("ignore")
+                import pgserver  # type: ignore[attr-defined,unused-ignore]
         except ImportError as exc:
             raise RuntimeError(
                 "no PostgreSQL answers and the embedded one needs the pgserver wheel: "

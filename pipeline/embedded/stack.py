@@ -1,6 +1,7 @@
 """Fill in what the configuration leaves unset with embedded servers, for ``pipeline run`` and
 ``pipeline bench``: a PostgreSQL (the machine's local server in a fresh database, else pgserver)
-and a tansu broker. What is configured is used as is and nothing embedded starts for it."""
+and a broker (Apache Kafka where Java can run it, else tansu; ``broker`` chooses). What is
+configured is used as is and nothing embedded starts for it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ log = logging.getLogger("pipeline.embedded")
 
 @contextmanager
 def local_stack(
-    settings: Settings, *, fresh_database: bool = True, data_dir: Path | None = None
+    settings: Settings,
+    *,
+    fresh_database: bool = True,
+    data_dir: Path | None = None,
+    broker: str | None = None,
 ) -> Iterator[Settings]:
     """Settings with ``database.url`` and ``kafka.bootstrap_servers`` filled in."""
     with ExitStack() as stack:
@@ -43,7 +48,9 @@ def local_stack(
             log.info("using a fresh database %s", url.rsplit("/", 1)[-1].split("?")[0])
         update_kafka = settings.kafka
         if not settings.kafka.bootstrap_servers:
-            broker = stack.enter_context(EmbeddedBroker())
-            update_kafka = settings.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
-            log.info("started embedded broker (tansu) on %s", broker.bootstrap)
+            embedded = stack.enter_context(EmbeddedBroker(kind=broker))
+            update_kafka = settings.kafka.model_copy(
+                update={"bootstrap_servers": embedded.bootstrap}
+            )
+            log.info("started embedded broker (%s) on %s", embedded.kind, embedded.bootstrap)
         yield settings.model_copy(update={"database": update_db, "kafka": update_kafka})

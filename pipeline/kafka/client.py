@@ -4,7 +4,12 @@ dictionaries, and wraps confluent-kafka errors into the pipeline's exception tre
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
+
+from confluent_kafka import KafkaError
 
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, ConfigError
@@ -46,7 +51,68 @@ def common_config(settings: Settings) -> dict[str, Any]:
         conf["sasl.mechanism"] = k.sasl_mechanism
         conf["sasl.username"] = k.sasl_username or ""
         conf["sasl.password"] = k.sasl_password.get_secret_value() if k.sasl_password else ""
+    if k.ssl_ca_location is not None:
+        conf["ssl.ca.location"] = str(k.ssl_ca_location)
+    conf["error_cb"] = _noting(settings, None)
     return conf
+
+
+# -- security failures: what librdkafka reports once per connection attempt, as one line -----
+_security_lock = threading.Lock()
+_security_problem: tuple[float, str] | None = None
+_SECURITY_CODES = {KafkaError._AUTHENTICATION, KafkaError._SSL}
+
+
+def security_diagnosis(settings: Settings, err: KafkaError) -> str | None:
+    """One line naming the listener and what to check, for an authentication or TLS failure
+    (None for any other error). Never contains a secret."""
+    if err.code() not in _SECURITY_CODES:
+        return None
+    k = settings.kafka
+    text = err.str()
+    where = f"Kafka at {k.bootstrap_servers} ({k.security_protocol}"
+    if err.code() == KafkaError._AUTHENTICATION or "SASL" in text:
+        return (
+            f"{where}, SASL {k.sasl_mechanism} as user {k.sasl_username!r}) refused the login: "
+            f"{text}; check kafka.sasl_username and kafka.sasl_password "
+            "(PIPELINE_KAFKA__SASL_PASSWORD) against the broker's SCRAM users"
+        )
+    ca = f"now {k.ssl_ca_location}" if k.ssl_ca_location else "unset: the system's CAs are used"
+    return (
+        f"{where}): the TLS handshake failed: {text}; check kafka.ssl_ca_location ({ca}): it "
+        "must name the PEM file of the CA that signed the broker's certificate"
+    )
+
+
+def last_security_problem(within_s: float = 120.0) -> str | None:
+    """The newest authentication/TLS failure any client of this process met, if recent."""
+    with _security_lock:
+        if _security_problem and time.monotonic() - _security_problem[0] <= within_s:
+            return _security_problem[1]
+    return None
+
+
+def _noting(settings: Settings, then: Callable[[KafkaError], None] | None) -> Any:
+    """An ``error_cb`` that remembers security failures (so a timeout can name its cause), then
+    calls ``then``."""
+
+    def on_error(err: KafkaError) -> None:
+        global _security_problem
+        problem = security_diagnosis(settings, err)
+        if problem is not None:
+            with _security_lock:
+                _security_problem = (time.monotonic(), problem)
+        if then is not None:
+            then(err)
+
+    return on_error
+
+
+def _with_overrides(settings: Settings, conf: dict[str, Any], overrides: dict[str, Any]) -> None:
+    cb = overrides.pop("error_cb", None)
+    conf.update(overrides)
+    if cb is not None:
+        conf["error_cb"] = _noting(settings, cb)
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -70,7 +136,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         }
     )
     conf.update(settings.kafka.producer)
-    conf.update(overrides)
+    _with_overrides(settings, conf, dict(overrides))
     return conf
 
 
@@ -85,7 +151,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         }
     )
     conf.update(settings.kafka.consumer)
-    conf.update(overrides)
+    _with_overrides(settings, conf, dict(overrides))
     return conf
 
 
@@ -119,5 +185,8 @@ def wrap_kafka_error(err: Any, doing: str) -> BrokerUnavailable:
     )
     code = inner.code() if hasattr(inner, "code") else None
     text = inner.str() if hasattr(inner, "str") else str(inner)
-    exc = BrokerUnavailable(f"Kafka error while {doing}: {text}", code=code)
-    return exc
+    # a timeout whose real cause is a refused login or a failed handshake says so
+    security = last_security_problem()
+    if security is not None:
+        return BrokerUnavailable(f"cannot use Kafka while {doing}: {security}", code=code)
+    return BrokerUnavailable(f"Kafka error while {doing}: {text}", code=code)

@@ -201,7 +201,7 @@ class Worker(GroupRuntime):
                 self.tiers.parked_topic,
                 t.partitions,
                 t.replication_factor,
-                {"cleanup.policy": "compact"},
+                t.compacted_config,
             )
         )
         apply_topics(
