@@ -75,6 +75,15 @@ class KafkaConfig(_Model):
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="timeout of metadata/admin requests and connection setup"
     )
+    transactions: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Kafka transactions (relay batches with their dead letters, a fenced "
+        "transactional id per shard; DLQ replays with their replay records): auto = on where "
+        "the broker has a transaction coordinator",
+    )
+    transaction_timeout_s: float = Field(
+        default=60.0, ge=1, le=900, description="transaction.timeout.ms of those producers"
+    )
 
 
     @field_validator("ssl_ca_location")
@@ -246,7 +255,16 @@ class WorkerConfig(_Model):
         default=30.0, ge=0, description="on SIGTERM, how long in-flight handlers may finish"
     )
     commit_interval_s: float = Field(default=1.0, gt=0, description="offset commit interval")
-    session_timeout_ms: int = Field(default=10_000, ge=1000, description="consumer session")
+    session_timeout_ms: int = Field(
+        default=10_000, ge=1000,
+        description="consumer session (classic protocol; the broker's "
+        "group.consumer.session.timeout.ms under consumer)",
+    )
+    group_protocol: Literal["classic", "consumer"] = Field(
+        default="classic",
+        description="consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+: "
+        "the broker assigns partitions incrementally)",
+    )
     health_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="port of /healthz, /readyz and /metrics (0 = any; unset = none)",

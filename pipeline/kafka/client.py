@@ -148,11 +148,29 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # what an aborted transaction wrote (a fenced relay, a failed replay) is never read
+            "isolation.level": "read_committed",
         }
     )
     conf.update(settings.kafka.consumer)
     _with_overrides(settings, conf, dict(overrides))
     return conf
+
+
+def membership_config(
+    protocol: str, *, session_timeout_ms: int, assignor: str
+) -> dict[str, Any]:
+    """The consumer-group properties of ``protocol``. Under ``consumer`` (KIP-848) the session
+    timeout, heartbeat and assignor are the broker's (``group.consumer.*``); librdkafka refuses
+    them on the client."""
+    if protocol == "consumer":
+        return {"group.protocol": "consumer"}
+    return {
+        "group.protocol": "classic",
+        "partition.assignment.strategy": assignor,
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(100, session_timeout_ms // 5),
+    }
 
 
 def produce(
@@ -176,6 +194,52 @@ def produce(
 
 def admin_config(settings: Settings) -> dict[str, Any]:
     return common_config(settings)
+
+
+_txn_support: dict[str, bool] = {}
+
+
+def transactions_enabled(settings: Settings) -> bool:
+    """``kafka.transactions``: ``on``/``off`` as said; ``auto`` asks the cluster once per
+    process. A broker with a transaction coordinator reports its
+    ``transaction.state.log.*`` configs; one that describes no config at all (tansu, whose
+    read_committed consumers do not hide aborted records) gets none. A cluster that refuses to
+    describe itself (ACLs of a managed Kafka) is taken to support them."""
+    mode = settings.kafka.transactions
+    if mode != "auto":
+        return mode == "on"
+    boot = bootstrap_servers(settings)
+    if boot not in _txn_support:
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+
+        admin = AdminClient(admin_config(settings))
+        timeout = settings.kafka.request_timeout_s
+        try:
+            md = admin.list_topics(timeout=timeout)
+            res = ConfigResource(ConfigResource.Type.BROKER, str(next(iter(md.brokers))))
+            configs = admin.describe_configs([res], request_timeout=timeout)[res].result()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() in (KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+                              KafkaError.TOPIC_AUTHORIZATION_FAILED):
+                _txn_support[boot] = True
+                return True
+            raise wrap_kafka_error(exc, "asking the cluster whether it has transactions") from exc
+        _txn_support[boot] = any(k.startswith("transaction.") for k in configs)
+    return _txn_support[boot]
+
+
+def transactional_config(settings: Settings, transactional_id: str) -> dict[str, Any]:
+    """Producer properties of a transactional producer. A transaction bounds how long a record
+    may wait (librdkafka requires ``message.timeout.ms`` <= ``transaction.timeout.ms``): a
+    batch that times out is aborted and sent again, never half-written."""
+    timeout_ms = int(settings.kafka.transaction_timeout_s * 1000)
+    return {
+        "transactional.id": transactional_id,
+        "transaction.timeout.ms": timeout_ms,
+        "message.timeout.ms": timeout_ms,
+    }
 
 
 def wrap_kafka_error(err: Any, doing: str) -> BrokerUnavailable:

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable
@@ -56,12 +56,7 @@ def read_to_end(
             if tmd is None or tmd.error is not None:
                 continue
             for p in tmd.partitions:
-                try:
-                    lo, hi = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=request
-                    )
-                except KafkaException as exc:
-                    raise wrap_kafka_error(exc, f"reading offsets of {topic}[{p}]") from exc
+                lo, hi = _watermarks(consumer, topic, p, request, time.monotonic() + timeout_s)
                 start = lo if last is None else max(lo, hi - last)
                 if since_ms is not None and start > lo:
                     start = max(
@@ -95,6 +90,34 @@ def read_to_end(
                 return
     finally:
         consumer.close()
+
+
+# A partition just created, or whose leader just moved, answers these until metadata settles.
+_SETTLING = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
+
+
+def _watermarks(
+    consumer: Consumer, topic: str, partition: int, request_s: float, deadline: float
+) -> tuple[int, int]:
+    delay = 0.05
+    while True:
+        try:
+            lo, hi = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=request_s
+            )
+            return int(lo), int(hi)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _SETTLING or time.monotonic() + delay > deadline:
+                raise wrap_kafka_error(exc, f"reading offsets of {topic}[{partition}]") from exc
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 def _offset_at(

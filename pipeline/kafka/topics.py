@@ -7,6 +7,7 @@ drift it will not fix (more partitions than configured, replication factor diffe
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,8 @@ def apply_topics(
             except KafkaException as exc:
                 if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: created concurrently
                     raise wrap_kafka_error(exc, f"creating topic {name}") from exc
+    if missing and not dry_run:
+        _wait_for_leaders(admin, [s.name for s in missing], timeout_s)
     for s in missing:
         reports.append(
             TopicReport(
@@ -142,6 +145,26 @@ def apply_topics(
             else:
                 reports[-1] = TopicReport(s.name, "drift", "; ".join(drift))
     return reports
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Until every partition of the new topics has a leader (bounded): a real cluster elects
+    them a moment after CreateTopics returns, and a read of offsets meanwhile is refused."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        try:
+            md = admin.list_topics(timeout=max(0.5, deadline - time.monotonic()))
+        except KafkaException:
+            return  # the caller's next request reports what is wrong
+        for name in list(pending):
+            t = md.topics.get(name)
+            if t is not None and t.error is None and t.partitions and all(
+                p.leader >= 0 and p.error is None for p in t.partitions.values()
+            ):
+                pending.discard(name)
+        if pending:
+            time.sleep(0.05)
 
 
 def _config_drift(admin: AdminClient, s: TopicSpec, timeout_s: float) -> list[str]:

@@ -48,7 +48,12 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.kafka import headers as h
-from pipeline.kafka.client import producer_config, wrap_kafka_error
+from pipeline.kafka.client import (
+    producer_config,
+    transactional_config,
+    transactions_enabled,
+    wrap_kafka_error,
+)
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import ensure_topics
 from pipeline.outbox.status import BacklogProbe
@@ -133,6 +138,10 @@ class Relay:
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
         self._prefetch: Future[list[OutboxRow]] | None = None
         self._delivery_errors: list[tuple[KafkaError, bytes]] = []
+        # Kafka transactions (kafka.transactions): decided once, on the first leadership
+        self._txn: bool | None = None
+        self._txn_ready = False  # init_transactions done on the current producer
+        self._txn_open = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -253,6 +262,10 @@ class Relay:
         self.store.close()
 
     def _drain(self, timeout: float) -> None:
+        if self._producer is not None and self._txn_open:
+            # a batch that did not commit is aborted: its rows stay in the outbox, and no
+            # read_committed consumer (the next leader's read-back included) sees its records
+            self._abort("the relay stopped mid-batch")
         if self._producer is not None:
             left = self._producer.flush(timeout)
             if left:
@@ -263,11 +276,29 @@ class Relay:
                 )
                 self._producer.purge()
                 self._producer = None
+                self._txn_ready = False
 
     # -- clients ----------------------------------------------------------------------------
     @property
+    def transactional_id(self) -> str:
+        """Shared by every relay of this shard, so that a new leader's ``init_transactions``
+        fences the one before it."""
+        return f"{self.settings.topics.prefix}.relay.shard-{self.shard}-of-{self.cfg.shards}"
+
+    @property
+    def transactional(self) -> bool:
+        if self._txn is None:
+            self._txn = transactions_enabled(self.settings)
+        return self._txn
+
+    @property
     def producer(self) -> Producer:
         if self._producer is None:
+            extra = (
+                transactional_config(self.settings, self.transactional_id)
+                if self.transactional
+                else {}
+            )
             self._producer = Producer(
                 producer_config(
                     self.settings,
@@ -275,10 +306,85 @@ class Relay:
                         "error_cb": _log_kafka_error,
                         "on_delivery": self._on_delivery,
                         "delivery.report.only.error": True,
+                        **extra,
                     },
                 )
             )
+            self._txn_ready = False
         return self._producer
+
+    # -- transactions -------------------------------------------------------------------------
+    def _init_transactions(self) -> None:
+        """Register our transactional id: the broker aborts whatever a previous leader of this
+        shard left open and refuses its later writes (fencing)."""
+        try:
+            self.producer.init_transactions(self.settings.kafka.request_timeout_s * 3)
+        except KafkaException as exc:
+            self._drop_producer_if_fatal(exc)
+            raise wrap_kafka_error(exc, f"registering transactional id {self.transactional_id}") \
+                from exc
+        self._txn_ready = True
+        log.info(
+            "relay publishes in Kafka transactions (transactional id %s): a deposed leader's "
+            "unfinished batch is aborted and its later writes refused",
+            self.transactional_id,
+            extra={"shard": self.shard},
+        )
+
+    def _begin(self) -> None:
+        try:
+            self.producer.begin_transaction()
+        except KafkaException as exc:
+            self._drop_producer_if_fatal(exc)
+            raise wrap_kafka_error(exc, "beginning a transaction") from exc
+        self._txn_open = True
+
+    def _commit(self, stop: threading.Event | None) -> None:
+        producer = self.producer
+        while True:
+            try:
+                producer.commit_transaction(self.settings.kafka.transaction_timeout_s)
+                self._txn_open = False
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if self._drop_producer_if_fatal(exc):
+                    raise BrokerUnavailable(
+                        f"relay's transactional id {self.transactional_id} was fenced: another "
+                        f"relay has taken over shard {self.shard} ({err.str()}); this batch is "
+                        "aborted, its rows stay in the outbox for the leader",
+                        code=err.code(),
+                    ) from exc
+                if err.txn_requires_abort() or not err.retriable() or (stop and stop.is_set()):
+                    self._abort(err.str())
+                    raise wrap_kafka_error(exc, "committing a batch (aborted; sent again)") \
+                        from exc
+                log.warning("relay retrying the commit of a batch: %s", err.str())
+
+    def _abort(self, why: str) -> None:
+        self._txn_open = False
+        if self._producer is None:
+            return
+        try:
+            self._producer.abort_transaction(self.settings.kafka.transaction_timeout_s)
+            log.warning("relay aborted a transaction (%s); its rows are sent again", why,
+                        extra={"shard": self.shard})
+        except KafkaException as exc:
+            if not self._drop_producer_if_fatal(exc):
+                log.warning("relay could not abort a transaction (%s): %s", why,
+                            exc.args[0].str())
+
+    def _drop_producer_if_fatal(self, exc: KafkaException) -> bool:
+        """A fatal error (fenced) leaves the producer unusable: the next session makes another."""
+        err = exc.args[0]
+        if err.fatal() or err.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+                                        KafkaError.INVALID_PRODUCER_EPOCH):
+            if self._producer is not None:
+                self._producer.purge()
+            self._producer = None
+            self._txn_ready = self._txn_open = False
+            return True
+        return False
 
     @property
     def claims(self) -> ClaimStore:
@@ -301,6 +407,8 @@ class Relay:
             self.producer.list_topics(timeout=self.settings.kafka.request_timeout_s)
         except KafkaException as exc:
             raise wrap_kafka_error(exc, "connecting the relay's producer") from exc
+        if self.transactional and not self._txn_ready:
+            self._init_transactions()
 
     # -- decision 4: no duplicates after a crash ---------------------------------------------
     def _skip_already_published(self, previous_activity_ms: int | None = None) -> None:
@@ -385,7 +493,24 @@ class Relay:
         if telemetry.tracing():
             records = [(row, self._traced(row, rec)) for row, rec in records]
         started = time.perf_counter()
-        for failed_row, error in self._publish(records, stop):
+        txn = self._txn_ready
+        if txn:
+            self._begin()
+        refused = self._publish(records, stop)
+        if refused and txn and self._delivery_errors:
+            # a record refused after it was sent makes the transaction abortable: send the
+            # batch again without it (the rest were aborted with it)
+            self._abort(f"{len(refused)} record(s) refused")
+            self._begin()
+            gone = {id(r) for r, _ in refused}
+            again = self._publish([(r, rec) for r, rec in records if id(r) not in gone], stop)
+            if again:
+                self._abort(f"{len(again)} more record(s) refused")
+                raise BrokerUnavailable(
+                    f"Kafka refused {len(again)} more records of a batch on a second try, e.g. "
+                    f"{again[0][1]}; the batch is sent again"
+                )
+        for failed_row, error in refused:
             self._invalid(failed_row, error)
             dead.append((failed_row, error))
         if dead:
@@ -397,6 +522,8 @@ class Relay:
                     f"outbox DLQ {topics.outbox_dlq}: {error}; the relay stops so that nothing "
                     "is lost"
                 )
+        if txn:
+            self._commit(stop)
         ack = time.time()
         self._measure(records, dead, time.perf_counter() - started)
         self.store.complete([r.id for r in rows], self.name, len(rows) - len(dead), len(dead))

@@ -157,7 +157,10 @@ def _decimal(precision: int, scale: int, size: int | None = None) -> Converter:
         if not -limit < unscaled < limit:
             raise _Fail(f"decimal {v} has more than {precision} digits")
         if size is None:
-            return unscaled.to_bytes((unscaled.bit_length() + 8) // 8, "big", signed=True)
+            # minimal two's complement, as Java's BigInteger.toByteArray (Avro's
+            # DecimalConversion) writes it: -128 is 80, not ff80
+            bits = unscaled.bit_length() if unscaled >= 0 else (~unscaled).bit_length()
+            return unscaled.to_bytes(bits // 8 + 1, "big", signed=True)
         return unscaled.to_bytes(size, "big", signed=True)
 
     # Prices repeat: a bounded cache of decimal strings already converted.

@@ -39,7 +39,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, PipelineError, TransientError
-from pipeline.kafka.client import admin_config, consumer_config, produce
+from pipeline.kafka.client import admin_config, consumer_config, membership_config, produce
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
 from pipeline.worker import routing
@@ -93,6 +93,8 @@ class SinkWorker(GroupRuntime):
         wc = self.cfg
         tiers = routing.Tiers(settings.topics.prefix, self.group, [1.0])
         self.dlq_topic = tiers.dlq_topic
+        # KIP-848's protocol hands partitions over incrementally, never all at once
+        self._incremental = wc.group_protocol == "consumer"
         # `pipeline dlq replay` sends corrected or retried dead letters here; landed like the rest
         self.replay_topic = tiers.retry_topic(1)
         self.topics = [*self.main_topics, self.replay_topic]
@@ -150,10 +152,13 @@ class SinkWorker(GroupRuntime):
                 self.settings,
                 self.group_id,
                 **{
-                    # eager assignment: positions are looked up once per assignment
-                    "partition.assignment.strategy": "range",
-                    "session.timeout.ms": self.cfg.session_timeout_ms,
-                    "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
+                    # classic: eager assignment, positions looked up once per assignment;
+                    # consumer (KIP-848): incremental, looked up for the partitions added
+                    **membership_config(
+                        self.cfg.group_protocol,
+                        session_timeout_ms=self.cfg.session_timeout_ms,
+                        assignor="range",
+                    ),
                     "enable.auto.offset.store": False,
                     "error_cb": lambda err: log.warning("kafka consumer: %s", err.str()),
                 },
@@ -460,7 +465,10 @@ class SinkWorker(GroupRuntime):
             placed.append(
                 TopicPartition(tp[0], tp[1], pos if pos is not None else OFFSET_BEGINNING)
             )
-        consumer.assign(placed)
+        if self._incremental:
+            consumer.incremental_assign(placed)
+        else:
+            consumer.assign(placed)
         self._paused = False
         log.info(
             "sink %s assigned %s",
@@ -494,7 +502,10 @@ class SinkWorker(GroupRuntime):
         if self.buffered or any(p.bad for p in self.parts.values()):
             self._flush()
         self._forget(parts)
-        consumer.unassign()
+        if self._incremental:
+            consumer.incremental_unassign(parts)
+        else:
+            consumer.unassign()
 
     def _on_lost(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._forget(parts)  # not ours any more: writing them could race the new owner

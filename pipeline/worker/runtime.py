@@ -34,7 +34,7 @@ from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import DecodeError, PipelineError
 from pipeline.kafka import headers as h
-from pipeline.kafka.client import admin_config, consumer_config, produce
+from pipeline.kafka.client import admin_config, consumer_config, membership_config, produce
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from pipeline.worker import routing
@@ -153,9 +153,11 @@ class Worker(GroupRuntime):
             self.settings,
             self.group_id,
             **{
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": self.cfg.session_timeout_ms,
-                "heartbeat.interval.ms": max(100, self.cfg.session_timeout_ms // 5),
+                **membership_config(
+                    self.cfg.group_protocol,
+                    session_timeout_ms=self.cfg.session_timeout_ms,
+                    assignor="cooperative-sticky",
+                ),
                 "enable.auto.offset.store": False,
                 # a resumed retry partition is fetched again promptly
                 "fetch.wait.max.ms": 100,
