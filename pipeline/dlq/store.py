@@ -29,7 +29,7 @@ def topic_names(settings: Settings) -> set[str]:
         md = admin.list_topics(timeout=settings.kafka.request_timeout_s)
     except KafkaException as exc:
         raise wrap_kafka_error(
-            exc, f"listing topics at {settings.kafka.bootstrap_servers} (is the broker up?)"
+            exc, f"listing topics at {settings.kafka.bootstrap_servers} (is the broker up?)", admin
         ) from exc
     return set(md.topics)
 

@@ -25,6 +25,7 @@ def bootstrap_servers(settings: Settings) -> str:
     return settings.kafka.bootstrap_servers
 
 
+log = logging.getLogger("pipeline.kafka")
 _quiet: logging.Logger | None = None
 
 
@@ -242,8 +243,16 @@ def transactional_config(settings: Settings, transactional_id: str) -> dict[str,
     }
 
 
-def wrap_kafka_error(err: Any, doing: str) -> BrokerUnavailable:
-    """A KafkaError (or KafkaException) as BrokerUnavailable, keeping ``.code``."""
+def wrap_kafka_error(err: Any, doing: str, client: Any = None) -> BrokerUnavailable:
+    """A KafkaError (or KafkaException) as BrokerUnavailable, keeping ``.code``. With the
+    ``client`` that failed (an admin client, or a consumer with nothing assigned), its queued
+    error callbacks are served first, so that a refused login or a failed TLS handshake behind
+    a timeout is named instead of "transport failure"."""
+    if client is not None:
+        try:
+            client.poll(0.2)
+        except Exception:
+            log.debug("serving error callbacks failed", exc_info=True)
     inner = (
         err.args[0] if hasattr(err, "args") and err.args and hasattr(err.args[0], "code") else err
     )

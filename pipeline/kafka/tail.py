@@ -31,7 +31,8 @@ def read_to_end(
     within ``timeout_s``.
 
     The end is where both rules hold: every partition read up to the high watermark seen at the
-    start, *and* then a fetch of ``settle_s`` that brings nothing more. A real Kafka broker's
+    start (its position there: the last offsets may be transaction markers), *and* then a
+    fetch of ``settle_s`` that brings nothing more. A real Kafka broker's
     watermark is exact, so the second rule costs one short wait; a broker whose watermark lies
     low (tansu reports a batch's base offset + 1 after a batched produce) is still read to its
     real end. Records written meanwhile may be yielded too: callers take "at least what was
@@ -48,7 +49,7 @@ def read_to_end(
         try:
             md = consumer.list_topics(timeout=request)
         except KafkaException as exc:
-            raise wrap_kafka_error(exc, f"reading topic metadata ({purpose})") from exc
+            raise wrap_kafka_error(exc, f"reading topic metadata ({purpose})", consumer) from exc
         assignment: list[TopicPartition] = []
         ends: dict[tuple[str, int], int] = {}
         for topic in topics:
@@ -65,7 +66,7 @@ def read_to_end(
                 # every partition is assigned, even one that looks empty: its watermark may lie
                 assignment.append(TopicPartition(topic, p, start))
                 if start < hi:
-                    ends[(topic, p)] = hi - 1
+                    ends[(topic, p)] = hi
         if not assignment:
             return
         consumer.assign(assignment)
@@ -84,8 +85,16 @@ def read_to_end(
                 got = True
                 tp = (str(msg.topic()), int(msg.partition() or 0))
                 yield msg
-                if tp in ends and (msg.offset() or 0) >= ends[tp]:
+                if tp in ends and (msg.offset() or 0) >= ends[tp] - 1:
                     del ends[tp]
+            if ends and not got:
+                # the last offsets may hold no record for us: a transaction's commit marker,
+                # or records of an aborted one; the position moves past them
+                for tp_pos in consumer.position([TopicPartition(t, p) for t, p in ends]):
+                    key = (str(tp_pos.topic), int(tp_pos.partition))
+                    if tp_pos.offset is not None and tp_pos.offset >= ends[key]:
+                        del ends[key]
+                continue
             if not ends and not got:  # past the watermarks and a fetch of settle_s brought nothing
                 return
     finally:

@@ -74,7 +74,7 @@ def apply_topics(
     try:
         md = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
-        raise wrap_kafka_error(exc, "listing topics") from exc
+        raise wrap_kafka_error(exc, "listing topics", admin) from exc
     reports: list[TopicReport] = []
     missing = [s for s in specs if s.name not in md.topics]
     if missing and not dry_run:

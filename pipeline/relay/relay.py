@@ -406,7 +406,8 @@ class Relay:
         try:
             self.producer.list_topics(timeout=self.settings.kafka.request_timeout_s)
         except KafkaException as exc:
-            raise wrap_kafka_error(exc, "connecting the relay's producer") from exc
+            raise wrap_kafka_error(exc, "connecting the relay's producer", self.producer) \
+                from exc
         if self.transactional and not self._txn_ready:
             self._init_transactions()
 
