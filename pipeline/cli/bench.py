@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import os
+from typing import Any
 
 import click
 
@@ -10,8 +11,24 @@ from pipeline.cli import Context, pass_ctx
 
 
 @click.group("bench")
-def bench() -> None:
+@click.option("--broker", type=click.Choice(["auto", "kafka", "tansu"]), default=None,
+              help="the embedded broker when none is configured [default: auto: Apache Kafka "
+                   "where Java 17+ and its jars are present, else tansu]")
+def bench(broker: str | None) -> None:
     """Benchmarks (JSON figures, each with a baseline measured in the same run)."""
+    if broker is not None:
+        os.environ["PIPELINE_BROKER"] = broker  # read by every embedded broker this run starts
+
+
+def _echo(ctx: Context, result: dict[str, Any], as_json: bool) -> None:
+    """The figures, with the broker they were measured on."""
+    if ctx.settings.kafka.bootstrap_servers:
+        result["broker_kind"] = "configured"
+    else:
+        from pipeline.embedded.kafka import broker_kind
+
+        result["broker_kind"] = broker_kind()
+    _echo(ctx, result, as_json)
 
 
 @bench.command("relay")
@@ -33,16 +50,24 @@ def bench() -> None:
     show_default=True,
     help="runs of each measurement; the median is reported",
 )
+@click.option("--transactions", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="the relay's Kafka transactions [default: kafka.transactions]")
 @click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
 @pass_ctx
 def relay_cmd(
-    ctx: Context, events: int, rate: int | None, seconds: float, repeat: int, as_json: bool
+    ctx: Context, events: int, rate: int | None, seconds: float, repeat: int,
+    transactions: str | None, as_json: bool
 ) -> None:
     """Relay throughput (events/s) or latency at a fixed rate, ERP commit → Kafka ack."""
     from pipeline.bench.relay import run_relay_bench
 
-    result = run_relay_bench(ctx.settings, events=events, rate=rate, seconds=seconds, repeat=repeat)
-    click.echo(json.dumps(result, indent=None if as_json else 2))
+    settings = ctx.settings
+    if transactions is not None:
+        settings = settings.model_copy(update={
+            "kafka": settings.kafka.model_copy(update={"transactions": transactions})})
+    result = run_relay_bench(settings, events=events, rate=rate, seconds=seconds, repeat=repeat)
+    result["transactions"] = settings.kafka.transactions
+    _echo(ctx, result, as_json)
 
 
 @bench.command("worker")
@@ -61,7 +86,7 @@ def worker_cmd(ctx: Context, events: int, repeat: int, as_json: bool) -> None:
     from pipeline.bench.worker import run_worker_bench
 
     result = run_worker_bench(ctx.settings, events=events, repeat=repeat)
-    click.echo(json.dumps(result, indent=None if as_json else 2))
+    _echo(ctx, result, as_json)
 
 
 @bench.command("wms")
@@ -85,7 +110,7 @@ def wms_cmd(
     result = run_wms_bench(
         ctx.settings, events=events, latency_ms=latency_ms, max_in_flight=max_in_flight
     )
-    click.echo(json.dumps(result, indent=None if as_json else 2))
+    _echo(ctx, result, as_json)
 
 
 @bench.command("bi")
@@ -107,7 +132,7 @@ def bi_cmd(
     result = run_bi_bench(
         ctx.settings, events=events, repeat=repeat, batch_size=batch_size, parquet=parquet
     )
-    click.echo(json.dumps(result, indent=None if as_json else 2))
+    _echo(ctx, result, as_json)
 
 
 @bench.command("dlq")
@@ -121,7 +146,7 @@ def dlq_cmd(ctx: Context, records: int, repeat: int, as_json: bool) -> None:
     from pipeline.bench.dlq import run_dlq_bench
 
     result = run_dlq_bench(ctx.settings, records=records, repeat=repeat)
-    click.echo(json.dumps(result, indent=None if as_json else 2))
+    _echo(ctx, result, as_json)
 
 
 COMMANDS = [bench]

@@ -26,9 +26,13 @@ from pipeline.cli.relay import stop_on_signals
 @click.option("--no-simulator", is_flag=True, help="no simulated ERP activity")
 @click.option("--no-faults", is_flag=True,
               help="embedded reference servers without injected failures")
+@click.option("--broker", type=click.Choice(["auto", "kafka", "tansu"]), default="auto",
+              show_default=True,
+              help="the embedded broker when none is configured: Apache Kafka (needs Java 17+; "
+                   "auto when its jars are there, `make kafka`) or tansu")
 @pass_ctx
 def run(ctx: Context, rate: float, writers: int, duration: float | None,
-        components: str | None, no_simulator: bool, no_faults: bool) -> None:
+        components: str | None, no_simulator: bool, no_faults: bool, broker: str) -> None:
     """Run everything — ERP simulator, relay, WMS/CRM/BI workers (and reference WMS/CRM servers
     when none are configured) — with a live view; Ctrl-C stops and prints a verdict: events
     written, published, applied per target, dead-lettered, lost, applied twice, out of order."""
@@ -78,7 +82,13 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
         notes.append("embedded broker")
     click.echo(f"starting {', '.join(chosen)} on {', '.join(notes) or 'the configured servers'} …")
     with ExitStack() as stack:
-        s = stack.enter_context(local_stack(settings, fresh_database=embedded_db))
+        used: dict[str, str] = {}
+        try:
+            s = stack.enter_context(local_stack(settings, fresh_database=embedded_db,
+                                                broker=broker, used=used))
+        except RuntimeError as exc:  # an embedded server that cannot start says why
+            click.echo(f"error: {exc}", err=True)
+            raise SystemExit(1) from exc
         faults = demo and not no_faults
         if demo:
             wms = stack.enter_context(WmsServer(seed=1, error_rate=0.03 if faults else 0.0,
@@ -99,8 +109,9 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
         with psycopg.connect(url, autocommit=True) as conn:
             install(conn, schema)
         ensure_topics(s, list(s.topics.aggregate_types))
-        click.echo(f"ready: database {'embedded' if embedded_db else 'configured'}, broker "
-                   f"{s.kafka.bootstrap_servers}, topics {s.topics.prefix}.*; Ctrl-C to stop")
+        click.echo(f"database: {used.get('database', 'configured')}")
+        click.echo(f"broker: {used.get('broker', 'configured')} ({s.kafka.bootstrap_servers})")
+        click.echo(f"ready: topics {s.topics.prefix}.*; Ctrl-C to stop")
         sup = Supervisor()
         trackers: dict[str, Tracker] = {}
         runners: dict[str, Any] = {}

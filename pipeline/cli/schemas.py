@@ -32,9 +32,13 @@ def check_cmd(ctx: Context, path: str | None) -> None:
         from pipeline.relay.relay import _registry
 
         registry = _registry(settings)
-    findings = check_catalogue(
-        cat, registry, lambda t: settings.topics.event_topic(t.split(".")[0])
-    )
+    try:
+        findings = check_catalogue(
+            cat, registry, lambda t: settings.topics.event_topic(t.split(".")[0])
+        )
+    finally:
+        if registry is not None:
+            registry.close()
     for f in findings:
         click.echo(f"INCOMPATIBLE {f}", err=True)
     n = sum(len(cat.versions(t)) for t in cat.event_types)

@@ -346,7 +346,7 @@ class KafkaCluster:
         n.proc = subprocess.Popen(
             self._java(n, "kafka.Kafka", str(n.dir / "server.properties")),
             stdout=n.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def wait_ready(self, timeout_s: float = 90.0, *, brokers: int | None = None) -> None:
@@ -472,7 +472,7 @@ class KafkaCluster:
         self.stop()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the process that started it dies, so a test
     run or ``pipeline up`` killed by a signal leaves no broker behind (Linux only)."""
     try:

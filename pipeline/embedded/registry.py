@@ -19,17 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from functools import cache
 from pathlib import Path
 from typing import IO
+
+from pipeline.embedded.kafka import cache_root, die_with_parent, free_port, java_binary
 
 APICURIO_VERSION = "3.0.9"
 POM = Path(__file__).parent / "maven" / "apicurio" / "pom.xml"
@@ -46,36 +45,9 @@ COMPATIBILITY_LEVELS = (
 )
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "erp-pipeline")
-
-
 def registry_home() -> Path:
     """Where :func:`fetch_registry` unpacks Apicurio (its runner jar and ``lib/``)."""
     return cache_root() / f"apicurio-{APICURIO_VERSION}"
-
-
-@cache
-def java_binary() -> str | None:
-    """A ``java`` of version 17 or newer (``JAVA_HOME`` first, then ``PATH``), or None."""
-    home = os.environ.get("JAVA_HOME")
-    candidates = [str(Path(home) / "bin" / "java")] if home else []
-    found = shutil.which("java")
-    if found:
-        candidates.append(found)
-    for java in candidates:
-        try:
-            out = subprocess.run(
-                [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-        if m:
-            major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
-            if major >= 17:
-                return java
-    return None
 
 
 def registry_available() -> bool:
@@ -104,12 +76,6 @@ def fetch_registry(*, quiet: bool = True) -> Path:
             f"mvn could not fetch Apicurio Registry {APICURIO_VERSION}: {tail.strip()}"
         )
     return home
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedRegistry:
@@ -186,6 +152,7 @@ class EmbeddedRegistry:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = began + timeout_s
         while time.monotonic() < deadline:

@@ -27,8 +27,11 @@ def local_stack(
     fresh_database: bool = True,
     data_dir: Path | None = None,
     broker: str | None = None,
+    used: dict[str, str] | None = None,
 ) -> Iterator[Settings]:
-    """Settings with ``database.url`` and ``kafka.bootstrap_servers`` filled in."""
+    """Settings with ``database.url`` and ``kafka.bootstrap_servers`` filled in; ``used``
+    receives what serves as ``database`` and ``broker``, in words, for a banner."""
+    used = used if used is not None else {}
     with ExitStack() as stack:
         update_db = settings.database
         if settings.database.url is None:
@@ -38,7 +41,10 @@ def local_stack(
                 pg = EmbeddedPostgres(base / "pg").start()
                 stack.callback(pg.stop)
                 admin = pg.url
+                used["database"] = f"embedded PostgreSQL (pgserver) in {base / 'pg'}"
                 log.info("started embedded PostgreSQL (pgserver) in %s", base / "pg")
+            else:
+                used["database"] = "the local PostgreSQL server"
             url = (
                 stack.enter_context(scratch_database(admin, "pipeline_run"))
                 if fresh_database
@@ -52,5 +58,8 @@ def local_stack(
             update_kafka = settings.kafka.model_copy(
                 update={"bootstrap_servers": embedded.bootstrap}
             )
+            what = ("Apache Kafka 4.4.0 (embedded, KRaft)" if embedded.kind == "kafka"
+                    else "tansu (embedded, Python-only fallback)")
+            used["broker"] = f"{what} on {embedded.bootstrap}"
             log.info("started embedded broker (%s) on %s", embedded.kind, embedded.bootstrap)
         yield settings.model_copy(update={"database": update_db, "kafka": update_kafka})

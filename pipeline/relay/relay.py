@@ -255,6 +255,7 @@ class Relay:
 
     def _shutdown(self) -> None:
         self._fetcher.shutdown(wait=True)
+        self.encoder.close()
         self._drain(timeout=self.cfg.flush_timeout_s)
         self._producer = None  # closes the client now, not whenever it is collected
         if self._claims is not None:
@@ -494,8 +495,10 @@ class Relay:
         if telemetry.tracing():
             records = [(row, self._traced(row, rec)) for row, rec in records]
         started = time.perf_counter()
-        txn = self._txn_ready
+        txn = self.transactional
         if txn:
+            if not self._txn_ready:
+                self._init_transactions()
             self._begin()
         refused = self._publish(records, stop)
         if refused and txn and self._delivery_errors:

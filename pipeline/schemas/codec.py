@@ -81,6 +81,12 @@ class Encoder:
         self._encoders: dict[str, Callable[[Any], bytes]] = {}
         self._registry_ids: dict[tuple[str, int], int] = {}
 
+
+    def close(self) -> None:
+        """Close the Schema Registry client's connections (if any)."""
+        close = getattr(self.registry, "close", None)
+        if close is not None:
+            close()
     def schema_for(self, event_type: str, headers: dict[str, Any] | None = None) -> SchemaVersion:
         """The writer schema, or the generic row-change record for captured table rows."""
         if self.catalogue.has(event_type):
@@ -181,6 +187,12 @@ class Decoder:
         self.claims = claims
         self._by_id: dict[int, SchemaVersion] = {}
 
+
+    def close(self) -> None:
+        """Close the Schema Registry client's connections (if any)."""
+        close = getattr(self.registry, "close", None)
+        if close is not None:
+            close()
     def decode(self, data: bytes | None) -> Decoded:
         """Decode a record value; claim-check references are resolved when a store is given."""
         decoded = self._decode(data)

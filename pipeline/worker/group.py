@@ -97,6 +97,8 @@ class GroupRuntime:
             self._consumer = None
         if self._claims is not None:
             self._claims.close()
+        if self._decoder is not None:
+            self._decoder.close()
 
     def _healthz(self) -> tuple[bool, dict[str, Any]]:
         return loop_alive(self._heartbeat)

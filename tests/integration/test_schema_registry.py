@@ -22,14 +22,14 @@ from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Decoder
 from pipeline.simulator.payloads import payload_for
 from tests.conftest import make_settings
-from tests.fixtures.registry import SchemaRegistry
+from tests.fixtures.registry import Registry as SchemaRegistry
 
 pytestmark = pytest.mark.integration
 
 
 def test_relay_publishes_confluent_framed_events_decodable_by_the_registry(
         database_url: str, kafka_bootstrap: str, topic_prefix: str,
-        schema_registry: SchemaRegistry, read_topic):
+        schema_registry: SchemaRegistry, read_topic, request: pytest.FixtureRequest):
     import datetime as dt
     import random
 
@@ -48,11 +48,12 @@ def test_relay_publishes_confluent_framed_events_decodable_by_the_registry(
         conn.commit()
     _publish_all(Relay(s))
 
-    subjects = sorted(schema_registry.state.subjects)
+    subjects = [x for x in schema_registry.subjects() if x.startswith(f"{topic_prefix}.")]
     assert subjects == [f"{topic_prefix}.customer-erp.customer.CustomerUpserted",
                         f"{topic_prefix}.order-erp.order.OrderCreated"]
     client = SchemaRegistryClient({"url": schema_registry.url})
     decoder = Decoder(Catalogue.load(), client)
+    request.addfinalizer(client.close)
     for topic, etype in ((f"{topic_prefix}.order", "order.created"),
                          (f"{topic_prefix}.customer", "customer.upserted")):
         recs = read_topic(topic, expect=3)
@@ -60,7 +61,7 @@ def test_relay_publishes_confluent_framed_events_decodable_by_the_registry(
             assert r.value[0] == 0  # Confluent magic byte
             (sid,) = struct.unpack(">I", r.value[1:5])
             subject = f"{topic}-{Catalogue.load().writer(etype).fullname}"
-            assert sid in schema_registry.state.subjects[subject]
+            assert sid in schema_registry.ids(subject)
             ev = decoder.decode(r.value)
             assert ev.event_type == etype and ev.wire_form == "confluent"
 
@@ -71,11 +72,11 @@ def test_schemas_check_against_the_registry_names_the_incompatible_field(
     sv = cat.writer("order.cancelled")
     # the registry holds a version with a field our catalogue has since dropped a default for
     registered = json.loads(json.dumps(sv.raw))
-    client = SchemaRegistryClient({"url": schema_registry.url})
     from confluent_kafka.schema_registry import Schema
 
     subject = f"erp.order-{sv.fullname}"
-    client.register_schema(subject, Schema(json.dumps(registered), "AVRO"))
+    with SchemaRegistryClient({"url": schema_registry.url}) as client:
+        client.register_schema(subject, Schema(json.dumps(registered), "AVRO"))
     # a local catalogue whose order.cancelled adds a required field
     local = tmp_path / "schemas"
     (local / "order.cancelled").mkdir(parents=True)
@@ -100,6 +101,7 @@ def _publish_all(relay: Relay) -> None:
         pass
     relay._drain(10)
     relay.store.close()
+    relay.encoder.close()
 
 
 def test_registry_refusing_a_schema_dead_letters_the_event(
@@ -113,9 +115,9 @@ def test_registry_refusing_a_schema_dead_letters_the_event(
     # The subject already holds a schema with a field ours lacks a default for.
     older = json.loads(json.dumps(sv.raw))
     older["fields"] = [f for f in older["fields"] if f["name"] != "reason"]
-    ours_needs = SchemaRegistryClient({"url": schema_registry.url})
-    ours_needs.register_schema(f"{topic_prefix}.order-{sv.fullname}",
-                               Schema(json.dumps(older), "AVRO"))
+    with SchemaRegistryClient({"url": schema_registry.url}) as ours_needs:
+        ours_needs.register_schema(f"{topic_prefix}.order-{sv.fullname}",
+                                   Schema(json.dumps(older), "AVRO"))
     with psycopg.connect(database_url, autocommit=True) as conn:
         install(conn, "pipeline")
     with psycopg.connect(database_url) as conn:
