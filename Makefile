@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-# Apache Kafka 4.4.0 jars from Maven Central into ~/.cache/erp-pipeline (PIPELINE_CACHE_DIR);
-# with no Java or Maven this says so and the embedded broker is tansu.
-kafka: $(STAMP) ## fetch Apache Kafka's jars (needs Java 17+ and Maven; else tansu is used)
+# Apache Kafka 4.4.0's jars and Apicurio Registry 3 (the tests' Schema Registry) from Maven
+# Central into ~/.cache/erp-pipeline (PIPELINE_CACHE_DIR); nothing is built, nothing lands in the
+# work tree. With no Java or Maven this says so: the embedded broker is then tansu.
+kafka: $(STAMP) ## fetch Apache Kafka and Apicurio Registry (needs Java 17+ and Maven; else tansu)
 	@if command -v java >/dev/null && command -v mvn >/dev/null; then \
-		$(BIN)/python -m pipeline.embedded.kafka fetch; \
+		$(BIN)/python -m pipeline.embedded.kafka fetch && \
+		$(BIN)/python -m pipeline.embedded.registry fetch; \
 	else echo "no Java/Maven here: the embedded broker is tansu"; fi
 
 run: kafka ## run the pipeline (embedded PostgreSQL and broker when none is configured)

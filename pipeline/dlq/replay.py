@@ -10,6 +10,7 @@ keyed by DLQ position: the same replay again sends nothing unless ``again``.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import math
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from pipeline import telemetry
 from pipeline.dlq.records import (
@@ -32,7 +33,13 @@ from pipeline.dlq.records import (
 )
 from pipeline.dlq.store import GroupDlq
 from pipeline.errors import BrokerUnavailable
-from pipeline.kafka.client import produce, producer_config
+from pipeline.kafka.client import (
+    produce,
+    producer_config,
+    transactional_config,
+    transactions_enabled,
+    wrap_kafka_error,
+)
 from pipeline.kafka.headers import TRACEPARENT
 from pipeline.worker import routing
 
@@ -150,20 +157,83 @@ class Result:
         return self.sent / self.seconds if self.seconds > 0 else float("inf")
 
 
+# A replay commits (or, without transactions, records) its progress in chunks: a throttled
+# replay of many records must not outlive the transaction timeout.
+_CHUNK_RECORDS = 1000
+_CHUNK_SECONDS = 5.0
+
+
 def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
          progress: Callable[[int], None] | None = None) -> Result:
     """Send ``records`` in order to the group's first retry tier, at most ``rate`` per second,
-    then record them as replayed. Raises BrokerUnavailable when Kafka does not acknowledge."""
+    and record them as replayed. With Kafka transactions (``kafka.transactions``) each chunk of
+    records and its replay records are one transaction: a record the workers see is recorded
+    as replayed, and one that is not recorded was never seen (read_committed). Raises
+    BrokerUnavailable when Kafka does not take a chunk; the chunks before it stand."""
     dlq.ensure_replays_topic()
     replay_id = str(uuid.uuid4())
     by = operator()
     errors: list[str] = []
+    settings = dlq.settings
+    timeout = settings.kafka.request_timeout_s
 
     def delivered(err: KafkaError | None, _m: object) -> None:
         if err is not None:
             errors.append(err.str())
 
-    producer = Producer(producer_config(dlq.settings))
+    txn = transactions_enabled(settings)
+    extra = (transactional_config(settings, f"{settings.topics.prefix}.dlq-replay.{replay_id}")
+             if txn else {})
+    producer = Producer(producer_config(settings, **extra))
+    if txn:
+        try:
+            producer.init_transactions(timeout * 3)
+        except KafkaException as exc:
+            raise wrap_kafka_error(exc, f"starting replay {replay_id}'s transaction") from exc
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    done = 0
+    chunk: list[DlqRecord] = []
+    chunk_started = time.monotonic()
+
+    def settle() -> None:
+        """Record the chunk as replayed, and commit it (or wait for its acknowledgements)."""
+        nonlocal done, chunk, chunk_started
+        if not chunk:
+            return
+        if not txn and (producer.flush(timeout) or errors):
+            raise BrokerUnavailable(
+                f"replay {replay_id}: Kafka did not acknowledge every record to "
+                f"{dlq.retry_topic} ({errors[0] if errors else 'timed out'}); the {done} "
+                "records before them were sent and recorded, these were not: running the "
+                "replay again re-sends them (the target's idempotency keys make that safe)"
+            )
+        for r in chunk:
+            for pos in {str(r.position), str(r.edit_of) if r.edit_of else str(r.position)}:
+                producer.produce(dlq.replays_topic, json.dumps(
+                    {"replay_id": replay_id, "by": by, "at": stamp, "sent_to": dlq.retry_topic,
+                     "event_id": r.event_id, "copy_of": str(r.position)}).encode(),
+                    pos.encode(), on_delivery=delivered)
+        if txn:
+            try:
+                producer.commit_transaction(settings.kafka.transaction_timeout_s)
+            except KafkaException as exc:
+                with contextlib.suppress(KafkaException):
+                    producer.abort_transaction(timeout)
+                raise BrokerUnavailable(
+                    f"replay {replay_id}: Kafka did not commit {len(chunk)} records to "
+                    f"{dlq.retry_topic} with their replay records ({exc.args[0].str()}); the "
+                    f"transaction was aborted, so no worker sees them; the {done} records "
+                    "before them were replayed: run the replay again for the rest"
+                ) from exc
+        elif producer.flush(timeout) or errors:
+            raise BrokerUnavailable(
+                f"replay {replay_id} sent {len(chunk)} records but could not record them in "
+                f"{dlq.replays_topic}: a second replay would send them again"
+            )
+        done += len(chunk)
+        chunk = []
+        chunk_started = time.monotonic()
+
     started = time.monotonic()
     for i, r in enumerate(records):
         if rate:
@@ -171,6 +241,8 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+        if txn and not chunk:
+            producer.begin_transaction()
         now_ms = int(time.time() * 1000)
         headers = replay_headers(r, dlq_topic=dlq.topic, replay_id=replay_id, by=by,
                                  now_ms=now_ms)
@@ -183,26 +255,11 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
                 on_delivery=delivered)
         producer.poll(0)
+        chunk.append(r)
         if progress is not None:
             progress(1)
-    if producer.flush(dlq.settings.kafka.request_timeout_s) or errors:
-        raise BrokerUnavailable(
-            f"replay {replay_id}: Kafka did not acknowledge every record to {dlq.retry_topic} "
-            f"({errors[0] if errors else 'timed out'}); nothing was recorded as replayed, so "
-            "running the replay again re-sends them (the target's idempotency keys make that "
-            "safe)"
-        )
+        if len(chunk) >= _CHUNK_RECORDS or time.monotonic() - chunk_started >= _CHUNK_SECONDS:
+            settle()
+    settle()
     elapsed = time.monotonic() - started
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for r in records:
-        for pos in {str(r.position), str(r.edit_of) if r.edit_of else str(r.position)}:
-            producer.produce(dlq.replays_topic, json.dumps(
-                {"replay_id": replay_id, "by": by, "at": stamp, "sent_to": dlq.retry_topic,
-                 "event_id": r.event_id, "copy_of": str(r.position)}).encode(), pos.encode(),
-                on_delivery=delivered)
-    if producer.flush(dlq.settings.kafka.request_timeout_s) or errors:
-        raise BrokerUnavailable(
-            f"replay {replay_id} sent {len(records)} records but could not record them in "
-            f"{dlq.replays_topic}: a second replay would send them again"
-        )
     return Result(replay_id, len(records), elapsed, dlq.retry_topic)

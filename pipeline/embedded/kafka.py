@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import shutil
 import signal
 import socket
@@ -27,44 +26,22 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import IO, Any
+
+from pipeline.embedded.jvm import cache_root, die_with_parent, java_binary, run_maven
+
+__all__ = ["KafkaCluster", "ScramListener", "TlsFiles", "broker_kind", "cache_root",
+           "die_with_parent", "fetch_kafka", "free_port", "java_binary", "kafka_available",
+           "make_tls"]
 
 KAFKA_VERSION = "4.4.0"
 POM = Path(__file__).parent / "maven" / "kafka" / "pom.xml"
 _MAIN_JAR = f"kafka_2.13-{KAFKA_VERSION}.jar"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "erp-pipeline")
-
-
 def kafka_libs() -> Path:
     return cache_root() / f"kafka-{KAFKA_VERSION}" / "libs"
-
-
-@cache
-def java_binary() -> str | None:
-    """A ``java`` of version 17 or newer (``JAVA_HOME`` first, then ``PATH``), or None."""
-    home = os.environ.get("JAVA_HOME")
-    candidates = [str(Path(home) / "bin" / "java")] if home else []
-    found = shutil.which("java")
-    if found:
-        candidates.append(found)
-    for java in candidates:
-        try:
-            out = subprocess.run(
-                [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-        if m:
-            major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
-            if major >= 17:
-                return java
-    return None
 
 
 def kafka_available() -> bool:
@@ -77,22 +54,14 @@ def fetch_kafka(*, quiet: bool = True) -> Path:
     libs = kafka_libs()
     if (libs / _MAIN_JAR).is_file():
         return libs
-    mvn = shutil.which("mvn")
-    if mvn is None or java_binary() is None:
-        raise RuntimeError(
-            "Apache Kafka needs Java 17+ and Maven to fetch its jars (apt-get install "
-            "openjdk-17-jre-headless maven); without them the embedded broker is tansu"
-        )
     staging = libs.parent / f".libs-{uuid.uuid4().hex[:8]}"
-    cmd = [mvn, "-B", "-f", str(POM), "dependency:copy-dependencies",
-           f"-DoutputDirectory={staging}", "-DincludeScope=runtime"]
-    if quiet:
-        cmd.insert(1, "-q")
-    done = subprocess.run(cmd, capture_output=quiet, text=True, check=False)
-    if done.returncode != 0 or not (staging / _MAIN_JAR).is_file():
+    try:
+        run_maven(POM, ["dependency:copy-dependencies", f"-DoutputDirectory={staging}",
+                        "-DincludeScope=runtime"], staging / _MAIN_JAR,
+                  f"Apache Kafka {KAFKA_VERSION}", quiet=quiet)
+    except RuntimeError:
         shutil.rmtree(staging, ignore_errors=True)
-        tail = (done.stdout or "")[-2000:] + (done.stderr or "")[-2000:] if quiet else ""
-        raise RuntimeError(f"mvn could not resolve Apache Kafka {KAFKA_VERSION}: {tail.strip()}")
+        raise
     libs.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(libs)
@@ -472,17 +441,6 @@ class KafkaCluster:
         self.stop()
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the process that started it dies, so a test
-    run or ``pipeline up`` killed by a signal leaves no broker behind (Linux only)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _quiet_logger() -> Any:
     import logging
 
@@ -496,7 +454,7 @@ if __name__ == "__main__":  # `make kafka`
     import sys
 
     if sys.argv[1:] == ["fetch"]:
-        print(fetch_kafka(quiet=False))
+        print(fetch_kafka())
     elif sys.argv[1:] == ["available"]:
         sys.exit(0 if kafka_available() else 1)
     else:

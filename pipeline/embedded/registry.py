@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -28,7 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from pipeline.embedded.kafka import cache_root, die_with_parent, free_port, java_binary
+from pipeline.embedded.jvm import cache_root, die_with_parent, java_binary, run_maven
+from pipeline.embedded.kafka import free_port
 
 APICURIO_VERSION = "3.0.9"
 POM = Path(__file__).parent / "maven" / "apicurio" / "pom.xml"
@@ -60,21 +60,8 @@ def fetch_registry(*, quiet: bool = True) -> Path:
     home = registry_home()
     if (home / _RUNNER).is_file() and (home / "lib").is_dir():
         return home
-    mvn = shutil.which("mvn")
-    if mvn is None or java_binary() is None:
-        raise RuntimeError(
-            "the embedded Apicurio Registry needs Java 17+ and Maven to fetch it "
-            "(apt-get install openjdk-17-jre-headless maven)"
-        )
-    cmd = [mvn, "-B", "-f", str(POM), "process-resources", f"-Dpipeline.cache.dir={cache_root()}"]
-    if quiet:
-        cmd.insert(1, "-q")
-    done = subprocess.run(cmd, capture_output=quiet, text=True, check=False)
-    if done.returncode != 0 or not (home / _RUNNER).is_file():
-        tail = (done.stdout or "")[-2000:] + (done.stderr or "")[-2000:] if quiet else ""
-        raise RuntimeError(
-            f"mvn could not fetch Apicurio Registry {APICURIO_VERSION}: {tail.strip()}"
-        )
+    run_maven(POM, ["process-resources", f"-Dpipeline.cache.dir={cache_root()}"],
+              home / _RUNNER, f"Apicurio Registry {APICURIO_VERSION}", quiet=quiet)
     return home
 
 
@@ -235,7 +222,7 @@ if __name__ == "__main__":  # python -m pipeline.embedded.registry fetch|availab
     import sys
 
     if sys.argv[1:] == ["fetch"]:
-        print(fetch_registry(quiet=False))
+        print(fetch_registry())
     elif sys.argv[1:] == ["available"]:
         sys.exit(0 if registry_available() else 1)
     else:

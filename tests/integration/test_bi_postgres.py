@@ -65,6 +65,7 @@ def _assert_exactly_once(s: Settings, event_ids: set[str]) -> None:
                                  f"unexpected {len(landed - event_ids)}")
 
 
+@pytest.mark.tansu_smoke
 def test_every_event_lands_typed_and_raw_exactly_once_across_restarts(
         database_url, kafka_bootstrap, topic_prefix):
     s = bi_settings(database_url, kafka_bootstrap, topic_prefix)

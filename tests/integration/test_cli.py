@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.outbox.migrations import migrations
 from pipeline.schemas.catalogue import Catalogue
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.tansu_smoke]
 
 NOCONF = ["--config", "/dev/null"]
 

@@ -17,7 +17,7 @@ from pipeline.schemas.codec import Decoder
 from pipeline.simulator.payloads import payload_for
 from tests.fixtures.relay import _url
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.tansu_smoke]
 
 
 

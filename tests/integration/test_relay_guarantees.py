@@ -181,6 +181,7 @@ def test_interleaved_writers_late_commits_and_rollbacks(installed: Settings, rea
 
 # -- 2. kill -9 mid-run --------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.tansu_smoke
 def test_kill_9_mid_run_then_restart_publishes_exactly_once(installed: Settings, relay_procs,
                                                             read_topic):
     url = _url(installed)

@@ -56,6 +56,7 @@ def _dlq(read_topic, s: Settings, expect: int) -> list[Any]:  # type: ignore[no-
     return read_topic(f"{s.topics.prefix}.sink.dlq", expect=expect, timeout_s=30)
 
 
+@pytest.mark.tansu_smoke
 def test_transient_twice_then_success_applies_once_after_retries(sink_settings, read_topic):
     rows = make_events(["SO-1", "SO-2"], 1)
     flaky = rows[0].event_id

@@ -1,0 +1,68 @@
+"""Java and Maven for the embedded servers (Apache Kafka, Apicurio Registry): finding a Java
+17+, the cache outside the work tree that Maven fills, running a pom of ``maven/``, and child
+processes that die with the process that started them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from functools import cache
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "erp-pipeline")
+
+
+@cache
+def java_binary() -> str | None:
+    """A ``java`` of version 17 or newer (``JAVA_HOME`` first, then ``PATH``), or None."""
+    home = os.environ.get("JAVA_HOME")
+    candidates = [str(Path(home) / "bin" / "java")] if home else []
+    found = shutil.which("java")
+    if found:
+        candidates.append(found)
+    for java in candidates:
+        try:
+            out = subprocess.run(
+                [java, "-version"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+        if m:
+            major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
+            if major >= 17:
+                return java
+    return None
+
+
+def run_maven(pom: Path, args: list[str], produces: Path, what: str, *, quiet: bool) -> None:
+    """``mvn -f pom args…``; raises RuntimeError (with Maven's last words) unless it exits 0
+    and ``produces`` exists."""
+    mvn = shutil.which("mvn")
+    if mvn is None or java_binary() is None:
+        raise RuntimeError(
+            f"{what} needs Java 17+ and Maven reaching Maven Central (apt-get install "
+            "openjdk-17-jre-headless maven); without them the embedded broker is tansu and the "
+            "tests' Schema Registry a Python fixture"
+        )
+    cmd = [mvn, "-B", *(["-q"] if quiet else []), "-f", str(pom), *args]
+    done = subprocess.run(cmd, capture_output=quiet, text=True, check=False)
+    if done.returncode != 0 or not produces.exists():
+        tail = ((done.stdout or "")[-2000:] + (done.stderr or "")[-2000:]) if quiet else ""
+        raise RuntimeError(f"mvn could not fetch {what}: {tail.strip()}")
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies, so a test
+    run or ``pipeline up`` killed by a signal leaves no broker behind (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
