@@ -195,6 +195,17 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
     chunk: list[DlqRecord] = []
     chunk_started = time.monotonic()
 
+    def aborted(exc: KafkaException) -> BrokerUnavailable:
+        with contextlib.suppress(KafkaException):
+            producer.abort_transaction(timeout)
+        return BrokerUnavailable(
+            f"replay {replay_id}: Kafka did not take {len(chunk)} records to "
+            f"{dlq.retry_topic} with their replay records ({exc.args[0].str()}"
+            f"{'; ' + errors[0] if errors else ''}); the transaction was aborted, so no "
+            f"worker sees them; the {done} records before them were replayed: fix the cause "
+            "and run the replay again for the rest"
+        )
+
     def settle() -> None:
         """Record the chunk as replayed, and commit it (or wait for its acknowledgements)."""
         nonlocal done, chunk, chunk_started
@@ -217,14 +228,7 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
             try:
                 producer.commit_transaction(settings.kafka.transaction_timeout_s)
             except KafkaException as exc:
-                with contextlib.suppress(KafkaException):
-                    producer.abort_transaction(timeout)
-                raise BrokerUnavailable(
-                    f"replay {replay_id}: Kafka did not commit {len(chunk)} records to "
-                    f"{dlq.retry_topic} with their replay records ({exc.args[0].str()}); the "
-                    f"transaction was aborted, so no worker sees them; the {done} records "
-                    "before them were replayed: run the replay again for the rest"
-                ) from exc
+                raise aborted(exc) from exc
         elif producer.flush(timeout) or errors:
             raise BrokerUnavailable(
                 f"replay {replay_id} sent {len(chunk)} records but could not record them in "
@@ -252,10 +256,15 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         if hop is not None:  # the event's trace goes on through the replay
             headers = [(k, v) for k, v in headers if k != TRACEPARENT]
             headers.append((TRACEPARENT, hop.encode()))
-        produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
-                on_delivery=delivered)
-        producer.poll(0)
         chunk.append(r)
+        try:
+            produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
+                    on_delivery=delivered)
+            producer.poll(0)
+        except KafkaException as exc:  # a transaction made abortable by an earlier refusal
+            if not txn:
+                raise wrap_kafka_error(exc, f"replaying {r.position}") from exc
+            raise aborted(exc) from exc
         if progress is not None:
             progress(1)
         if len(chunk) >= _CHUNK_RECORDS or time.monotonic() - chunk_started >= _CHUNK_SECONDS:

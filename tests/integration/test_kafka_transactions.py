@@ -7,6 +7,7 @@ the topic next to the new leader's copies: duplicates."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -128,3 +129,45 @@ def test_a_stalled_leader_is_fenced_and_its_batch_aborted(
         c.close()
     assert seen > len(ids), "the stalled leader's batch never reached the log: nothing was tested"
     assert new.stats.published == len(ids)
+
+
+def test_a_replay_chunk_that_fails_is_neither_seen_nor_recorded(
+        database_url: str, kafka_bootstrap: str, topic_prefix: str) -> None:
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from pipeline.dlq.replay import send
+    from pipeline.dlq.store import GroupDlq
+    from pipeline.errors import BrokerUnavailable
+
+    # one record per request, so that the first is written before the second is refused
+    s = _settings(database_url, kafka_bootstrap, topic_prefix, transactions="on",
+                  producer={"linger.ms": 0, "batch.num.messages": 1})
+    dlq_topic, retry = f"{topic_prefix}.sink.dlq", f"{topic_prefix}.sink.retry.1"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    # the retry tier takes records of 20 kB at most: the second dead letter is refused by the
+    # broker after the first was sent, inside the same transaction
+    for f in admin.create_topics([NewTopic(dlq_topic, 1, 1),
+                                  NewTopic(retry, 1, 1, config={"max.message.bytes": "20000"})
+                                  ]).values():
+        f.result(15)
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i, size in enumerate((100, 60_000, 100)):  # random bytes: lz4 cannot shrink them
+        p.produce(dlq_topic, os.urandom(size), f"K{i}".encode(),
+                  headers=[("ce_id", f"e{i}".encode())])
+    assert p.flush(10) == 0
+    dlq = GroupDlq(s, "sink")
+    records = list(dlq.records())
+    assert len(records) == 3
+    with pytest.raises(BrokerUnavailable, match="transaction was aborted"):
+        send(dlq, records, rate=None)
+    assert dlq.replayed() == {}, "an aborted replay was recorded as done"
+    assert read_all(kafka_bootstrap, retry, timeout_s=10) == [], "a worker would see it"
+    c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic_prefix}-ru",
+                  "isolation.level": "read_uncommitted", "enable.auto.commit": False})
+    try:
+        c.assign([TopicPartition(retry, 0, 0)])
+        seen = [m for m in c.consume(100, timeout=3) if m.error() is None]
+    finally:
+        c.close()
+    assert b"K0" in [m.key() for m in seen]  # it was written, and aborted

@@ -106,8 +106,10 @@ def test_wms_applies_the_order_story_once_and_in_order(database_url, kafka_boots
     assert len(orders) == 8 and len(reservations) == 8
     for o in orders.values():
         assert o["history"] == [1, 2], o  # created, then its status change: once each, in order
+        # a shipment travels on another topic than its order's status change, so it may
+        # arrive before the order turned final (accepted) or after (refused as too late)
         final = o["status"] in ("DELIVERED", "CANCELLED")
-        assert len(o["shipments"]) == (0 if final else 1), o
+        assert len(o["shipments"]) in ((0, 1) if final else (1,)), o
     assert read_topic(f"{topic_prefix}.wms.dlq") == []
     assert stats.get("validation_errors", 0) == 0
 
