@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -28,7 +29,7 @@ def _echo(ctx: Context, result: dict[str, Any], as_json: bool) -> None:
         from pipeline.embedded.kafka import broker_kind
 
         result["broker_kind"] = broker_kind()
-    _echo(ctx, result, as_json)
+    click.echo(json.dumps(result, indent=None if as_json else 2))
 
 
 @bench.command("relay")

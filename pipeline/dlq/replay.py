@@ -197,6 +197,8 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
 
     def aborted(exc: KafkaException) -> BrokerUnavailable:
         with contextlib.suppress(KafkaException):
+            producer.purge(in_queue=True, in_flight=False)  # never sent: abort waits for it
+            producer.poll(0)
             producer.abort_transaction(timeout)
         return BrokerUnavailable(
             f"replay {replay_id}: Kafka did not take {len(chunk)} records to "
@@ -225,7 +227,14 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
                      "event_id": r.event_id, "copy_of": str(r.position)}).encode(),
                     pos.encode(), on_delivery=delivered)
         if txn:
+            # wait for the acknowledgements first: after a refusal the transaction sends
+            # nothing more, and a commit would wait out its timeout for the queued records
+            waited_until = time.monotonic() + settings.kafka.transaction_timeout_s
+            while producer.flush(0.2) and not errors and time.monotonic() < waited_until:
+                pass
             try:
+                if errors:
+                    raise KafkaException(KafkaError(KafkaError._STATE, errors[0]))
                 producer.commit_transaction(settings.kafka.transaction_timeout_s)
             except KafkaException as exc:
                 raise aborted(exc) from exc
@@ -239,36 +248,48 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         chunk_started = time.monotonic()
 
     started = time.monotonic()
-    for i, r in enumerate(records):
-        if rate:
-            due = started + i / rate
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-        if txn and not chunk:
-            producer.begin_transaction()
-        now_ms = int(time.time() * 1000)
-        headers = replay_headers(r, dlq_topic=dlq.topic, replay_id=replay_id, by=by,
-                                 now_ms=now_ms)
-        hop = telemetry.send_span(dlq.retry_topic, r.header(TRACEPARENT),
-                                  {"messaging.message.id": r.event_id or "", "erp.replay_id":
-                                   replay_id, "erp.replay_of": str(r.edit_of or r.position)})
-        if hop is not None:  # the event's trace goes on through the replay
-            headers = [(k, v) for k, v in headers if k != TRACEPARENT]
-            headers.append((TRACEPARENT, hop.encode()))
-        chunk.append(r)
-        try:
-            produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
-                    on_delivery=delivered)
-            producer.poll(0)
-        except KafkaException as exc:  # a transaction made abortable by an earlier refusal
-            if not txn:
-                raise wrap_kafka_error(exc, f"replaying {r.position}") from exc
-            raise aborted(exc) from exc
-        if progress is not None:
-            progress(1)
-        if len(chunk) >= _CHUNK_RECORDS or time.monotonic() - chunk_started >= _CHUNK_SECONDS:
-            settle()
-    settle()
+    try:
+        for i, r in enumerate(records):
+            if rate:
+                due = started + i / rate
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            if txn and not chunk:
+                producer.begin_transaction()
+            now_ms = int(time.time() * 1000)
+            headers = replay_headers(r, dlq_topic=dlq.topic, replay_id=replay_id, by=by,
+                                     now_ms=now_ms)
+            hop = telemetry.send_span(dlq.retry_topic, r.header(TRACEPARENT),
+                                      {"messaging.message.id": r.event_id or "", "erp.replay_id":
+                                       replay_id, "erp.replay_of": str(r.edit_of or r.position)})
+            if hop is not None:  # the event's trace goes on through the replay
+                headers = [(k, v) for k, v in headers if k != TRACEPARENT]
+                headers.append((TRACEPARENT, hop.encode()))
+            chunk.append(r)
+            try:
+                produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
+                        on_delivery=delivered)
+                producer.poll(0)
+            except KafkaException as exc:  # a transaction made abortable by an earlier refusal
+                if not txn:
+                    raise wrap_kafka_error(exc, f"replaying {r.position}") from exc
+                raise aborted(exc) from exc
+            if progress is not None:
+                progress(1)
+            if len(chunk) >= _CHUNK_RECORDS or time.monotonic() - chunk_started >= _CHUNK_SECONDS:
+                settle()
+        settle()
+    except BrokerUnavailable:
+        raise
+    except BaseException as exc:
+        # anything else (a KafkaException outside a produce, Ctrl-C): no chunk stays open to
+        # hold back what read_committed consumers of the retry tier may read
+        if txn and chunk:
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(timeout)
+        if isinstance(exc, KafkaException):
+            raise wrap_kafka_error(exc, f"replay {replay_id} (after {done} records)") from exc
+        raise
     elapsed = time.monotonic() - started
     return Result(replay_id, len(records), elapsed, dlq.retry_topic)

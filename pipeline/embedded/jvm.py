@@ -57,12 +57,24 @@ def run_maven(pom: Path, args: list[str], produces: Path, what: str, *, quiet: b
         raise RuntimeError(f"mvn could not fetch {what}: {tail.strip()}")
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the process that started it dies, so a test
-    run or ``pipeline up`` killed by a signal leaves no broker behind (Linux only)."""
+def _load_prctl() -> object | None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+# Looked up here, in the parent: between fork and exec a child of a threaded process may only
+# call what is async-signal-safe, and loading a library is not.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the thread that started it ends (for the
+    fixtures and ``pipeline up``, their main thread), so a run killed by a signal leaves no
+    broker behind (Linux only)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)  # type: ignore[operator]

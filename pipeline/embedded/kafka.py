@@ -17,6 +17,7 @@ Production never uses this module.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import signal
@@ -304,7 +305,7 @@ class KafkaCluster:
         try:
             self.wait_ready(timeout_s)
         except BaseException:
-            self.stop()
+            self.stop(keep_files=True)  # the logs the error points to stay
             raise
         return self
 
@@ -407,11 +408,13 @@ class KafkaCluster:
             n.log.close()
             n.log = None
 
-    def stop(self) -> None:
+    def stop(self, *, keep_files: bool = False) -> None:
         # SIGTERM all at once: a node shutting down alone waits for a controller quorum that
-        # the others' shutdown is taking away.
+        # the others' shutdown is taking away. A paused node is woken first to hear it.
         for n in self.nodes:
             if n.proc is not None and n.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(n.proc.pid, signal.SIGCONT)
                 n.proc.terminate()
         deadline = time.monotonic() + 20
         for n in self.nodes:
@@ -423,7 +426,7 @@ class KafkaCluster:
                 os.killpg(n.proc.pid, signal.SIGKILL)
                 n.proc.wait(30)
             self._close_log(n)
-        if self._own_dir:  # a later start() formats afresh, as an empty cluster
+        if self._own_dir and not keep_files:  # a later start() formats afresh, empty
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self._formatted = False
 

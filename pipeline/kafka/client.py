@@ -218,6 +218,8 @@ def transactions_enabled(settings: Settings) -> bool:
         timeout = settings.kafka.request_timeout_s
         try:
             md = admin.list_topics(timeout=timeout)
+            if not md.brokers:
+                raise BrokerUnavailable(f"Kafka at {boot} lists no broker: is the cluster up?")
             res = ConfigResource(ConfigResource.Type.BROKER, str(next(iter(md.brokers))))
             configs = admin.describe_configs([res], request_timeout=timeout)[res].result()
         except KafkaException as exc:
@@ -228,6 +230,11 @@ def transactions_enabled(settings: Settings) -> bool:
                 return True
             raise wrap_kafka_error(exc, "asking the cluster whether it has transactions") from exc
         _txn_support[boot] = any(k.startswith("transaction.") for k in configs)
+        log.info(
+            "kafka.transactions auto: %s at %s", "on (the cluster has a transaction "
+            "coordinator)" if _txn_support[boot] else "off (the broker describes no "
+            "transaction configuration, e.g. tansu)", boot,
+        )
     return _txn_support[boot]
 
 
@@ -258,8 +265,19 @@ def wrap_kafka_error(err: Any, doing: str, client: Any = None) -> BrokerUnavaila
     )
     code = inner.code() if hasattr(inner, "code") else None
     text = inner.str() if hasattr(inner, "str") else str(inner)
-    # a timeout whose real cause is a refused login or a failed handshake says so
-    security = last_security_problem()
+    # a timeout or transport failure whose real cause is a refused login or a failed TLS
+    # handshake says so (and only such errors: a refused record keeps its own reason)
+    security = last_security_problem() if code in _MAY_HIDE_SECURITY else None
     if security is not None:
         return BrokerUnavailable(f"cannot use Kafka while {doing}: {security}", code=code)
     return BrokerUnavailable(f"Kafka error while {doing}: {text}", code=code)
+
+
+_MAY_HIDE_SECURITY = {
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._AUTHENTICATION,
+    KafkaError._SSL,
+    KafkaError._RESOLVE,
+}

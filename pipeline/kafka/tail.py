@@ -52,12 +52,13 @@ def read_to_end(
             raise wrap_kafka_error(exc, f"reading topic metadata ({purpose})", consumer) from exc
         assignment: list[TopicPartition] = []
         ends: dict[tuple[str, int], int] = {}
+        lookups_until = time.monotonic() + timeout_s
         for topic in topics:
             tmd = md.topics.get(topic)
             if tmd is None or tmd.error is not None:
                 continue
             for p in tmd.partitions:
-                lo, hi = _watermarks(consumer, topic, p, request, time.monotonic() + timeout_s)
+                lo, hi = _watermarks(consumer, topic, p, request, lookups_until)
                 start = lo if last is None else max(lo, hi - last)
                 if since_ms is not None and start > lo:
                     start = max(
@@ -71,32 +72,34 @@ def read_to_end(
             return
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout_s
-        while True:
+        while ends:
             if time.monotonic() > deadline:
                 raise BrokerUnavailable(
                     f"{purpose}: {len(ends)} partition(s) not read to their end in "
                     f"{timeout_s:.0f}s, e.g. {sorted(ends)[:3]}"
                 )
-            batch = consumer.consume(5000, timeout=0.1 if ends else settle_s)
-            got = False
-            for msg in batch:
+            for msg in consumer.consume(5000, timeout=0.1):
                 if msg.error() is not None:
                     continue
-                got = True
                 tp = (str(msg.topic()), int(msg.partition() or 0))
                 yield msg
                 if tp in ends and (msg.offset() or 0) >= ends[tp] - 1:
                     del ends[tp]
-            if ends and not got:
+            if ends:
                 # the last offsets may hold no record for us: a transaction's commit marker,
                 # or records of an aborted one; the position moves past them
                 for tp_pos in consumer.position([TopicPartition(t, p) for t, p in ends]):
                     key = (str(tp_pos.topic), int(tp_pos.partition))
                     if tp_pos.offset is not None and tp_pos.offset >= ends[key]:
                         del ends[key]
-                continue
-            if not ends and not got:  # past the watermarks and a fetch of settle_s brought nothing
+        # Past every watermark: what a lying watermark hid comes now. Fetch until a fetch of
+        # settle_s brings nothing, bounded so that steady writers cannot keep us here.
+        settle_until = time.monotonic() + max(2.0, 5 * settle_s)
+        while time.monotonic() < settle_until:
+            batch = [m for m in consumer.consume(5000, timeout=settle_s) if m.error() is None]
+            if not batch:
                 return
+            yield from batch
     finally:
         consumer.close()
 

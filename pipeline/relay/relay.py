@@ -82,6 +82,12 @@ _PERMANENT_DELIVERY = {
 }
 
 
+# transactions a batch may take when Kafka refuses some of its records after sending them
+_MAX_TXN_ROUNDS = 5
+
+# what a producer fenced by a newer one of its transactional id answers
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+
 # Kafka timestamps come from the producer's clock, the heartbeat from the database's.
 _CLOCK_MARGIN_MS = 30 * 1000
 
@@ -137,11 +143,12 @@ class Relay:
         self._known_topics: set[str] = set()
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
         self._prefetch: Future[list[OutboxRow]] | None = None
-        self._delivery_errors: list[tuple[KafkaError, bytes]] = []
+        self._delivery_errors: list[tuple[KafkaError, bytes, tuple[Any, Any, Any]]] = []
         # Kafka transactions (kafka.transactions): decided once, on the first leadership
         self._txn: bool | None = None
         self._txn_ready = False  # init_transactions done on the current producer
         self._txn_open = False
+        self._must_abort = False  # the current transaction cannot take more records
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -333,6 +340,8 @@ class Relay:
         )
 
     def _begin(self) -> None:
+        if not self._txn_ready:  # a producer replaced after a failed abort
+            self._init_transactions()
         try:
             self.producer.begin_transaction()
         except KafkaException as exc:
@@ -349,17 +358,23 @@ class Relay:
                 return
             except KafkaException as exc:
                 err = exc.args[0]
+                fenced = err.code() in _FENCED
                 if self._drop_producer_if_fatal(exc):
                     raise BrokerUnavailable(
                         f"relay's transactional id {self.transactional_id} was fenced: another "
                         f"relay has taken over shard {self.shard} ({err.str()}); this batch is "
-                        "aborted, its rows stay in the outbox for the leader",
+                        "aborted, its rows stay in the outbox for the leader"
+                        if fenced else
+                        f"relay's producer met a fatal error committing a batch "
+                        f"({err.name()}: {err.str()}); a new producer is made, the batch's "
+                        "rows stay in the outbox and are sent again",
                         code=err.code(),
                     ) from exc
                 if err.txn_requires_abort() or not err.retriable() or (stop and stop.is_set()):
                     self._abort(err.str())
-                    raise wrap_kafka_error(exc, "committing a batch (aborted; sent again)") \
-                        from exc
+                    raise wrap_kafka_error(
+                        exc, "committing a batch (not confirmed: its rows stay in the outbox; "
+                        "if it did land, the next read-back finds it)") from exc
                 log.warning("relay retrying the commit of a batch: %s", err.str())
 
     def _abort(self, why: str) -> None:
@@ -367,25 +382,33 @@ class Relay:
         if self._producer is None:
             return
         try:
+            # what an abortable transaction still queues is never sent: purge it and serve
+            # the reports, which abort_transaction waits for
+            self._producer.purge(in_queue=True, in_flight=False)
+            self._producer.poll(0)
             self._producer.abort_transaction(self.settings.kafka.transaction_timeout_s)
             log.warning("relay aborted a transaction (%s); its rows are sent again", why,
                         extra={"shard": self.shard})
         except KafkaException as exc:
-            if not self._drop_producer_if_fatal(exc):
-                log.warning("relay could not abort a transaction (%s): %s", why,
-                            exc.args[0].str())
+            # A producer whose abort failed cannot begin again: drop it. The next one's
+            # init_transactions (same transactional id) makes the broker abort what is open.
+            log.warning("relay could not abort a transaction (%s): %s; the producer is "
+                        "replaced", why, exc.args[0].str(), extra={"shard": self.shard})
+            self._drop_producer()
 
     def _drop_producer_if_fatal(self, exc: KafkaException) -> bool:
         """A fatal error (fenced) leaves the producer unusable: the next session makes another."""
         err = exc.args[0]
-        if err.fatal() or err.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
-                                        KafkaError.INVALID_PRODUCER_EPOCH):
-            if self._producer is not None:
-                self._producer.purge()
-            self._producer = None
-            self._txn_ready = self._txn_open = False
+        if err.fatal() or err.code() in _FENCED:
+            self._drop_producer()
             return True
         return False
+
+    def _drop_producer(self) -> None:
+        if self._producer is not None:
+            self._producer.purge()
+        self._producer = None
+        self._txn_ready = self._txn_open = self._must_abort = False
 
     @property
     def claims(self) -> ClaimStore:
@@ -501,19 +524,23 @@ class Relay:
                 self._init_transactions()
             self._begin()
         refused = self._publish(records, stop)
-        if refused and txn and self._delivery_errors:
-            # a record refused after it was sent makes the transaction abortable: send the
-            # batch again without it (the rest were aborted with it)
+        rounds = 1
+        while txn and (self._must_abort or (refused and self._delivery_errors)):
+            # A record refused after it was sent makes the transaction abortable (and every
+            # later produce fails): abort, and send the batch again without the records
+            # refused so far. Each round names at least one more, or ends.
+            if rounds >= _MAX_TXN_ROUNDS:
+                self._abort("too many refused records")
+                raise BrokerUnavailable(
+                    f"Kafka kept refusing records of a batch after {rounds} transactions "
+                    f"(e.g. {refused[0][1] if refused else 'no record named'}); the batch is "
+                    "sent again later"
+                )
             self._abort(f"{len(refused)} record(s) refused")
             self._begin()
             gone = {id(r) for r, _ in refused}
-            again = self._publish([(r, rec) for r, rec in records if id(r) not in gone], stop)
-            if again:
-                self._abort(f"{len(again)} more record(s) refused")
-                raise BrokerUnavailable(
-                    f"Kafka refused {len(again)} more records of a batch on a second try, e.g. "
-                    f"{again[0][1]}; the batch is sent again"
-                )
+            refused += self._publish([(r, rec) for r, rec in records if id(r) not in gone], stop)
+            rounds += 1
         for failed_row, error in refused:
             self._invalid(failed_row, error)
             dead.append((failed_row, error))
@@ -656,6 +683,7 @@ class Relay:
             return []
         producer = self.producer
         self._delivery_errors.clear()
+        self._must_abort = False
         produce = producer.produce
         refused: list[tuple[OutboxRow, BaseException]] = []
         for row, rec in records:
@@ -665,12 +693,27 @@ class Relay:
                     break
                 except BufferError:
                     producer.poll(0.05)
-                except KafkaException as exc:  # refused before sending, e.g. over the size
-                    refused.append((row, _delivery_failure(exc.args[0], row)))
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if self._txn_open and (err.code() == KafkaError._STATE
+                                           or err.txn_requires_abort()):
+                        # an earlier record's refusal made the transaction abortable: the
+                        # rest of the batch is not refused, it is sent again after the abort
+                        self._must_abort = True
+                        break
+                    # refused before sending, e.g. over the size
+                    refused.append((row, _delivery_failure(err, row)))
                     break
+            if self._must_abort:
+                break
         waited_since = time.monotonic()
         warned = 0.0
-        while (left := producer.flush(1.0)) > 0:
+        while (left := producer.flush(0.2 if self._txn_open else 1.0)) > 0:
+            if self._txn_open and (self._delivery_errors or self._must_abort):
+                # an abortable transaction sends nothing more: what is queued would only wait
+                # for its timeout; the abort discards it and the batch is sent again
+                self._must_abort = True
+                break
             waited = time.monotonic() - waited_since
             if waited - warned >= 10:
                 warned = waited
@@ -689,15 +732,28 @@ class Relay:
         if not self._delivery_errors:
             return refused
         by_position = {str(row.id).encode(): row for row, _ in records}
-        return refused + [
-            (by_position[pos], _delivery_failure(err, by_position[pos]))
-            for err, pos in self._delivery_errors
-        ]
+        # a failed message may come back without its headers: then its bytes say which it was
+        by_bytes = {(rec.topic, rec.key, rec.value): row for row, rec in records}
+        out = list(refused)
+        for err, pos, ident in self._delivery_errors:
+            if self._txn_open and err.code() not in _PERMANENT_DELIVERY:
+                # a record that failed only because its transaction became abortable (another
+                # record was refused) is not at fault: it is sent again after the abort
+                self._must_abort = True
+                continue
+            found = by_position.get(pos) or by_bytes.get(ident)
+            if found is None:
+                raise BrokerUnavailable(
+                    f"Kafka refused a record of this batch that cannot be told apart "
+                    f"({err.str()}); the batch is sent again"
+                )
+            out.append((found, _delivery_failure(err, found)))
+        return out
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
             position = next((v for k, v in msg.headers() or [] if k == h.OUTBOX_POSITION), b"")
-            self._delivery_errors.append((err, position))
+            self._delivery_errors.append((err, position, (msg.topic(), msg.key(), msg.value())))
 
 
 def read_back_positions(

@@ -466,10 +466,13 @@ class SinkWorker(GroupRuntime):
                 TopicPartition(tp[0], tp[1], pos if pos is not None else OFFSET_BEGINNING)
             )
         if self._incremental:
+            # the partitions kept stay as they were; the added ones join a paused sink paused
             consumer.incremental_assign(placed)
+            if self._paused:
+                consumer.pause(placed)
         else:
             consumer.assign(placed)
-        self._paused = False
+            self._paused = False
         log.info(
             "sink %s assigned %s",
             self.name,
