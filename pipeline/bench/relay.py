@@ -191,7 +191,11 @@ def _latency(s: Settings, rate: int, seconds: float, repeat: int) -> dict[str, A
         rt = threading.Thread(target=relay.run, args=(stop_relay,), daemon=True)
         rt.start()
         st = threading.Thread(target=sim.run, args=(stop_sim,), daemon=True)
-        time.sleep(1.0)  # leadership and topic creation before the clock starts
+        # leadership, topics, the producer (and its transactions) and the read-back before
+        # the clock starts: events written meanwhile would measure the start, not the relay
+        if not relay.ready.wait(120):
+            stop_relay.set()
+            raise RuntimeError("the relay did not become a ready leader in 120 s")
         st.start()
         time.sleep(seconds)
         stop_sim.set()

@@ -247,6 +247,10 @@ def transactional_config(settings: Settings, transactional_id: str) -> dict[str,
         "transactional.id": transactional_id,
         "transaction.timeout.ms": timeout_ms,
         "message.timeout.ms": timeout_ms,
+        # back-to-back transactions: the next one's AddPartitionsToTxn meets the previous
+        # one's markers still being written (CONCURRENT_TRANSACTIONS) and is retried after
+        # this backoff (100 ms by default, KAFKA-5477); it grows exponentially on real trouble
+        "retry.backoff.ms": 10,
     }
 
 

@@ -137,6 +137,8 @@ class Relay:
             database_url(settings), settings.database.schema_name, shard, settings.relay.shards
         )
         self.is_leader = False
+        # set once a leader has finished its start (topics, producer, read-back) and publishes
+        self.ready = threading.Event()
         self.health_port: int | None = None
         self._producer: Producer | None = None
         self._claims: ClaimStore | None = None
@@ -238,6 +240,7 @@ class Relay:
             self._ensure_topics(set(self.settings.topics.aggregate_types))
             self._warm_producer()
             self._skip_already_published(previous_activity_ms)
+            self.ready.set()
             while not stop.is_set():
                 if self.step(stop) == 0:
                     self.store.wait(self.cfg.poll_interval_s)
@@ -249,6 +252,7 @@ class Relay:
             # Whatever is in flight must land (or be abandoned) before another session's
             # read-back, or a record could arrive after a new leader looked.
             self._drain(timeout=self.cfg.flush_timeout_s)
+            self.ready.clear()
             self.is_leader = False
             self.store.close()
 
