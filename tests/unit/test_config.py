@@ -331,3 +331,43 @@ def test_connector_options_that_hold_secrets_are_masked(tmp_path):
     assert opts["headers"] == {"Authorization": "**********", "X-Team": "ops"}
     assert opts["timeout_s"] == 5
     assert "hunter2" not in str(opts) and "tok-123" not in str(opts)
+
+
+# -- Kafka security, transactions, group protocol ------------------------------------------------
+def test_a_missing_ca_file_names_the_field_and_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None,
+                    overrides={"kafka": {"ssl_ca_location": str(tmp_path / "ca.pem")}})
+    msg = str(e.value)
+    assert "kafka.ssl_ca_location" in msg and str(tmp_path / "ca.pem") in msg
+
+
+def test_sasl_without_a_mechanism_says_what_to_add() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides={"kafka": {"security_protocol": "SASL_SSL"}})
+    assert "kafka.sasl_mechanism" in str(e.value)
+
+
+def test_transactions_and_group_protocol_accept_only_their_words() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides={"kafka": {"transactions": "yes"}})
+    assert "kafka.transactions" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides={"workers": {"w": {"connector": "m:a",
+                                                       "group_protocol": "kip848"}}})
+    assert "workers.w.group_protocol" in str(e.value)
+
+
+def test_the_kafka_client_config_carries_the_ca_and_no_session_settings_under_consumer(
+        tmp_path: Path) -> None:
+    from pipeline.kafka.client import common_config, membership_config
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = load_config(None, overrides={"kafka": {"bootstrap_servers": "k:9093",
+                                               "ssl_ca_location": str(ca)}})
+    assert common_config(s)["ssl.ca.location"] == str(ca.resolve())
+    assert membership_config("consumer", session_timeout_ms=6000, assignor="range") == {
+        "group.protocol": "consumer"}
+    classic = membership_config("classic", session_timeout_ms=6000, assignor="range")
+    assert classic["session.timeout.ms"] == 6000 and classic["heartbeat.interval.ms"] == 1200
