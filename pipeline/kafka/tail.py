@@ -4,6 +4,7 @@ each partition) that is there now", with no consumer group and a bounded wait.""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -126,10 +127,16 @@ def _watermarks(
             )
             return int(lo), int(hi)
         except KafkaException as exc:
-            if exc.args[0].code() not in _SETTLING or time.monotonic() + delay > deadline:
+            code = exc.args[0].code()
+            if code not in _SETTLING or time.monotonic() + delay > deadline:
                 raise wrap_kafka_error(exc, f"reading offsets of {topic}[{partition}]") from exc
             time.sleep(delay)
             delay = min(1.0, delay * 2)
+            if code in (KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                # the client's own metadata is older than the topic: ask again, or it keeps
+                # answering from its cache until the next periodic refresh (minutes)
+                with contextlib.suppress(KafkaException):
+                    consumer.list_topics(topic, timeout=request_s)
 
 
 def _offset_at(
