@@ -142,14 +142,18 @@ def test_database_connections_killed_mid_run_lose_and_duplicate_nothing(
         database_url, kafka_bootstrap, topic_prefix):
     s = bi_settings(database_url, kafka_bootstrap, topic_prefix, batch_size=100)
     rows = make_events([f"SO-{i}" for i in range(40)], 25)
-    publish(str(s.kafka.bootstrap_servers), s.topics.prefix, rows)
+    waves = [rows[i:i + 250] for i in range(0, 1000, 250)]  # in order, four parts
     with Running(_sink(s)) as run:
-        for _ in range(3):
-            wait_for(lambda: _count(s) > 0, 60, "landing under way")
+        landed = 0
+        for wave in waves[:3]:
+            # a wave lands, then its connections are killed: the next wave meets them dead
+            publish(str(s.kafka.bootstrap_servers), s.topics.prefix, wave)
+            landed += len(wave)
+            wait_for(lambda n=landed: _count(s) >= n, 60, "a wave landed")
             with psycopg.connect(database_url, autocommit=True) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                              "WHERE application_name = 'pipeline-bi'")
-            time.sleep(0.3)
+        publish(str(s.kafka.bootstrap_servers), s.topics.prefix, waves[3])
         wait_for(lambda: _count(s) >= len(rows), 90, "every event landed after the outages")
         time.sleep(0.5)
         failures = run.sink.stats.write_failures
