@@ -23,8 +23,7 @@ install: $(STAMP) ## create .venv and install the project with its dev tools
 # work tree. With no Java or Maven this says so: the embedded broker is then tansu.
 kafka: $(STAMP) ## fetch Apache Kafka and Apicurio Registry (needs Java 17+ and Maven; else tansu)
 	@if command -v java >/dev/null && command -v mvn >/dev/null; then \
-		$(BIN)/python -m pipeline.embedded.kafka fetch && \
-		$(BIN)/python -m pipeline.embedded.registry fetch; \
+		$(BIN)/python -m pipeline.embedded fetch; \
 	else echo "no Java/Maven here: the embedded broker is tansu"; fi
 
 run: kafka ## run the pipeline (embedded PostgreSQL and broker when none is configured)
@@ -32,7 +31,7 @@ run: kafka ## run the pipeline (embedded PostgreSQL and broker when none is conf
 
 test: kafka ## every test on Apache Kafka (tansu without Java), then the tansu smoke set
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	@if $(BIN)/python -m pipeline.embedded.kafka available; then $(MAKE) --no-print-directory test-tansu; fi
+	@if $(BIN)/python -m pipeline.embedded kafka-available; then $(MAKE) --no-print-directory test-tansu; fi
 
 test-tansu: $(STAMP) ## the smoke set on tansu, the Python-only broker
 	PIPELINE_TEST_BROKER=tansu $(BIN)/python -m pytest -m tansu_smoke $(PYTEST_ARGS)

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Protocol
 
+from pipeline.embedded.jvm import stop_process
 from pipeline.embedded.kafka import KafkaCluster, broker_kind, free_port
 
 __all__ = ["Broker", "EmbeddedBroker", "KafkaBroker", "TansuBroker", "free_port"]
@@ -143,13 +144,7 @@ class TansuBroker:
         raise RuntimeError(f"embedded broker did not listen on {self.bootstrap} in {timeout_s}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 5)
         self.proc = None
         if self._log is not None:
             self._log.close()

@@ -1,6 +1,6 @@
 """Java and Maven for the embedded servers (Apache Kafka, Apicurio Registry): finding a Java
 17+, the cache outside the work tree that Maven fills, running a pom of ``maven/``, and child
-processes that die with the process that started them."""
+processes that die with the process that started them and are stopped one way."""
 
 from __future__ import annotations
 
@@ -78,3 +78,20 @@ def die_with_parent() -> None:
     broker behind (Linux only)."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)  # type: ignore[operator]
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), SIGKILL it
+    after ``grace_s``; nothing when it has already exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

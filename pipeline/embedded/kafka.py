@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.embedded.jvm import cache_root, die_with_parent, java_binary, run_maven
+from pipeline.embedded.jvm import (
+    cache_root,
+    die_with_parent,
+    java_binary,
+    run_maven,
+    stop_process,
+)
 
 __all__ = ["KafkaCluster", "ScramListener", "TlsFiles", "broker_kind", "cache_root",
            "die_with_parent", "fetch_kafka", "free_port", "java_binary", "kafka_available",
@@ -282,7 +288,9 @@ class KafkaCluster:
     def _format(self) -> None:
         for n in self.nodes:
             config = self._write_config(n)
-            args = ["format", "-t", self.cluster_id, "-c", str(config), "--ignore-formatted"]
+            # "=": a random id may begin with "-", which argparse would take for an option
+            args = ["format", f"--cluster-id={self.cluster_id}", "-c", str(config),
+                    "--ignore-formatted"]
             if self.scram is not None:
                 for user, password in self.scram.users.items():
                     args += ["--add-scram",
@@ -393,13 +401,7 @@ class KafkaCluster:
 
     def stop_node(self, node_id: int) -> None:
         n = self.node(node_id)
-        if n.proc is not None and n.proc.poll() is None:
-            n.proc.terminate()
-            try:
-                n.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(n.proc.pid, signal.SIGKILL)
-                n.proc.wait(30)
+        stop_process(n.proc, 30)
         self._close_log(n)
 
     def _close_log(self, n: _Node) -> None:
@@ -451,14 +453,3 @@ def _quiet_logger() -> Any:
     quiet.setLevel(logging.CRITICAL + 1)
     quiet.propagate = False
     return quiet
-
-
-if __name__ == "__main__":  # `make kafka`
-    import sys
-
-    if sys.argv[1:] == ["fetch"]:
-        print(fetch_kafka())
-    elif sys.argv[1:] == ["available"]:
-        sys.exit(0 if kafka_available() else 1)
-    else:
-        sys.exit("usage: python -m pipeline.embedded.kafka fetch|available")

@@ -16,10 +16,7 @@ Production never uses this module.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -27,7 +24,13 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from pipeline.embedded.jvm import cache_root, die_with_parent, java_binary, run_maven
+from pipeline.embedded.jvm import (
+    cache_root,
+    die_with_parent,
+    java_binary,
+    run_maven,
+    stop_process,
+)
 from pipeline.embedded.kafka import free_port
 
 APICURIO_VERSION = "3.0.9"
@@ -197,15 +200,7 @@ class EmbeddedRegistry:
         raise RuntimeError(f"Apicurio Registry has no admin rules API at {rules}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process(self.proc, 15)
         self.proc = None
         if self._log is not None:
             self._log.close()
@@ -216,14 +211,3 @@ class EmbeddedRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-if __name__ == "__main__":  # python -m pipeline.embedded.registry fetch|available
-    import sys
-
-    if sys.argv[1:] == ["fetch"]:
-        print(fetch_registry())
-    elif sys.argv[1:] == ["available"]:
-        sys.exit(0 if registry_available() else 1)
-    else:
-        sys.exit("usage: python -m pipeline.embedded.registry fetch|available")
