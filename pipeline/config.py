@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.errors import ConfigError
+from pipeline.kafka import names
 
 DEFAULT_CONFIG_FILE = Path("pipeline.yaml")
 
@@ -154,11 +155,11 @@ class TopicsConfig(_Model):
     )
 
     def event_topic(self, aggregate_type: str) -> str:
-        return f"{self.prefix}.{aggregate_type}"
+        return names.event_topic(self.prefix, aggregate_type)
 
     @property
     def outbox_dlq(self) -> str:
-        return f"{self.prefix}.outbox.dlq"
+        return names.outbox_dlq_topic(self.prefix)
 
     @property
     def compacted_config(self) -> dict[str, str]:

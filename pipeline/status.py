@@ -17,9 +17,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.dlq.records import from_message
+from pipeline.kafka import names
 from pipeline.kafka.client import consumer_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
-from pipeline.worker import routing
 
 TP = tuple[str, int]
 
@@ -117,7 +117,7 @@ def _group(settings: Settings, consumer: Consumer, md: Any, name: str) -> GroupS
     group = wc.group or name
     prefix = settings.topics.prefix
     gid = f"{prefix}.{group}"
-    tiers = routing.Tiers(prefix, group, wc.retry_delays_s)
+    tiers = names.GroupTopics(prefix, group, wc.retry_delays_s)
     gs = GroupStatus(group, gid)
     lag = _lag(settings, gid, md, settings.event_topics(wc))
     gs.lag = [TopicLag(t, n, s) for t, (n, s) in sorted(lag.items())]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config import Settings
-from pipeline.kafka import headers as h
+from pipeline.kafka import names
 from pipeline.kafka.tail import read_to_end
 
 
@@ -29,16 +29,16 @@ def verify_topics(
     src = settings.relay.source.encode()
     for m in read_to_end(settings, topics, timeout_s=timeout_s, purpose="verify"):
         hd = {i[0]: i[1] if isinstance(i[1], bytes) else b"" for i in m.headers() or []}
-        if hd.get(h.CE_SOURCE) != src:
+        if hd.get(names.CE_SOURCE) != src:
             continue
         report.records += 1
-        ce_id = hd.get(h.CE_ID, b"")
+        ce_id = hd.get(names.CE_ID, b"")
         if ce_id in seen:
             report.duplicates += 1
             _example(report, f"duplicate event {ce_id.decode()}")
         seen.add(ce_id)
         key = (str(m.topic()), m.key() or b"")
-        version = int(hd.get(h.AGGREGATE_VERSION, b"0"))
+        version = int(hd.get(names.AGGREGATE_VERSION, b"0"))
         prev = last.get(key)
         if prev is not None and version != prev + 1:
             report.order_violations += 1

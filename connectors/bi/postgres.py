@@ -50,7 +50,7 @@ from connectors.bi.columns import (
 )
 from pipeline.db import database_url
 from pipeline.errors import ConfigError, DatabaseUnavailable, PermanentError
-from pipeline.kafka import headers as hd
+from pipeline.kafka import names
 from pipeline.sink.target import TP, Batch, BeforeCommit, PositionConflict, Rejected
 from pipeline.worker.connector import Event
 
@@ -381,8 +381,8 @@ def _header_text(value: Any) -> Any:
 
 
 # headers the raw table has columns for are not repeated in its headers column
-_IN_COLUMNS = frozenset({hd.CE_ID, hd.CE_TYPE, hd.CE_SUBJECT, hd.CE_TIME, hd.TRACEPARENT,
-                         hd.AGGREGATE_TYPE, hd.AGGREGATE_VERSION})
+_IN_COLUMNS = frozenset({names.CE_ID, names.CE_TYPE, names.CE_SUBJECT, names.CE_TIME,
+                         names.TRACEPARENT, names.AGGREGATE_TYPE, names.AGGREGATE_VERSION})
 
 
 def _headers_json(raw: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from pipeline.cli import Context, pass_ctx
+from pipeline.kafka import names
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONFIRM_ABOVE = 100
@@ -105,7 +106,6 @@ def show_cmd(ctx: Context, group: str, position: str, as_json: bool) -> None:
     """Everything about one dead letter: headers, decoded payload, stack trace, the target's
     answer, and the events blocked behind it. POSITION is PARTITION:OFFSET as ls shows it."""
     from pipeline.dlq.store import GroupDlq
-    from pipeline.worker import routing
 
     now = dt.datetime.now(dt.UTC)
     d = GroupDlq(ctx.settings, group)
@@ -115,8 +115,8 @@ def show_cmd(ctx: Context, group: str, position: str, as_json: bool) -> None:
     blocked = d.blocked_behind(r.event_id)
     data = {"group": group, "topic": d.topic, **r.summary(now), "headers": headers,
             "payload": payload, "payload_error": decode_error,
-            "stacktrace": r.header(routing.EXCEPTION_STACKTRACE),
-            "target_error_body": r.header(routing.TARGET_ERROR_BODY),
+            "stacktrace": r.header(names.EXCEPTION_STACKTRACE),
+            "target_error_body": r.header(names.TARGET_ERROR_BODY),
             "blocked_behind": [str(b.position) for b in blocked]}
     if as_json:
         _echo_json(data)
@@ -129,7 +129,7 @@ def show_cmd(ctx: Context, group: str, position: str, as_json: bool) -> None:
         click.echo(f"edit of   {r.edit_of}")
     click.echo("\nheaders:")
     for k, v in headers.items():
-        if k not in (routing.EXCEPTION_STACKTRACE, routing.TARGET_ERROR_BODY):
+        if k not in (names.EXCEPTION_STACKTRACE, names.TARGET_ERROR_BODY):
             click.echo(f"  {k}: {v}")
     click.echo("\npayload:" if payload is not None else f"\npayload: {decode_error}")
     if payload is not None:
@@ -162,10 +162,9 @@ def _payload(decoder: Any, r: Any) -> tuple[Any, str | None]:
 
 def _headers(r: Any) -> dict[str, Any]:
     """Headers for people: the binary Spring ones as numbers, other non-text ones in hex."""
-    from pipeline.worker import routing
 
-    binary = {routing.ORIGINAL_PARTITION: r.original_partition,
-              routing.ORIGINAL_OFFSET: r.original_offset, routing.ATTEMPTS: r.attempts}
+    binary = {names.ORIGINAL_PARTITION: r.original_partition,
+              names.ORIGINAL_OFFSET: r.original_offset, names.ATTEMPTS: r.attempts}
     return {k: (binary[k] if k in binary else
                 v.decode("utf-8", "replace") if _is_text(v) else "0x" + v.hex())
             for k, v in r.headers.items()}

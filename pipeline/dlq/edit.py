@@ -10,8 +10,9 @@ import re
 import time
 from typing import Any
 
-from pipeline.dlq.records import EDIT_OF, EDITED_AT, EDITED_BY, DlqRecord
+from pipeline.dlq.records import DlqRecord
 from pipeline.errors import PipelineError, UsageError
+from pipeline.kafka.names import EDIT_OF, EDITED_AT, EDITED_BY
 from pipeline.schemas.codec import Decoder, Encoder
 from pipeline.schemas.jsonform import to_json_form
 

@@ -15,18 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UsageError
-from pipeline.kafka import headers as hd
+from pipeline.kafka import names
+from pipeline.kafka.names import (
+    EDIT_OF,
+)
 from pipeline.worker import routing
-
-# Ours, added by `pipeline dlq edit` (on the corrected copy) and `pipeline dlq replay` (on what
-# it sends): provenance, so every hop can be traced back to the dead letter it came from.
-EDIT_OF = "erp_dlq_edit_of"  # "P:O" of the original dead letter
-EDITED_BY = "erp_dlq_edited_by"
-EDITED_AT = "erp_dlq_edited_at"
-REPLAY_ID = routing.REPLAY_ID
-REPLAY_OF = "erp_replay_dlq_position"  # "<dlq topic>/P:O" the replayed copy came from
-REPLAYED_BY = "erp_replayed_by"
-REPLAYED_AT = "erp_replayed_at"
 
 
 class FilterError(UsageError, ValueError):
@@ -78,11 +71,11 @@ class DlqRecord:
 
     @property
     def event_id(self) -> str | None:
-        return self.header(hd.CE_ID)
+        return self.header(names.CE_ID)
 
     @property
     def event_type(self) -> str | None:
-        return self.header(hd.CE_TYPE)
+        return self.header(names.CE_TYPE)
 
     @property
     def key_text(self) -> str:
@@ -90,16 +83,16 @@ class DlqRecord:
 
     @property
     def original_topic(self) -> str | None:
-        return self.header(routing.ORIGINAL_TOPIC)
+        return self.header(names.ORIGINAL_TOPIC)
 
     @property
     def original_partition(self) -> int | None:
-        v = self.headers.get(routing.ORIGINAL_PARTITION)
+        v = self.headers.get(names.ORIGINAL_PARTITION)
         return struct.unpack(">i", v)[0] if v is not None and len(v) == 4 else None
 
     @property
     def original_offset(self) -> int | None:
-        v = self.headers.get(routing.ORIGINAL_OFFSET)
+        v = self.headers.get(names.ORIGINAL_OFFSET)
         return struct.unpack(">q", v)[0] if v is not None and len(v) == 8 else None
 
     @property
@@ -111,31 +104,31 @@ class DlqRecord:
     @property
     def attempts(self) -> int:
         try:
-            return routing.read_int(self.headers.get(routing.ATTEMPTS)) or 1
+            return routing.read_int(self.headers.get(names.ATTEMPTS)) or 1
         except ValueError:
             return 1
 
     @property
     def error_fqcn(self) -> str:
-        return self.header(routing.EXCEPTION_FQCN) or "?"
+        return self.header(names.EXCEPTION_FQCN) or "?"
 
     @property
     def error_class(self) -> str:
         """The short class name: ``TargetRefused`` for ``connectors.rest.client.TargetRefused``;
         ``BlockedByDeadLetter`` for a strict-ordering follower."""
-        if self.blocked_by and routing.EXCEPTION_FQCN not in self.headers:
+        if self.blocked_by and names.EXCEPTION_FQCN not in self.headers:
             return "BlockedByDeadLetter"
         return self.error_fqcn.rsplit(".", 1)[-1]
 
     @property
     def error_message(self) -> str:
-        if self.blocked_by and routing.EXCEPTION_MESSAGE not in self.headers:
+        if self.blocked_by and names.EXCEPTION_MESSAGE not in self.headers:
             return f"waited behind {self.blocked_by}, which was dead-lettered"
-        return self.header(routing.EXCEPTION_MESSAGE) or ""
+        return self.header(names.EXCEPTION_MESSAGE) or ""
 
     @property
     def blocked_by(self) -> str | None:
-        return self.header(routing.BLOCKED_BY)
+        return self.header(names.BLOCKED_BY)
 
     @property
     def edit_of(self) -> Position | None:

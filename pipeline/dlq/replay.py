@@ -23,16 +23,10 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from pipeline import telemetry
-from pipeline.dlq.records import (
-    REPLAY_ID,
-    REPLAY_OF,
-    REPLAYED_AT,
-    REPLAYED_BY,
-    DlqRecord,
-    FilterError,
-)
+from pipeline.dlq.records import DlqRecord, FilterError
 from pipeline.dlq.store import GroupDlq
 from pipeline.errors import BrokerUnavailable
+from pipeline.kafka import names
 from pipeline.kafka.client import (
     produce,
     producer_config,
@@ -40,13 +34,13 @@ from pipeline.kafka.client import (
     transactions_enabled,
     wrap_kafka_error,
 )
-from pipeline.kafka.headers import TRACEPARENT
+from pipeline.kafka.names import REPLAY_ID, REPLAY_OF, REPLAYED_AT, REPLAYED_BY, TRACEPARENT
 from pipeline.worker import routing
 
 _DROP = {
-    routing.EXCEPTION_FQCN, routing.EXCEPTION_MESSAGE, routing.EXCEPTION_STACKTRACE,
-    routing.ATTEMPTS, routing.BACKOFF_TIMESTAMP, routing.RETRY_TIER, routing.BLOCKED_BY,
-    routing.TARGET_ERROR_BODY, routing.DECODE_ERROR, REPLAY_ID, REPLAY_OF, REPLAYED_BY,
+    names.EXCEPTION_FQCN, names.EXCEPTION_MESSAGE, names.EXCEPTION_STACKTRACE,
+    names.ATTEMPTS, names.BACKOFF_TIMESTAMP, names.RETRY_TIER, names.BLOCKED_BY,
+    names.TARGET_ERROR_BODY, names.DECODE_ERROR, REPLAY_ID, REPLAY_OF, REPLAYED_BY,
     REPLAYED_AT,
 }
 
@@ -134,9 +128,9 @@ def replay_headers(r: DlqRecord, *, dlq_topic: str, replay_id: str, by: str, now
                    ) -> list[tuple[str, bytes]]:
     out = [(k, v) for k, v in r.headers.items() if k not in _DROP]
     out += [
-        (routing.ATTEMPTS, routing.big_int(1)),
-        (routing.BACKOFF_TIMESTAMP, routing.big_int(now_ms)),
-        (routing.RETRY_TIER, b"1"),
+        (names.ATTEMPTS, routing.big_int(1)),
+        (names.BACKOFF_TIMESTAMP, routing.big_int(now_ms)),
+        (names.RETRY_TIER, b"1"),
         (REPLAY_ID, replay_id.encode()),
         (REPLAY_OF, f"{dlq_topic}/{r.edit_of or r.position}".encode()),
         (REPLAYED_BY, by.encode()),

@@ -14,12 +14,12 @@ from confluent_kafka.admin import AdminClient
 from pipeline.config import Settings
 from pipeline.dlq.records import DlqRecord, Position, from_message
 from pipeline.errors import UsageError
+from pipeline.kafka import names
 from pipeline.kafka.client import admin_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
-from pipeline.worker import routing
 
-_SUFFIX = ".dlq"
+_SUFFIX = names.DLQ_SUFFIX
 _NOT_WORKER_GROUPS = {"outbox"}  # the relay's DLQ holds outbox rows, not events
 
 
@@ -54,13 +54,14 @@ class GroupDlq:
         self.settings = settings
         self.group = group
         prefix = settings.topics.prefix
-        self.topic = f"{prefix}.{group}{_SUFFIX}"
-        self.replays_topic = f"{prefix}.{group}.dlq-replays"
+        gt = names.GroupTopics(prefix, group)
+        self.topic = gt.dlq_topic
+        self.replays_topic = gt.replays_topic
         # a replay goes to the first tier, whatever the group's delays
-        self.retry_topic = routing.Tiers(prefix, group, [1.0]).retry_topic(1)
-        names = topic_names(settings) if topics is None else topics
-        if self.topic not in names:
-            known = ", ".join(dlq_groups(settings, names)) or "none yet"
+        self.retry_topic = gt.replay_topic
+        existing = topic_names(settings) if topics is None else topics
+        if self.topic not in existing:
+            known = ", ".join(dlq_groups(settings, existing)) or "none yet"
             raise UsageError(
                 f"no dead-letter topic {self.topic}: is {group!r} a worker group? groups with "
                 f"a DLQ under prefix {prefix!r}: {known}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import PayloadTooLarge
-from pipeline.kafka import headers as h
+from pipeline.kafka import names
 from pipeline.schemas.catalogue import CLAIM_CHECK
 from pipeline.schemas.codec import Encoder
 
@@ -19,17 +19,17 @@ from pipeline.schemas.codec import Encoder
 # the ones the relay sets itself are not overridable by the row.
 _RESERVED = frozenset(
     {
-        h.CE_SPECVERSION,
-        h.CE_ID,
-        h.CE_TYPE,
-        h.CE_SOURCE,
-        h.CE_SUBJECT,
-        h.CE_TIME,
-        h.CONTENT_TYPE,
-        h.AGGREGATE_TYPE,
-        h.AGGREGATE_VERSION,
-        h.OUTBOX_POSITION,
-        h.CLAIM_CHECK,
+        names.CE_SPECVERSION,
+        names.CE_ID,
+        names.CE_TYPE,
+        names.CE_SOURCE,
+        names.CE_SUBJECT,
+        names.CE_TIME,
+        names.CONTENT_TYPE,
+        names.AGGREGATE_TYPE,
+        names.AGGREGATE_VERSION,
+        names.OUTBOX_POSITION,
+        names.CLAIM_CHECK,
     }
 )
 
@@ -79,16 +79,16 @@ class Oversized:
 
 def event_headers(row: OutboxRow, source: str) -> list[tuple[str, str | bytes | None]]:
     hdrs: list[tuple[str, str | bytes | None]] = [
-        (h.CE_SPECVERSION, b"1.0"),
-        (h.CE_ID, row.event_id.encode()),
-        (h.CE_TYPE, row.event_type.encode()),
-        (h.CE_SOURCE, source.encode()),
-        (h.CE_SUBJECT, row.aggregate_id.encode()),
-        (h.CE_TIME, row.occurred_at.encode()),
-        (h.CONTENT_TYPE, b"application/avro"),
-        (h.AGGREGATE_TYPE, row.aggregate_type.encode()),
-        (h.AGGREGATE_VERSION, str(row.aggregate_version).encode()),
-        (h.OUTBOX_POSITION, str(row.id).encode()),
+        (names.CE_SPECVERSION, b"1.0"),
+        (names.CE_ID, row.event_id.encode()),
+        (names.CE_TYPE, row.event_type.encode()),
+        (names.CE_SOURCE, source.encode()),
+        (names.CE_SUBJECT, row.aggregate_id.encode()),
+        (names.CE_TIME, row.occurred_at.encode()),
+        (names.CONTENT_TYPE, b"application/avro"),
+        (names.AGGREGATE_TYPE, row.aggregate_type.encode()),
+        (names.AGGREGATE_VERSION, str(row.aggregate_version).encode()),
+        (names.OUTBOX_POSITION, str(row.id).encode()),
     ]
     for name, value in row.headers.items():
         if name in _RESERVED or name == "erp_capture":
@@ -139,7 +139,7 @@ def claim_check_record(
     }
     enc = encoder.encode(CLAIM_CHECK, ref_payload, topic=topic)
     hdrs = event_headers(row, source)
-    hdrs.append((h.CLAIM_CHECK, store.encode()))
+    hdrs.append((names.CLAIM_CHECK, store.encode()))
     return Record(topic, row.aggregate_id.encode(), enc.value, hdrs)
 
 
@@ -152,10 +152,10 @@ def dead_letter_record(
     row, to be completed by the caller with :func:`dead_letter_stub`)."""
     body = json.dumps(row.as_json(), separators=(",", ":"), default=str).encode()
     hdrs = event_headers(row, source)
-    hdrs.append((h.ERROR_CLASS, _error_class(error).encode()))
-    hdrs.append((h.ERROR_MESSAGE, str(error)[:4000].encode()))
-    hdrs = [(n, v) for n, v in hdrs if n != h.CONTENT_TYPE] + [
-        (h.CONTENT_TYPE, b"application/json")
+    hdrs.append((names.ERROR_CLASS, _error_class(error).encode()))
+    hdrs.append((names.ERROR_MESSAGE, str(error)[:4000].encode()))
+    hdrs = [(n, v) for n, v in hdrs if n != names.CONTENT_TYPE] + [
+        (names.CONTENT_TYPE, b"application/json")
     ]
     if len(body) > max_inline_bytes or isinstance(error, PayloadTooLarge):
         return Record(topic, row.aggregate_id.encode(), b"", hdrs), body
@@ -168,7 +168,7 @@ def dead_letter_stub(record: Record, row: OutboxRow, store: str, ref: str, size:
     meta["payload_claim_check"] = {"store": store, "ref": ref, "size_bytes": size}
     value = json.dumps(meta, separators=(",", ":"), default=str).encode()
     return Record(
-        record.topic, record.key, value, [*record.headers, (h.CLAIM_CHECK, store.encode())]
+        record.topic, record.key, value, [*record.headers, (names.CLAIM_CHECK, store.encode())]
     )
 
 

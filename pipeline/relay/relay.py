@@ -47,7 +47,7 @@ from pipeline.errors import (
     PipelineError,
     TransientError,
 )
-from pipeline.kafka import headers as h
+from pipeline.kafka import names
 from pipeline.kafka.client import (
     producer_config,
     transactional_config,
@@ -571,7 +571,7 @@ class Relay:
 
     def _traced(self, row: OutboxRow, rec: Record) -> Record:
         """The record under a ``send <topic>`` span that continues the ERP's trace."""
-        parent = row.headers.get(h.TRACEPARENT)
+        parent = row.headers.get(names.TRACEPARENT)
         tp = telemetry.send_span(
             rec.topic,
             parent if isinstance(parent, str) else None,
@@ -585,8 +585,8 @@ class Relay:
         )
         if tp is None:
             return rec
-        headers = [(k, v) for k, v in rec.headers if k != h.TRACEPARENT]
-        headers.append((h.TRACEPARENT, tp.encode()))
+        headers = [(k, v) for k, v in rec.headers if k != names.TRACEPARENT]
+        headers.append((names.TRACEPARENT, tp.encode()))
         return dataclasses.replace(rec, headers=headers)
 
     def _measure(
@@ -756,7 +756,7 @@ class Relay:
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
-            position = next((v for k, v in msg.headers() or [] if k == h.OUTBOX_POSITION), b"")
+            position = next((v for k, v in msg.headers() or [] if k == names.OUTBOX_POSITION), b"")
             self._delivery_errors.append((err, position, (msg.topic(), msg.key(), msg.value())))
 
 
@@ -783,9 +783,9 @@ def read_back_positions(
     ):
         pos = msrc = None
         for item in msg.headers() or []:
-            if item[0] == h.OUTBOX_POSITION:
+            if item[0] == names.OUTBOX_POSITION:
                 pos = item[1]
-            elif item[0] == h.CE_SOURCE:
+            elif item[0] == names.CE_SOURCE:
                 msrc = item[1]
         if pos is not None and msrc == src:
             positions.add(int(pos))

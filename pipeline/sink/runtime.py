@@ -39,6 +39,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, PipelineError, TransientError
+from pipeline.kafka import names
 from pipeline.kafka.client import admin_config, consumer_config, membership_config, produce
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
@@ -91,7 +92,7 @@ class SinkWorker(GroupRuntime):
     ) -> None:
         super().__init__(settings, name, config, given=target is not None)
         wc = self.cfg
-        tiers = routing.Tiers(settings.topics.prefix, self.group, [1.0])
+        tiers = names.GroupTopics(settings.topics.prefix, self.group, [1.0])
         self.dlq_topic = tiers.dlq_topic
         # KIP-848's protocol hands partitions over incrementally, never all at once
         self._incremental = wc.group_protocol == "consumer"

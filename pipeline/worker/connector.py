@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.kafka import names
 from pipeline.schemas.catalogue import SchemaVersion
 
 Handler = Callable[["Event"], Any]
@@ -38,12 +39,13 @@ _ON_ATTR = "__pipeline_event_types__"
 # Retry bookkeeping headers are big-endian integers (Spring's encoding), not text.
 _BINARY_HEADERS = frozenset(
     {
-        "kafka_dlt-original-partition",
-        "kafka_dlt-original-offset",
-        "kafka_dlt-original-timestamp",
-        "retry_topic-attempts",
-        "retry_topic-backoff-timestamp",
-        "retry_topic-original-timestamp",
+        names.ORIGINAL_PARTITION,
+        names.ORIGINAL_OFFSET,
+        names.ORIGINAL_TIMESTAMP,
+        names.ATTEMPTS,
+        names.BACKOFF_TIMESTAMP,
+        names.FIRST_FAILURE_TIMESTAMP,
+        names.HOPS,
     }
 )
 

@@ -9,7 +9,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from pipeline.errors import DecodeError
-from pipeline.kafka import headers as h
+from pipeline.kafka import names
 from pipeline.schemas.codec import Decoder
 from pipeline.worker import routing
 from pipeline.worker.connector import Event
@@ -31,19 +31,20 @@ def event_of(
 
     Raises :class:`~pipeline.errors.DecodeError` when the record was not published by the relay
     (no ``ce_id`` / aggregate version) or its framing names no known schema."""
-    ce_id, version_b = raw.get(h.CE_ID), raw.get(h.AGGREGATE_VERSION)
+    ce_id, version_b = raw.get(names.CE_ID), raw.get(names.AGGREGATE_VERSION)
     if not ce_id or not version_b:
-        missing = [n for n, v in ((h.CE_ID, ce_id), (h.AGGREGATE_VERSION, version_b)) if not v]
+        pairs = ((names.CE_ID, ce_id), (names.AGGREGATE_VERSION, version_b))
+        missing = [n for n, v in pairs if not v]
         raise DecodeError(
             f"record lacks header(s) {', '.join(missing)}: not an event published by the relay"
         )
     value = msg.value()
     schema = decoder.schema_of(value)  # framing and schema now, body on access
-    subject, ce_type = raw.get(h.CE_SUBJECT), raw.get(h.CE_TYPE)
+    subject, ce_type = raw.get(names.CE_SUBJECT), raw.get(names.CE_TYPE)
     agg_type, occurred, trace = (
-        raw.get(h.AGGREGATE_TYPE),
-        raw.get(h.CE_TIME),
-        raw.get(h.TRACEPARENT),
+        raw.get(names.AGGREGATE_TYPE),
+        raw.get(names.CE_TIME),
+        raw.get(names.TRACEPARENT),
     )
     try:
         version = int(version_b)
@@ -64,7 +65,7 @@ def event_of(
         topic=tp[0],
         partition=tp[1],
         offset=offset,
-        attempt=routing.read_int(raw.get(routing.ATTEMPTS)) or 1,
+        attempt=routing.read_int(raw.get(names.ATTEMPTS)) or 1,
         traceparent=trace.decode() if trace else None,
         schema=schema,
         timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,

@@ -1,49 +1,35 @@
 """Where a failed record goes next, and the headers it carries there (pure).
 
-Retry and dead-letter headers use Spring Kafka's names and encodings, so tools built for Spring
-retry topics can read and redrive them:
-
-=============================== ==========================================================
-``kafka_dlt-original-topic``     the topic the event was first consumed from (kept across hops)
-``kafka_dlt-original-partition`` 4-byte big-endian int
-``kafka_dlt-original-offset``    8-byte big-endian long
-``kafka_dlt-original-timestamp`` 8-byte big-endian long (ms) of the original record
-``kafka_dlt-original-consumer-group``
-``kafka_dlt-exception-fqcn``     replaced on every hop (never piled up)
-``kafka_dlt-exception-message``
-``kafka_dlt-exception-stacktrace``
-``retry_topic-attempts``         minimal big-endian int (Java BigInteger.toByteArray)
-``retry_topic-backoff-timestamp`` due time in epoch ms, same encoding; absent on the DLQ
-``retry_topic-original-timestamp`` time of the first failure (ms), kept across hops
-=============================== ==========================================================
-
-Ours: ``erp_blocked_by`` (the event id a strict-ordering follower waited behind),
-``erp_retry_tier``, ``erp_target_error_body`` (what the target answered, for the DLQ).
+The header names and their encodings (Spring Kafka's, so tools built for Spring retry topics can
+read and redrive our records) are listed in :mod:`pipeline.kafka.names`.
 """
 
 from __future__ import annotations
 
 import struct
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-ORIGINAL_TOPIC = "kafka_dlt-original-topic"
-ORIGINAL_PARTITION = "kafka_dlt-original-partition"
-ORIGINAL_OFFSET = "kafka_dlt-original-offset"
-ORIGINAL_TIMESTAMP = "kafka_dlt-original-timestamp"
-ORIGINAL_GROUP = "kafka_dlt-original-consumer-group"
-EXCEPTION_FQCN = "kafka_dlt-exception-fqcn"
-EXCEPTION_MESSAGE = "kafka_dlt-exception-message"
-EXCEPTION_STACKTRACE = "kafka_dlt-exception-stacktrace"
-ATTEMPTS = "retry_topic-attempts"
-BACKOFF_TIMESTAMP = "retry_topic-backoff-timestamp"
-FIRST_FAILURE_TIMESTAMP = "retry_topic-original-timestamp"
-BLOCKED_BY = "erp_blocked_by"
-RETRY_TIER = "erp_retry_tier"
-TARGET_ERROR_BODY = "erp_target_error_body"
-DECODE_ERROR = "erp_decode_error"
-REPLAY_ID = "erp_replay_id"  # set by `pipeline dlq replay` (see pipeline.dlq.records)
+from pipeline.kafka.names import (
+    ATTEMPTS,
+    BACKOFF_TIMESTAMP,
+    BLOCKED_BY,
+    DECODE_ERROR,
+    EXCEPTION_FQCN,
+    EXCEPTION_MESSAGE,
+    EXCEPTION_STACKTRACE,
+    FIRST_FAILURE_TIMESTAMP,
+    HOPS,
+    ORIGINAL_GROUP,
+    ORIGINAL_OFFSET,
+    ORIGINAL_PARTITION,
+    ORIGINAL_TIMESTAMP,
+    ORIGINAL_TOPIC,
+    RETRY_TIER,
+    TARGET_ERROR_BODY,
+    GroupTopics,
+)
 
 _PER_HOP = (
     EXCEPTION_FQCN,
@@ -55,6 +41,7 @@ _PER_HOP = (
     RETRY_TIER,
     TARGET_ERROR_BODY,
     DECODE_ERROR,
+    HOPS,
 )
 
 Headers = list[tuple[str, bytes]]
@@ -82,37 +69,6 @@ def read_int(value: bytes | str | None) -> int | None:
 
 
 @dataclass(frozen=True)
-class Tiers:
-    """The retry path of one consumer group."""
-
-    prefix: str
-    group: str
-    delays_s: Sequence[float]
-
-    def retry_topic(self, tier: int) -> str:
-        return f"{self.prefix}.{self.group}.retry.{tier}"
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"{self.prefix}.{self.group}.dlq"
-
-    @property
-    def parked_topic(self) -> str:
-        return f"{self.prefix}.{self.group}.parked"
-
-    @property
-    def retry_topics(self) -> list[str]:
-        return [self.retry_topic(i) for i in range(1, len(self.delays_s) + 1)]
-
-    def tier_of(self, topic: str) -> int:
-        """0 for a main topic, n for ``<prefix>.<group>.retry.<n>``."""
-        base = f"{self.prefix}.{self.group}.retry."
-        if topic.startswith(base) and topic[len(base) :].isdigit():
-            return int(topic[len(base) :])
-        return 0
-
-
-@dataclass(frozen=True)
 class Route:
     topic: str
     tier: int  # 0 = DLQ
@@ -123,7 +79,7 @@ class Route:
         return self.tier == 0
 
 
-def route_failure(tiers: Tiers, kind: str, failures: int, now_ms: int) -> Route:
+def route_failure(tiers: GroupTopics, kind: str, failures: int, now_ms: int) -> Route:
     """``failures`` counts this one: after the first failure, tier 1; after the last tier's, the
     DLQ. Permanent failures go to the DLQ at once."""
     if kind == "transient" and failures <= len(tiers.delays_s):
@@ -151,7 +107,10 @@ def failure_headers(
     the original position kept from the first hop, the exception headers replaced."""
     kept: Headers = []
     present: set[str] = set()
+    hops = 0
     for name, value in headers:
+        if name == HOPS:
+            hops = read_int(value) or 0
         if name in _PER_HOP:
             continue
         b = value if isinstance(value, bytes) else (value or "").encode()
@@ -178,6 +137,7 @@ def failure_headers(
         if body:
             kept.append((TARGET_ERROR_BODY, str(body)[:8000].encode()))
     kept.append((ATTEMPTS, big_int(attempts)))
+    kept.append((HOPS, big_int(hops + 1)))
     if route.due_ms is not None:
         kept.append((BACKOFF_TIMESTAMP, big_int(route.due_ms)))
         kept.append((RETRY_TIER, str(route.tier).encode()))

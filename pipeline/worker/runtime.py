@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import DecodeError, PipelineError
-from pipeline.kafka import headers as h
+from pipeline.kafka import names
 from pipeline.kafka.client import admin_config, consumer_config, membership_config, produce
 from pipeline.kafka.tail import read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
@@ -98,7 +98,7 @@ class Worker(GroupRuntime):
     ) -> None:
         super().__init__(settings, name, config, given=connector is not None)
         wc = self.cfg
-        self.tiers = routing.Tiers(settings.topics.prefix, self.group, wc.retry_delays_s)
+        self.tiers = names.GroupTopics(settings.topics.prefix, self.group, wc.retry_delays_s)
         self.connector = (
             connector if connector is not None else load_connector(wc.connector, wc.options)
         )
@@ -294,7 +294,7 @@ class Worker(GroupRuntime):
             tier = self._tier_of[tp[0]] = self.tiers.tier_of(tp[0])
         raw = dict(header_list(msg))  # name → bytes; the last of a repeated name wins
         if tier:
-            due_ms = routing.read_int(raw.get(routing.BACKOFF_TIMESTAMP))
+            due_ms = routing.read_int(raw.get(names.BACKOFF_TIMESTAMP))
             if due_ms is not None and due_ms > now * 1000:
                 self._hold_partition(tp, offset, due_ms / 1000)
                 return
@@ -325,7 +325,7 @@ class Worker(GroupRuntime):
                 decode_error=str(exc),
             )
             return
-        original = raw.get(routing.ORIGINAL_TOPIC)
+        original = raw.get(names.ORIGINAL_TOPIC)
         key = f"{(original.decode() if isinstance(original, bytes) else tp[0])}|{event.key}"
         self.scheduler.submit(key, Work(msg, event, tp, key, self._gen.get(tp, 0)))
 
@@ -409,7 +409,7 @@ class Worker(GroupRuntime):
                 self._unused_call(now)
                 return
             key, work = nxt
-            if routing.REPLAY_ID in work.event.raw_headers:  # sent by `pipeline dlq replay`
+            if names.REPLAY_ID in work.event.raw_headers:  # sent by `pipeline dlq replay`
                 self.ordering.replayed(work.key, work.event.event_id)
             verdict, ref = self.ordering.admit(work.key, work.event.event_id)
             if verdict == FOLLOW:
@@ -725,8 +725,8 @@ class Worker(GroupRuntime):
                 {"messaging.message.id": work.event.event_id, "erp.retry_tier": route.tier},
             )
             if hop is not None:
-                headers = [(k, v) for k, v in headers if k != h.TRACEPARENT]
-                headers.append((h.TRACEPARENT, hop.encode()))
+                headers = [(k, v) for k, v in headers if k != names.TRACEPARENT]
+                headers.append((names.TRACEPARENT, hop.encode()))
         self._routing_pending += 1
         self._busy_tp[tp] += 1
         gen = work.gen if work is not None else self._gen.get(tp, 0)

@@ -20,7 +20,7 @@ import yaml
 
 from connectors.bi.postgres import PostgresTarget
 from pipeline.config import Settings
-from pipeline.kafka import headers as hd
+from pipeline.kafka import names
 from pipeline.schemas.catalogue import Catalogue, default_catalogue_path
 from pipeline.sink.runtime import SinkWorker
 from tests.conftest import make_settings
@@ -114,8 +114,8 @@ def test_every_event_lands_typed_and_raw_exactly_once_across_restarts(
     raw = _q(s, "SELECT payload, headers, event_type FROM BI.events WHERE event_id = %s",
              rows[0].event_id)[0]
     assert raw[0]["order_id"] == rows[0].payload["order_id"]
-    assert raw[1][hd.CE_SOURCE] == "/erp/outbox" and raw[2] == "order.created"
-    assert hd.CE_ID not in raw[1]  # headers with a column of their own are not repeated
+    assert raw[1][names.CE_SOURCE] == "/erp/outbox" and raw[2] == "order.created"
+    assert names.CE_ID not in raw[1]  # headers with a column of their own are not repeated
     # positions: one row per partition, at the end of what was consumed
     positions = _q(s, "SELECT topic, partition, next_offset FROM BI._positions")
     assert {p[0] for p in positions} == {f"{topic_prefix}.order"}
@@ -170,13 +170,13 @@ def test_bad_records_are_dead_lettered_with_the_reason_and_the_rest_lands(
     bootstrap = str(s.kafka.bootstrap_servers)
     publish(bootstrap, s.topics.prefix, rows)
     publish_raw(bootstrap, f"{topic_prefix}.order", b"SO-0", b"garbage-bytes",
-                [(hd.CE_ID, b"e-garbage"), (hd.AGGREGATE_VERSION, b"1")])
+                [(names.CE_ID, b"e-garbage"), (names.AGGREGATE_VERSION, b"1")])
     with Running(_sink(s)) as run:
         wait_for(lambda: _count(s) == len(rows) - 1, 60, "the good events landed")
         wait_for(lambda: run.sink.stats.dead_lettered_total == 2, 30, "two dead letters")
     _assert_exactly_once(s, {r.event_id for r in rows} - {nul.event_id})
     dlq = read_topic(f"{topic_prefix}.bi.dlq", expect=2, timeout_s=30)
-    by_id = {d.headers.get(hd.CE_ID): d.headers for d in dlq}
+    by_id = {d.headers.get(names.CE_ID): d.headers for d in dlq}
     assert "RowRefused" in by_id[nul.event_id]["kafka_dlt-exception-fqcn"]
     assert nul.event_id in by_id[nul.event_id]["kafka_dlt-exception-message"]
     assert "order_created" in by_id[nul.event_id]["kafka_dlt-exception-message"]

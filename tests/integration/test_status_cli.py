@@ -15,9 +15,9 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from pipeline.kafka import names
 from pipeline.outbox import emit
 from pipeline.outbox.migrations import install
-from pipeline.worker import routing
 from tests.fixtures.connectors import make_events, publish
 from tests.fixtures.sink import cli
 
@@ -61,8 +61,8 @@ def test_status_reports_a_staged_situation_and_flips_its_exit_code(
         p.produce(f"{topic_prefix}.sink.retry.1", b"x", f"R{i}".encode())
     for i, cls in enumerate(["TargetRefused", "TargetRefused", "MappingError"]):
         p.produce(f"{topic_prefix}.sink.dlq", b"x", f"D{i}".encode(), headers=[
-            (routing.EXCEPTION_FQCN, f"connectors.rest.client.{cls}".encode()),
-            (routing.EXCEPTION_MESSAGE, f"refused number {i}".encode())])
+            (names.EXCEPTION_FQCN, f"connectors.rest.client.{cls}".encode()),
+            (names.EXCEPTION_MESSAGE, f"refused number {i}".encode())])
         p.flush(10)
         time.sleep(0.01)  # distinct timestamps: the newest is the MappingError
     p.produce(f"{topic_prefix}.sink.parked", b'{"head": "e1"}', b"a|K1")

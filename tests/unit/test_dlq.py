@@ -15,13 +15,6 @@ import pytest
 from connectors.rest.client import TargetRefused
 from pipeline.dlq.edit import corrected, merge_patch, set_path
 from pipeline.dlq.records import (
-    EDIT_OF,
-    EDITED_AT,
-    EDITED_BY,
-    REPLAY_ID,
-    REPLAY_OF,
-    REPLAYED_AT,
-    REPLAYED_BY,
     DlqRecord,
     Filter,
     FilterError,
@@ -35,11 +28,19 @@ from pipeline.dlq.records import (
 )
 from pipeline.dlq.replay import parse_rate, plan, replay_headers
 from pipeline.errors import UsageError
-from pipeline.kafka import headers as hd
+from pipeline.kafka import names
+from pipeline.kafka.names import (
+    EDIT_OF,
+    EDITED_AT,
+    EDITED_BY,
+    REPLAY_ID,
+    REPLAY_OF,
+    REPLAYED_AT,
+    REPLAYED_BY,
+)
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Decoder, Encoder
 from pipeline.simulator.payloads import payload_for
-from pipeline.worker import routing
 from pipeline.worker.routing import Route, big_int, failure_headers, read_int
 
 NOW = dt.datetime(2026, 11, 27, 7, 15, 0, tzinfo=dt.UTC)
@@ -60,19 +61,19 @@ def rec(pos: str = "0:1", *, ago: dt.timedelta = dt.timedelta(minutes=5), key: s
         blocked_by: str | None = None, edit_of: str | None = None,
         extra: dict[str, bytes] | None = None, value: bytes | None = b"") -> DlqRecord:
     """A dead letter with the headers the worker writes (direct dict, name → bytes)."""
-    h: dict[str, bytes] = {hd.CE_ID: (event_id or f"ev-{pos}").encode()}
+    h: dict[str, bytes] = {names.CE_ID: (event_id or f"ev-{pos}").encode()}
     if event_type is not None:
-        h[hd.CE_TYPE] = event_type.encode()
+        h[names.CE_TYPE] = event_type.encode()
     if topic is not None:
-        h[routing.ORIGINAL_TOPIC] = topic.encode()
-        h[routing.ORIGINAL_PARTITION] = struct.pack(">i", opart)
-        h[routing.ORIGINAL_OFFSET] = struct.pack(">q", ooff)
+        h[names.ORIGINAL_TOPIC] = topic.encode()
+        h[names.ORIGINAL_PARTITION] = struct.pack(">i", opart)
+        h[names.ORIGINAL_OFFSET] = struct.pack(">q", ooff)
     if fqcn is not None:
-        h[routing.EXCEPTION_FQCN] = fqcn.encode()
+        h[names.EXCEPTION_FQCN] = fqcn.encode()
     if message is not None:
-        h[routing.EXCEPTION_MESSAGE] = message.encode()
+        h[names.EXCEPTION_MESSAGE] = message.encode()
     if blocked_by is not None:
-        h[routing.BLOCKED_BY] = blocked_by.encode()
+        h[names.BLOCKED_BY] = blocked_by.encode()
     if edit_of is not None:
         h[EDIT_OF] = edit_of.encode()
     h.update(extra or {})
@@ -125,7 +126,7 @@ def test_position_malformed(text: str) -> None:
 def test_record_reads_the_headers_the_worker_writes() -> None:
     err = TargetRefused("HTTP 422 from wms\nline two", status=422, body='{"error":"qty"}')
     heads = failure_headers(
-        [(hd.CE_ID, b"ev-1"), (hd.CE_TYPE, b"order.created"), (hd.CE_SOURCE, b"/erp")],
+        [(names.CE_ID, b"ev-1"), (names.CE_TYPE, b"order.created"), (names.CE_SOURCE, b"/erp")],
         topic="erp.order", partition=2, offset=3_000_000_000, timestamp_ms=NOW_MS - 1000,
         group="wms", error=err, attempts=4, route=TO_DLQ, now_ms=NOW_MS)
     r = DlqRecord(DLQ, Position(1, 9), NOW_MS, b"SO-1", b"", dict(heads))
@@ -148,13 +149,13 @@ def test_record_reads_the_headers_the_worker_writes() -> None:
     (big_int(0), 1), (b"", 1), (None, 1),  # absent or meaningless: counted as one attempt
 ])
 def test_record_attempts(raw: bytes | None, want: int) -> None:
-    extra = {} if raw is None else {routing.ATTEMPTS: raw}
+    extra = {} if raw is None else {names.ATTEMPTS: raw}
     assert rec(extra=extra).attempts == want
 
 
 def test_record_original_position_needs_the_right_binary_lengths() -> None:
-    r = rec(extra={routing.ORIGINAL_PARTITION: struct.pack(">q", 2),
-                   routing.ORIGINAL_OFFSET: struct.pack(">i", 7)})
+    r = rec(extra={names.ORIGINAL_PARTITION: struct.pack(">q", 2),
+                   names.ORIGINAL_OFFSET: struct.pack(">i", 7)})
     assert (r.original_partition, r.original_offset) == (None, None)
     r = rec(opart=2**31 - 1, ooff=2**40)
     assert (r.original_partition, r.original_offset) == (2**31 - 1, 2**40)
@@ -185,7 +186,7 @@ def test_record_edit_of(raw: str, want: Position | None) -> None:
 def test_record_summary_is_the_stable_json_row() -> None:
     r = rec("2:15", ago=dt.timedelta(seconds=90.04), opart=1, ooff=77,
             message="HTTP 422\nsecond line", edit_of="2:3",
-            extra={routing.ATTEMPTS: big_int(3)})
+            extra={names.ATTEMPTS: big_int(3)})
     assert r.summary(NOW) == {
         "position": "2:15", "partition": 2, "offset": 15,
         "timestamp": "2026-11-27T07:13:29.960000+00:00", "age_s": 90.0,
@@ -200,8 +201,9 @@ def test_record_summary_is_the_stable_json_row() -> None:
 def test_from_message_reads_a_consumer_message() -> None:
     class Msg:
         def headers(self) -> list[tuple[str, bytes | str | None]]:
-            return [(hd.CE_ID, b"first"), (hd.CE_ID, b"last"), (hd.CE_TYPE, "order.created"),
-                    (routing.BLOCKED_BY, None)]
+            return [(names.CE_ID, b"first"), (names.CE_ID, b"last"),
+                    (names.CE_TYPE, "order.created"),
+                    (names.BLOCKED_BY, None)]
 
         def timestamp(self) -> tuple[int, int]:
             return (1, NOW_MS)
@@ -224,8 +226,8 @@ def test_from_message_reads_a_consumer_message() -> None:
     r = from_message(Msg())
     assert (r.topic, r.position, r.timestamp_ms, r.key, r.value) == (
         DLQ, Position(2, 40), NOW_MS, b"SO-1", b"\xc3\x01")
-    assert r.headers == {hd.CE_ID: b"last", hd.CE_TYPE: b"order.created",
-                         routing.BLOCKED_BY: b""}
+    assert r.headers == {names.CE_ID: b"last", names.CE_TYPE: b"order.created",
+                         names.BLOCKED_BY: b""}
 
 
 # -- parse_time and Filter ------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def test_filter_since_until_are_inclusive() -> None:
 
 
 def test_filter_headers_must_all_match() -> None:
-    r = rec(extra={hd.CE_SOURCE: b"/erp", "tenant": b"a=b"})
+    r = rec(extra={names.CE_SOURCE: b"/erp", "tenant": b"a=b"})
     assert Filter(headers=(("ce_source", "/erp"),)).matches(r)
     assert Filter(headers=(("ce_source", "/erp"), ("tenant", "a=b"))).matches(r)
     assert not Filter(headers=(("ce_source", "/erp"), ("tenant", "a"))).matches(r)
@@ -347,7 +349,7 @@ def test_select_keeps_order_and_stops_at_limit() -> None:
 
 def test_table_header_and_rows() -> None:
     a = rec("0:12", ago=dt.timedelta(minutes=5), opart=2, ooff=77,
-            message="HTTP 422: qty\nstack…", extra={routing.ATTEMPTS: big_int(4)})
+            message="HTTP 422: qty\nstack…", extra={names.ATTEMPTS: big_int(4)})
     b = rec("1:3", ago=dt.timedelta(seconds=30), key="SO-2", fqcn=None, message=None,
             blocked_by="ev-0:12")
     lines = table([a, b], NOW, width=200)
@@ -540,34 +542,34 @@ def test_plan_orders_by_partition_then_offset_of_the_effective_place() -> None:
 
 def test_replay_headers() -> None:
     heads = failure_headers(
-        [(hd.CE_ID, b"ev-1"), (hd.CE_TYPE, b"order.created"), (hd.CE_SOURCE, b"/erp"),
+        [(names.CE_ID, b"ev-1"), (names.CE_TYPE, b"order.created"), (names.CE_SOURCE, b"/erp"),
          (REPLAY_ID, b"old-replay"), (REPLAY_OF, b"erp.wms.dlq/0:1"),
          (REPLAYED_BY, b"bob@h"), (REPLAYED_AT, b"2026-01-01T00:00:00Z")],
         topic="erp.order", partition=2, offset=40, timestamp_ms=NOW_MS - 5000, group="wms",
         error=TargetRefused("HTTP 422", status=422, body="{}"), attempts=4, route=TO_DLQ,
         now_ms=NOW_MS - 1000, blocked_by="ev-0", decode_error="x")
-    heads += [(routing.BACKOFF_TIMESTAMP, big_int(1)), (routing.RETRY_TIER, b"3")]
+    heads += [(names.BACKOFF_TIMESTAMP, big_int(1)), (names.RETRY_TIER, b"3")]
     r = DlqRecord(DLQ, Position(0, 12), NOW_MS, b"SO-1", b"v", dict(heads))
     now_ms = 1_764_227_700_123
     out = replay_headers(r, dlq_topic=DLQ, replay_id="rid-1", by="alice@host", now_ms=now_ms)
-    names = [n for n, _ in out]
-    assert len(names) == len(set(names)), "a header name twice"
+    got_names = [n for n, _ in out]
+    assert len(got_names) == len(set(got_names)), "a header name twice"
     got = dict(out)
-    for gone in (routing.EXCEPTION_FQCN, routing.EXCEPTION_MESSAGE, routing.EXCEPTION_STACKTRACE,
-                 routing.BLOCKED_BY, routing.TARGET_ERROR_BODY, routing.DECODE_ERROR):
+    for gone in (names.EXCEPTION_FQCN, names.EXCEPTION_MESSAGE, names.EXCEPTION_STACKTRACE,
+                 names.BLOCKED_BY, names.TARGET_ERROR_BODY, names.DECODE_ERROR):
         assert gone not in got, gone
-    for kept in (hd.CE_ID, hd.CE_TYPE, hd.CE_SOURCE, routing.ORIGINAL_TOPIC,
-                 routing.ORIGINAL_PARTITION, routing.ORIGINAL_OFFSET, routing.ORIGINAL_TIMESTAMP,
-                 routing.ORIGINAL_GROUP):
+    for kept in (names.CE_ID, names.CE_TYPE, names.CE_SOURCE, names.ORIGINAL_TOPIC,
+                 names.ORIGINAL_PARTITION, names.ORIGINAL_OFFSET, names.ORIGINAL_TIMESTAMP,
+                 names.ORIGINAL_GROUP):
         assert got[kept] == r.headers[kept], kept
-    assert read_int(got[routing.ATTEMPTS]) == 1
-    assert read_int(got[routing.BACKOFF_TIMESTAMP]) == now_ms
-    assert got[routing.RETRY_TIER] == b"1"
+    assert read_int(got[names.ATTEMPTS]) == 1
+    assert read_int(got[names.BACKOFF_TIMESTAMP]) == now_ms
+    assert got[names.RETRY_TIER] == b"1"
     assert got[REPLAY_ID] == b"rid-1"
     assert got[REPLAY_OF] == b"erp.wms.dlq/0:12"
     assert got[REPLAYED_BY] == b"alice@host"
     assert got[REPLAYED_AT] == b"2025-11-27T07:15:00Z"
-    assert r.headers[routing.EXCEPTION_FQCN] == REFUSED.encode()  # the record is not changed
+    assert r.headers[names.EXCEPTION_FQCN] == REFUSED.encode()  # the record is not changed
 
 
 def test_replay_headers_of_a_correction_name_the_original() -> None:
@@ -678,7 +680,7 @@ def _order_record(encoder: Encoder, pos: str = "0:5", **kw: Any
 
 def test_corrected_applies_the_patch_then_the_sets(codec: tuple[Decoder, Encoder]) -> None:
     decoder, encoder = codec
-    r, payload = _order_record(encoder, extra={hd.CE_SOURCE: b"/erp"})
+    r, payload = _order_record(encoder, extra={names.CE_SOURCE: b"/erp"})
     value, headers, doc = corrected(
         r, decoder, encoder, sets=["lines[0].qty=42", "customer=CUST-9"],
         patch={"note": None, "customer": "CUST-from-patch", "lines": [
@@ -697,8 +699,8 @@ def test_corrected_applies_the_patch_then_the_sets(codec: tuple[Decoder, Encoder
     assert got[EDIT_OF] == b"0:5"
     assert got[EDITED_BY] == b"alice@host"
     assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", got[EDITED_AT])
-    for name in (hd.CE_ID, hd.CE_TYPE, hd.CE_SOURCE, routing.ORIGINAL_TOPIC,
-                 routing.ORIGINAL_OFFSET, routing.EXCEPTION_FQCN):
+    for name in (names.CE_ID, names.CE_TYPE, names.CE_SOURCE, names.ORIGINAL_TOPIC,
+                 names.ORIGINAL_OFFSET, names.EXCEPTION_FQCN):
         assert got[name] == r.headers[name], name
     # the copy reads back as a correction of the original
     copy_ = DlqRecord(DLQ, Position(0, 9), NOW_MS, r.key, value, got)
@@ -777,7 +779,7 @@ def test_error_filter_matches_a_class_name_not_any_suffix() -> None:
 
     def rec(fqcn: str) -> DlqRecord:
         return DlqRecord("t", Position(0, 0), 0, b"k", b"",
-                         {routing.EXCEPTION_FQCN: fqcn.encode()})
+                         {names.EXCEPTION_FQCN: fqcn.encode()})
 
     target = rec("connectors.rest.client.TargetRefused")
     row = rec("connectors.bi.postgres.RowRefused")

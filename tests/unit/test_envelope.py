@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import PayloadError, PayloadTooLarge, SchemaError
-from pipeline.kafka import headers as h
+from pipeline.kafka import names as h
 from pipeline.relay.envelope import (
     OutboxRow,
     Oversized,

@@ -7,8 +7,9 @@ import struct
 
 import pytest
 
-from pipeline.worker import routing
-from pipeline.worker.routing import Route, Tiers, big_int, failure_headers, read_int, route_failure
+from pipeline.kafka import names
+from pipeline.kafka.names import GroupTopics as Tiers
+from pipeline.worker.routing import Route, big_int, failure_headers, read_int, route_failure
 
 TIERS = Tiers("erp", "wms", (1.0, 10.0, 60.0))
 NOW_MS = 1_764_227_700_123
@@ -233,18 +234,18 @@ def _first_hop(error: BaseException | None = None, **kw: object) -> list[tuple[s
 
 def test_first_hop_records_the_original_position_in_spring_encodings() -> None:
     h = _first_hop()
-    assert _one(h, routing.ORIGINAL_TOPIC) == b"erp.order"
-    partition = _one(h, routing.ORIGINAL_PARTITION)
+    assert _one(h, names.ORIGINAL_TOPIC) == b"erp.order"
+    partition = _one(h, names.ORIGINAL_PARTITION)
     assert len(partition) == 4
     assert struct.unpack(">i", partition)[0] == 3
-    offset = _one(h, routing.ORIGINAL_OFFSET)
+    offset = _one(h, names.ORIGINAL_OFFSET)
     assert len(offset) == 8
     assert struct.unpack(">q", offset)[0] == 12_345_678_901
-    ts = _one(h, routing.ORIGINAL_TIMESTAMP)
+    ts = _one(h, names.ORIGINAL_TIMESTAMP)
     assert len(ts) == 8
     assert struct.unpack(">q", ts)[0] == NOW_MS - 5000
-    assert _one(h, routing.ORIGINAL_GROUP) == b"wms"
-    assert _one(h, routing.FIRST_FAILURE_TIMESTAMP) == _java_to_byte_array(NOW_MS)
+    assert _one(h, names.ORIGINAL_GROUP) == b"wms"
+    assert _one(h, names.FIRST_FAILURE_TIMESTAMP) == _java_to_byte_array(NOW_MS)
 
 
 def test_first_hop_keeps_the_events_own_headers_first_and_encodes_text() -> None:
@@ -255,25 +256,25 @@ def test_first_hop_keeps_the_events_own_headers_first_and_encodes_text() -> None
 
 def test_retry_route_headers() -> None:
     h = _first_hop(attempts=2)
-    assert _one(h, routing.ATTEMPTS) == b"\x02"
-    assert read_int(_one(h, routing.BACKOFF_TIMESTAMP)) == NOW_MS + 1000
-    assert _one(h, routing.BACKOFF_TIMESTAMP) == _java_to_byte_array(NOW_MS + 1000)
-    assert _one(h, routing.RETRY_TIER) == b"1"
+    assert _one(h, names.ATTEMPTS) == b"\x02"
+    assert read_int(_one(h, names.BACKOFF_TIMESTAMP)) == NOW_MS + 1000
+    assert _one(h, names.BACKOFF_TIMESTAMP) == _java_to_byte_array(NOW_MS + 1000)
+    assert _one(h, names.RETRY_TIER) == b"1"
 
 
 def test_dlq_route_has_no_backoff_or_tier() -> None:
     h = _first_hop(route=route_failure(TIERS, "permanent", 1, NOW_MS))
-    names = _names(h)
-    assert routing.BACKOFF_TIMESTAMP not in names
-    assert routing.RETRY_TIER not in names
-    assert routing.ATTEMPTS in names
+    got = _names(h)
+    assert names.BACKOFF_TIMESTAMP not in got
+    assert names.RETRY_TIER not in got
+    assert names.ATTEMPTS in got
 
 
 def test_exception_headers() -> None:
     h = _first_hop(error=ValueError("bad sku 'X'"))
-    assert _one(h, routing.EXCEPTION_FQCN) == b"builtins.ValueError"
-    assert _one(h, routing.EXCEPTION_MESSAGE) == b"bad sku 'X'"
-    assert b"ValueError: bad sku 'X'" in _one(h, routing.EXCEPTION_STACKTRACE)
+    assert _one(h, names.EXCEPTION_FQCN) == b"builtins.ValueError"
+    assert _one(h, names.EXCEPTION_MESSAGE) == b"bad sku 'X'"
+    assert b"ValueError: bad sku 'X'" in _one(h, names.EXCEPTION_STACKTRACE)
 
 
 class _Outer:
@@ -283,8 +284,8 @@ class _Outer:
 
 def test_exception_fqcn_uses_module_and_qualname_and_keeps_the_target_body() -> None:
     h = _first_hop(error=_Outer.TargetRejected("422"))
-    assert _one(h, routing.EXCEPTION_FQCN) == f"{__name__}._Outer.TargetRejected".encode()
-    assert _one(h, routing.TARGET_ERROR_BODY) == b'{"error": "unknown sku"}'
+    assert _one(h, names.EXCEPTION_FQCN) == f"{__name__}._Outer.TargetRejected".encode()
+    assert _one(h, names.TARGET_ERROR_BODY) == b'{"error": "unknown sku"}'
 
 
 def test_raised_exception_carries_its_stacktrace() -> None:
@@ -295,17 +296,17 @@ def test_raised_exception_carries_its_stacktrace() -> None:
         boom()
     except RuntimeError as exc:
         h = _first_hop(error=exc)
-    trace = _one(h, routing.EXCEPTION_STACKTRACE).decode()
+    trace = _one(h, names.EXCEPTION_STACKTRACE).decode()
     assert "boom" in trace
     assert "RuntimeError: deep failure" in trace
 
 
 def test_long_exception_texts_are_capped() -> None:
     h = _first_hop(error=RuntimeError("x" * 10_000))
-    assert len(_one(h, routing.EXCEPTION_MESSAGE)) == 4000
-    assert len(_one(h, routing.EXCEPTION_STACKTRACE)) == 8000
+    assert len(_one(h, names.EXCEPTION_MESSAGE)) == 4000
+    assert len(_one(h, names.EXCEPTION_STACKTRACE)) == 8000
     # The tail of the trace (the exception line) is what is kept.
-    assert _one(h, routing.EXCEPTION_STACKTRACE).endswith(b"x\n")
+    assert _one(h, names.EXCEPTION_STACKTRACE).endswith(b"x\n")
 
 
 def test_no_error_means_no_exception_headers() -> None:
@@ -322,16 +323,16 @@ def test_no_error_means_no_exception_headers() -> None:
         now_ms=NOW_MS,
         blocked_by="ev-0",
     )
-    names = _names(h)
-    assert routing.EXCEPTION_FQCN not in names
-    assert routing.EXCEPTION_MESSAGE not in names
-    assert routing.EXCEPTION_STACKTRACE not in names
-    assert _one(h, routing.BLOCKED_BY) == b"ev-0"
+    got = _names(h)
+    assert names.EXCEPTION_FQCN not in got
+    assert names.EXCEPTION_MESSAGE not in got
+    assert names.EXCEPTION_STACKTRACE not in got
+    assert _one(h, names.BLOCKED_BY) == b"ev-0"
 
 
 def test_decode_error_header() -> None:
     h = _first_hop(decode_error="bad magic byte", route=Route(TIERS.dlq_topic, 0, None))
-    assert _one(h, routing.DECODE_ERROR) == b"bad magic byte"
+    assert _one(h, names.DECODE_ERROR) == b"bad magic byte"
 
 
 def test_second_hop_keeps_the_original_position_and_replaces_per_hop_headers() -> None:
@@ -350,21 +351,21 @@ def test_second_hop_keeps_the_original_position_and_replaces_per_hop_headers() -
         now_ms=NOW_MS + 60_000,
     )
     # Original position: still the main topic's, exactly once each.
-    assert _one(second, routing.ORIGINAL_TOPIC) == b"erp.order"
-    assert struct.unpack(">i", _one(second, routing.ORIGINAL_PARTITION))[0] == 3
-    assert struct.unpack(">q", _one(second, routing.ORIGINAL_OFFSET))[0] == 12_345_678_901
-    assert struct.unpack(">q", _one(second, routing.ORIGINAL_TIMESTAMP))[0] == NOW_MS - 5000
-    assert _one(second, routing.ORIGINAL_GROUP) == b"wms"
+    assert _one(second, names.ORIGINAL_TOPIC) == b"erp.order"
+    assert struct.unpack(">i", _one(second, names.ORIGINAL_PARTITION))[0] == 3
+    assert struct.unpack(">q", _one(second, names.ORIGINAL_OFFSET))[0] == 12_345_678_901
+    assert struct.unpack(">q", _one(second, names.ORIGINAL_TIMESTAMP))[0] == NOW_MS - 5000
+    assert _one(second, names.ORIGINAL_GROUP) == b"wms"
     # First failure time kept across hops.
-    assert read_int(_one(second, routing.FIRST_FAILURE_TIMESTAMP)) == NOW_MS
+    assert read_int(_one(second, names.FIRST_FAILURE_TIMESTAMP)) == NOW_MS
     # Per-hop headers replaced, never piled up.
-    assert _one(second, routing.EXCEPTION_FQCN) == b"builtins.ConnectionError"
-    assert _one(second, routing.EXCEPTION_MESSAGE) == b"second"
-    assert b"first" not in _one(second, routing.EXCEPTION_STACKTRACE)
-    assert read_int(_one(second, routing.ATTEMPTS)) == 3
-    assert read_int(_one(second, routing.BACKOFF_TIMESTAMP)) == NOW_MS + 60_000 + 10_000
-    assert _one(second, routing.RETRY_TIER) == b"2"
-    assert routing.BLOCKED_BY not in _names(second)
+    assert _one(second, names.EXCEPTION_FQCN) == b"builtins.ConnectionError"
+    assert _one(second, names.EXCEPTION_MESSAGE) == b"second"
+    assert b"first" not in _one(second, names.EXCEPTION_STACKTRACE)
+    assert read_int(_one(second, names.ATTEMPTS)) == 3
+    assert read_int(_one(second, names.BACKOFF_TIMESTAMP)) == NOW_MS + 60_000 + 10_000
+    assert _one(second, names.RETRY_TIER) == b"2"
+    assert names.BLOCKED_BY not in _names(second)
     # The event's own headers survive both hops.
     assert _one(second, "ce_id") == b"ev-1"
     assert _one(second, "ce_type") == b"order.created"
@@ -392,6 +393,6 @@ def test_many_hops_never_grow_the_header_list() -> None:
         assert len(_names(headers)) == len(set(_names(headers)))
     assert sizes[0] == sizes[1] == sizes[2]
     assert sizes[3] == sizes[2] - 2  # no backoff timestamp, no tier on the DLQ
-    assert struct.unpack(">i", _one(headers, routing.ORIGINAL_PARTITION))[0] == 1
-    assert read_int(_one(headers, routing.FIRST_FAILURE_TIMESTAMP)) == NOW_MS + 1
-    assert _one(headers, routing.EXCEPTION_MESSAGE) == b"hop 4"
+    assert struct.unpack(">i", _one(headers, names.ORIGINAL_PARTITION))[0] == 1
+    assert read_int(_one(headers, names.FIRST_FAILURE_TIMESTAMP)) == NOW_MS + 1
+    assert _one(headers, names.EXCEPTION_MESSAGE) == b"hop 4"
