@@ -243,6 +243,13 @@ class WorkerConfig(_Model):
         default_factory=lambda: [5.0, 60.0, 600.0],
         description="one retry tier per delay; then the DLQ",
     )
+    stall_after_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="a key whose head event has waited longer than this is stalled (logged, "
+        "counted in pipeline_stalled_keys, named by `pipeline status`); default: twice the "
+        "sum of retry_delays_s plus 60 s",
+    )
     ordering: Literal["strict", "relaxed"] = Field(
         default="strict",
         description="strict: a key's later events wait behind one in retry; relaxed: overtake",
@@ -277,6 +284,10 @@ class WorkerConfig(_Model):
     batch_max_wait_s: float = Field(
         default=1.0, gt=0, description="batch targets (BI): a partial batch is landed after this"
     )
+
+    @property
+    def stall_after(self) -> float:
+        return self.stall_after_s or 2 * sum(self.retry_delays_s) + 60.0
 
     @field_validator("retry_delays_s")
     @classmethod

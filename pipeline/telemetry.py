@@ -329,6 +329,8 @@ class Metrics:
             ("pipeline.relay.leader", "1", "1 when this relay process leads its shard"),
             ("pipeline.parked_keys", "{key}", "Keys waiting behind a retried or dead-lettered "
                                               "event (strict ordering)"),
+            ("pipeline.stalled_keys", "{key}", "Keys whose head event has waited longer than "
+                                               "the retry tiers' delays plus a margin"),
             ("pipeline.breaker.state", "1", "Circuit breaker: 0 closed, 1 half-open, 2 open"),
             ("pipeline.consumer.lag", "{message}", "Records behind the partition's end"),
             ("pipeline.consumer.lag_age", "s", "Age of the newest record consumed while behind "

@@ -165,7 +165,10 @@ def membership_config(
     timeout, heartbeat and assignor are the broker's (``group.consumer.*``); librdkafka refuses
     them on the client."""
     if protocol == "consumer":
-        return {"group.protocol": "consumer"}
+        conf: dict[str, Any] = {"group.protocol": "consumer"}
+        if assignor in ("range", "uniform"):  # the broker's assignors (KIP-848)
+            conf["group.remote.assignor"] = assignor
+        return conf
     return {
         "group.protocol": "classic",
         "partition.assignment.strategy": assignor,
@@ -182,12 +185,14 @@ def produce(
     *,
     headers: Any = None,
     on_delivery: Any = None,
+    partition: int | None = None,
 ) -> None:
     """``producer.produce`` that waits (serving delivery reports) while the local queue is
-    full, instead of raising BufferError."""
+    full, instead of raising BufferError. ``partition`` None: the key's (the partitioner's)."""
+    extra = {} if partition is None else {"partition": partition}
     while True:
         try:
-            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery, **extra)
             return
         except BufferError:
             producer.poll(0.05)

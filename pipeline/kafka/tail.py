@@ -25,10 +25,12 @@ def read_to_end(
     timeout_s: float = 60.0,
     purpose: str = "read",
     settle_s: float = 0.3,
+    partitions: set[int] | None = None,
 ) -> Iterator[Message]:
     """Yield the records of ``topics`` (all, or the ``last`` N of each partition, extended back
     to the first record at or after ``since_ms`` when given) up to their end. Missing topics are
-    skipped. Raises BrokerUnavailable when the broker cannot be reached or the end is not reached
+    skipped; ``partitions`` reads only those partition numbers. Raises BrokerUnavailable when
+    the broker cannot be reached or the end is not reached
     within ``timeout_s``.
 
     The end is where both rules hold: every partition read up to the high watermark seen at the
@@ -59,6 +61,8 @@ def read_to_end(
             if tmd is None or tmd.error is not None:
                 continue
             for p in tmd.partitions:
+                if partitions is not None and p not in partitions:
+                    continue
                 lo, hi = _watermarks(consumer, topic, p, request, lookups_until)
                 start = lo if last is None else max(lo, hi - last)
                 if since_ms is not None and start > lo:

@@ -15,6 +15,7 @@ from pipeline import telemetry
 from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
 from pipeline.kafka.client import producer_config
+from pipeline.kafka.clients import Clients, KafkaClients
 from pipeline.kafka.lag import lag_figures
 from pipeline.relay.relay import _registry
 from pipeline.schemas.catalogue import Catalogue
@@ -28,9 +29,10 @@ TP = tuple[str, int]
 
 class GroupRuntime:
     def __init__(self, settings: Settings, name: str, config: WorkerConfig | None,
-                 *, given: bool) -> None:
+                 *, given: bool, clients: Clients | None = None) -> None:
         wc = config or settings.worker_config(name, given=given)
         self.settings = settings
+        self.clients: Clients = clients if clients is not None else KafkaClients(settings)
         self.name = name
         self.cfg = wc
         self.group = wc.group or name
@@ -54,7 +56,7 @@ class GroupRuntime:
     def _open_clients(self) -> None:
         """The producer (retry copies, dead letters), the claim store and the decoder, and the
         lag gauges."""
-        self._producer = Producer(
+        self._producer = self.clients.producer(
             producer_config(
                 self.settings,
                 **{"error_cb": lambda err: log.warning("kafka producer: %s", err.str())},

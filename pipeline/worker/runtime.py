@@ -1,13 +1,15 @@
 """The worker loop (``pipeline worker NAME``): one consumer group per connector.
 
-    consume (main topics + own retry tiers) ─▶ decode ─▶ key scheduler ─▶ handler threads
-        │ retry record not yet due: pause that partition, rewind, resume when due
-        │ undecodable: DLQ with the raw bytes
-        ▼
-    outcome ─ ok ─────────▶ offset done
-            ─ transient ──▶ retry tier n (or held in place while the breaker is open)
-            ─ permanent ──▶ DLQ
+    consume (event topics + own retry tiers, range-assigned: co-partitioned) ─▶ ingest
+      ingest: a cell not held whole → rewind and wait; a retry record not due → pause that
+              partition until due; undecodable → DLQ; else → the key's FIFO
+    admit (decide.admit: strict ordering) ─▶ run the handler (pool or inline) ─▶ settle
+      settle (decide.decide): done · hold (breaker open, Retry-After) · retry tier n · DLQ
     commit every commit_interval_s: the highest contiguous finished offset per partition
+
+Who owns what (:mod:`pipeline.worker.ownership`): a key's events, its retry copies, its DLQ
+copies and its parked state all sit in one partition number, its *cell*; a member works on a
+cell only while it holds all of it, so one member at a time owns a key's retry state.
 
 Everything that changes state runs on the loop's thread; handlers run on a pool of
 ``max_in_flight`` threads and hand their outcome back through a queue. An event routed to a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 import time
@@ -27,23 +30,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
-from pipeline.errors import DecodeError, PipelineError
+from pipeline.errors import ConfigError, DecodeError, PipelineError
 from pipeline.kafka import names
-from pipeline.kafka.client import admin_config, consumer_config, membership_config, produce
-from pipeline.kafka.tail import read_to_end
-from pipeline.kafka.topics import TopicSpec, apply_topics
+from pipeline.kafka.client import consumer_config, membership_config
+from pipeline.kafka.clients import Clients
+from pipeline.kafka.forward import Forwarder, Source
+from pipeline.kafka.topics import TopicSpec
+from pipeline.worker import decide as d
 from pipeline.worker import routing
 from pipeline.worker.breaker import CircuitBreaker
 from pipeline.worker.classify import TRANSIENT, classify
 from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
 from pipeline.worker.group import GroupRuntime
 from pipeline.worker.offsets import PartitionOffsets
-from pipeline.worker.ordering import BLOCKED, FOLLOW, KeyState, Ordering
+from pipeline.worker.ordering import KeyState, Ordering
+from pipeline.worker.ownership import Cells, copartition_problems
 from pipeline.worker.ratelimit import TokenBucket
 from pipeline.worker.records import event_of, header_list
 from pipeline.worker.scheduler import KeyScheduler
@@ -51,7 +56,8 @@ from pipeline.worker.scheduler import KeyScheduler
 log = logging.getLogger("pipeline.worker")
 
 TP = tuple[str, int]
-OK, SKIPPED, FAILED = "ok", "skipped", "failed"
+OK, SKIPPED, FAILED = d.OK, d.SKIPPED, d.FAILED
+_NEVER = math.inf
 
 
 @dataclass
@@ -75,6 +81,8 @@ class WorkerStats:
     undecodable: int = 0
     held: int = 0
     breaker_opens: int = 0
+    moved: int = 0  # retry copies found outside their home partition and moved there
+    stalled: int = 0  # keys seen stalled (each key and head once)
 
     @property
     def dead_lettered_total(self) -> int:
@@ -95,8 +103,10 @@ class Worker(GroupRuntime):
         *,
         config: WorkerConfig | None = None,
         observer: Observer | None = None,
+        clients: Clients | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__(settings, name, config, given=connector is not None)
+        super().__init__(settings, name, config, given=connector is not None, clients=clients)
         wc = self.cfg
         self.tiers = names.GroupTopics(settings.topics.prefix, self.group, wc.retry_delays_s)
         self.connector = (
@@ -104,7 +114,9 @@ class Worker(GroupRuntime):
         )
         self.dispatch: Dispatch = dispatch_of(self.connector)
         self.observer = observer
-        self.ordering = Ordering(strict=wc.ordering == "strict")
+        self.clock = clock
+        self.ordering = Ordering(strict=wc.ordering == "strict", clock=clock)
+        self.cells = Cells([*self.main_topics, *self.tiers.retry_topics])
         self.breaker = CircuitBreaker(
             wc.breaker.threshold, wc.breaker.probe_initial_s, wc.breaker.probe_max_s
         )
@@ -112,7 +124,9 @@ class Worker(GroupRuntime):
         self.scheduler: KeyScheduler[Work] = KeyScheduler(wc.max_in_flight)
         self.stats = WorkerStats()
         self.offsets: dict[TP, PartitionOffsets] = {}
-        self._due_pauses: dict[TP, float] = {}  # partition → resume time (epoch s)
+        self.forwarder: Forwarder | None = None
+        self.partitions = 0  # of every co-partitioned topic (known after _ensure_topics)
+        self._due_pauses: dict[TP, float] = {}  # partition → resume time (epoch s; inf: cell)
         self._rewound: dict[TP, int] = {}  # partition → offset it was rewound to
         self._held: deque[Work] = deque()  # failed while the breaker is open / Retry-After
         self._paused_all = False
@@ -131,6 +145,13 @@ class Worker(GroupRuntime):
         self._attr_cache: dict[tuple[str, str], dict[str, str]] = {}
         self._consumed: collections.Counter[str] = collections.Counter()
         self._parked_pending = 0
+        self._stalled: dict[str, tuple[str, int]] = {}  # stalled key → (its head, its cell)
+        self._hops_reported: set[str] = set()
+        self.stall_after_ms = int(wc.stall_after * 1000)
+        # a follower that went round more often than the head's whole wait allows is stuck too
+        self.max_hops = int(wc.stall_after / min(wc.retry_delays_s or [1.0])) + 2 * len(
+            wc.retry_delays_s
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -145,10 +166,11 @@ class Worker(GroupRuntime):
     def _start(self) -> None:
         self._ensure_topics()
         self._open_clients()
+        assert self._producer is not None
+        self.forwarder = Forwarder(self._producer, self.group_id)
         self._pool = ThreadPoolExecutor(
             self.cfg.max_in_flight, thread_name_prefix=f"{self.name}-handler"
         )
-        self._load_parked()
         conf = consumer_config(
             self.settings,
             self.group_id,
@@ -156,7 +178,9 @@ class Worker(GroupRuntime):
                 **membership_config(
                     self.cfg.group_protocol,
                     session_timeout_ms=self.cfg.session_timeout_ms,
-                    assignor="cooperative-sticky",
+                    # co-partitioned topics' partitions together (both protocols): one owner
+                    # per cell (pipeline.worker.ownership)
+                    assignor="range",
                 ),
                 "enable.auto.offset.store": False,
                 # a resumed retry partition is fetched again promptly
@@ -164,9 +188,9 @@ class Worker(GroupRuntime):
                 "error_cb": self._on_kafka_error,
             },
         )
-        self._consumer = Consumer(conf)
+        self._consumer = self.clients.consumer(conf)
         self._consumer.subscribe(
-            self.main_topics + self.tiers.retry_topics,
+            list(self.cells.topics),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
@@ -174,6 +198,7 @@ class Worker(GroupRuntime):
         group = {"messaging.consumer.group.name": self.group_id}
         self._unobserve += [
             self._m.observe("pipeline.parked_keys", lambda: [(self.ordering.parked, group)]),
+            self._m.observe("pipeline.stalled_keys", lambda: [(len(self._stalled), group)]),
             self._m.observe(
                 "pipeline.breaker.state",
                 lambda: [({"closed": 0, "half-open": 1, "open": 2}.get(self.breaker.state, 2),
@@ -184,34 +209,57 @@ class Worker(GroupRuntime):
         if self._health is not None:
             log.info("worker %s health endpoints on port %d", self.name, self._health.port)
         log.info(
-            "worker %s started: group %s, topics %s, retry tiers %s, ordering %s",
+            "worker %s started: group %s, topics %s (%d partitions each), retry tiers %s, "
+            "ordering %s",
             self.name,
             self.group_id,
             ", ".join(self.main_topics),
-            ", ".join(f"{d:g}s" for d in self.cfg.retry_delays_s),
+            self.partitions,
+            ", ".join(f"{x:g}s" for x in self.cfg.retry_delays_s),
             self.cfg.ordering,
         )
 
     def _ensure_topics(self) -> None:
+        """Create what is missing and make the group's own topics co-partitioned with its event
+        topics: as many partitions as they have (raised when fewer; refused when more)."""
         t = self.settings.topics
-        specs = [
+        main = [
             TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
-            for topic in [*self.main_topics, *self.tiers.retry_topics, self.tiers.dlq_topic]
+            for topic in self.main_topics
         ]
-        specs.append(
-            TopicSpec(
-                self.tiers.parked_topic,
-                t.partitions,
-                t.replication_factor,
-                t.compacted_config,
-            )
-        )
-        apply_topics(
-            AdminClient(admin_config(self.settings)),
-            specs,
-            timeout_s=self.settings.kafka.request_timeout_s,
-            create_only=True,
-        )
+        counts = self.clients.create_topics(main)
+        problems = copartition_problems(dict(counts), self.main_topics)
+        if problems:
+            raise ConfigError(f"worker {self.name}: {problems[0]}")
+        n = max(counts.values(), default=t.partitions)
+        own = [
+            TopicSpec(topic, n, t.replication_factor, dict(t.config))
+            for topic in [*self.tiers.retry_topics, self.tiers.dlq_topic]
+        ]
+        own.append(TopicSpec(self.tiers.parked_topic, n, t.replication_factor,
+                             t.compacted_config))
+        counts = self.clients.create_topics(own)
+        for spec in own:
+            have = counts.get(spec.name, n)
+            if have < n:
+                log.warning(
+                    "raising %s from %d to %d partitions, to match the worker's event topics "
+                    "(co-partitioning: a key's retry copies and state sit at its partition "
+                    "number)",
+                    spec.name,
+                    have,
+                    n,
+                )
+                self.clients.add_partitions(spec.name, n)
+            elif have > n:
+                raise ConfigError(
+                    f"worker {self.name}: {spec.name} has {have} partitions but the worker's "
+                    f"event topics have {n}; a key's retry copies and state must sit at its "
+                    "own partition number, and Kafka cannot lower a partition count. Drain "
+                    f"and delete {spec.name} (it is created again with {n}), or raise the event "
+                    f"topics to {have} partitions (`pipeline topics apply`)"
+                )
+        self.partitions = n
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -228,16 +276,14 @@ class Worker(GroupRuntime):
         held = len(self._held)
         self._held.clear()
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
-        while (self._running or self._routing_pending) and time.monotonic() < deadline:
-            self._drain_completions(timeout=0.05)
-            self._producer.poll(0) if self._producer else None
-        if self._producer is not None:
-            self._producer.flush(max(1.0, deadline - time.monotonic()))
+        self._settle_until(deadline, lambda: bool(self._running or self._routing_pending))
+        self._flush(max(1.0, deadline - time.monotonic()))
         self._drain_completions(timeout=0)
         self._commit(asynchronous=False)
         # what is left was handed back: the revocation at close has nothing to wait for
         self.assigned.clear()
         self.offsets.clear()
+        self.cells.clear()
         log.info(
             "worker %s stopped: %d queued and %d held events handed back (redelivered to "
             "the group), %d still running at the deadline",
@@ -247,12 +293,23 @@ class Worker(GroupRuntime):
             self._running,
         )
 
+    def _settle_until(self, deadline: float, busy: Callable[[], bool]) -> None:
+        """Serve completions and delivery reports while ``busy()``, until ``deadline``."""
+        while busy() and time.monotonic() < deadline:
+            self._drain_completions(timeout=0.05)
+            if self._producer is not None:
+                self._producer.poll(0)
+
+    def _flush(self, timeout: float) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout)
+
     # -- the loop -----------------------------------------------------------------------------
     def loop_once(self) -> None:
         assert self._consumer is not None and self._producer is not None
         if self._fatal is not None:
             raise self._fatal
-        now = time.time()
+        now = self.clock()
         self._heartbeat = time.monotonic()
         self._resume_due(now)
         idle = not (self.scheduler.queued or self._running or self._held)
@@ -274,6 +331,7 @@ class Worker(GroupRuntime):
         self._producer.poll(0)
         if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
             self._commit(asynchronous=True)
+            self._check_stalls()
             self._flush_metrics()
 
     def _ingest(self, msg: Message, now: float) -> None:
@@ -287,6 +345,11 @@ class Worker(GroupRuntime):
         rewound = self._rewound.get(tp)
         if rewound is not None and offset >= rewound:
             return  # fetched before the rewind took effect: it comes again when due
+        if not self.cells.owns(tp[1]):
+            # part of a cell this member does not hold whole (an incremental assignment half
+            # way): its keys may have state elsewhere; wait, rewound, until the cell is whole
+            self._hold_partition(tp, offset, _NEVER)
+            return
         if tp not in self.offsets:
             self.offsets[tp] = PartitionOffsets()
         tier = self._tier_of.get(tp[0])
@@ -294,6 +357,10 @@ class Worker(GroupRuntime):
             tier = self._tier_of[tp[0]] = self.tiers.tier_of(tp[0])
         raw = dict(header_list(msg))  # name → bytes; the last of a repeated name wins
         if tier:
+            src = Source.of(msg)
+            if src.home != tp[1]:
+                self._move_home(src, tp, offset)
+                return
             due_ms = routing.read_int(raw.get(names.BACKOFF_TIMESTAMP))
             if due_ms is not None and due_ms > now * 1000:
                 self._hold_partition(tp, offset, due_ms / 1000)
@@ -329,6 +396,31 @@ class Worker(GroupRuntime):
         key = f"{(original.decode() if isinstance(original, bytes) else tp[0])}|{event.key}"
         self.scheduler.submit(key, Work(msg, event, tp, key, self._gen.get(tp, 0)))
 
+    def _move_home(self, src: Source, tp: TP, offset: int) -> None:
+        """A retry copy outside its home partition (written before retry copies were
+        co-partitioned, or by another tool): moved there unchanged; its home cell's owner
+        runs it."""
+        assert self.forwarder is not None
+        self.offsets[tp].started(offset)
+        self.stats.moved += 1
+        self._routing_pending += 1
+        self._busy_tp[tp] += 1
+        gen = self._gen.get(tp, 0)
+
+        def done(err: str | None, _m: Any) -> None:
+            self._routing_pending -= 1
+            self._busy_tp[tp] -= 1
+            if err is not None:
+                self._fatal = PipelineError(
+                    f"could not move the retry record {tp[0]}[{tp[1]}]@{offset} to its home "
+                    f"partition {src.home}: {err}; the worker stops so that it is consumed "
+                    "again from the last committed offset — check the topic and the broker"
+                )
+                return
+            self._finished(tp, offset, gen)
+
+        self.forwarder.move(src, tp[0], done)
+
     def _event(self, msg: Message, tp: TP, offset: int, raw: dict[str, Any]) -> Event:
         assert self._decoder is not None
         return event_of(self._decoder, msg, tp, offset, raw)
@@ -343,9 +435,37 @@ class Worker(GroupRuntime):
         self._consumed.clear()
         self._refresh_lag()
 
+    # -- stuck keys ---------------------------------------------------------------------------
+    def _check_stalls(self) -> None:
+        """Name every key whose head has waited too long, once per key and head."""
+        now_ms = int(self.clock() * 1000)
+        current = {}
+        for key, st in self.ordering.stalled(self.stall_after_ms):
+            current[key] = (st.head, st.partition)
+            if self._stalled.get(key) != current[key]:
+                self.stats.stalled += 1
+                log.error(
+                    "key %s is stalled: its head event %s has waited %.0fs (more than the "
+                    "%.0fs its retry tiers allow), %d event(s) behind it (%s); check the "
+                    "target, then `pipeline dlq ls --group %s` and the worker's logs for %s",
+                    key,
+                    st.head,
+                    st.waited_ms(now_ms) / 1000,
+                    self.stall_after_ms / 1000,
+                    len(st.followers),
+                    ", ".join(st.followers[:5]) + (" …" if len(st.followers) > 5 else ""),
+                    self.group,
+                    st.head,
+                    extra={"event_id": st.head, "key": key},
+                )
+        for key in [k for k in self._stalled if k not in current]:
+            log.info("key %s is moving again", key, extra={"key": key})
+        self._stalled = current
+
     # -- pausing ------------------------------------------------------------------------------
     def _hold_partition(self, tp: TP, offset: int, resume_at: float) -> None:
-        """A retry record that is not due yet: pause its partition and rewind to it."""
+        """Pause a partition and rewind it to ``offset``: a retry record that is not due yet,
+        or (``resume_at`` inf) part of a cell not held whole."""
         assert self._consumer is not None
         part = TopicPartition(tp[0], tp[1], offset)
         self._consumer.pause([part])
@@ -358,11 +478,16 @@ class Worker(GroupRuntime):
             return
         due = [tp for tp, at in self._due_pauses.items() if at <= now]
         if due:
-            assert self._consumer is not None
-            for tp in due:
-                del self._due_pauses[tp]
-                self._rewound.pop(tp, None)
-            self._consumer.resume([TopicPartition(t, p) for t, p in due if (t, p) in self.assigned])
+            self._resume(due)
+
+    def _resume(self, tps: list[TP]) -> None:
+        assert self._consumer is not None
+        for tp in tps:
+            self._due_pauses.pop(tp, None)
+            self._rewound.pop(tp, None)
+        parts = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assigned]
+        if parts and not self._paused_all:
+            self._consumer.resume(parts)
 
     def _pause_all(self) -> None:
         if not self._paused_all and self._consumer is not None and self.assigned:
@@ -384,7 +509,7 @@ class Worker(GroupRuntime):
         must_pause = (
             (self.breaker.is_open and bool(self._held or self.scheduler.queued))
             or self.scheduler.queued > high
-            or self.bucket.blocked_until > time.time()
+            or self.bucket.blocked_until > self.clock()
         )
         if must_pause:
             self._pause_all()
@@ -393,8 +518,7 @@ class Worker(GroupRuntime):
 
     # -- dispatch -----------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        assert self._pool is not None
-        now = time.time()
+        now = self.clock()
         while self._held:
             if not self._may_call(now):
                 return
@@ -408,33 +532,46 @@ class Worker(GroupRuntime):
             if nxt is None:  # at the in-flight cap
                 self._unused_call(now)
                 return
-            key, work = nxt
-            if names.REPLAY_ID in work.event.raw_headers:  # sent by `pipeline dlq replay`
-                self.ordering.replayed(work.key, work.event.event_id)
-            verdict, ref = self.ordering.admit(work.key, work.event.event_id)
-            if verdict == FOLLOW:
-                self._unused_call(now)  # routing it does not call the target
+            _key, work = nxt
+            ev = work.event
+            action = d.admit(
+                self.ordering,
+                work.key,
+                ev.event_id,
+                replay=names.REPLAY_ID in ev.raw_headers,
+                attempts=ev.attempt,
+                tiers=self.tiers,
+                now_ms=int(now * 1000),
+            )
+            if action.verb == d.RUN:
+                self._start_work(work)
+                if self.breaker.state == "half-open":
+                    return
+                continue
+            self._unused_call(now)  # routing it does not call the target
+            if action.verb == d.FOLLOW_HEAD:
                 self.stats.followed += 1
-                self._persist_ordering()  # the state first: a crash must not lose it
-                self._route(
-                    work.msg,
-                    work.tp,
-                    work,
-                    routing.route_failure(self.tiers, TRANSIENT, 1, int(now * 1000)),
-                    None,
-                    attempts=work.event.attempt,
-                    blocked_by=ref,
-                )
-                self.scheduler.done(key)
-                continue
-            if verdict == BLOCKED:
-                self._unused_call(now)
-                self._dead_letter(work, None, blocked_by=ref)
-                self.scheduler.done(key)
-                continue
-            self._start_work(work)
-            if self.breaker.state == "half-open":
-                return
+                self._check_hops(work, action.blocked_by)
+            self._carry_out(work, action, None)
+
+    def _check_hops(self, work: Work, head: str | None) -> None:
+        hops = routing.read_int(work.event.raw_headers.get(names.HOPS)) or 0
+        ev = work.event
+        if hops > self.max_hops and ev.event_id not in self._hops_reported:
+            self._hops_reported.add(ev.event_id)
+            log.error(
+                "event %s (%s %s v%d) has gone round the retry path %d times behind %s (key "
+                "%s): the key is stalled; check why %s does not finish",
+                ev.event_id,
+                ev.event_type,
+                ev.aggregate_id,
+                ev.aggregate_version,
+                hops,
+                head,
+                work.key,
+                head,
+                extra={"event_id": ev.event_id, "key": work.key},
+            )
 
     def _may_call(self, now: float) -> bool:
         """A token from the rate limit and leave from the breaker (a probe when it is open)."""
@@ -455,15 +592,13 @@ class Worker(GroupRuntime):
             self.bucket.tokens = min(self.bucket.capacity, self.bucket.tokens + 1)
 
     def _start_work(self, work: Work) -> None:
-        self._running += 1
-        self._busy_tp[work.tp] += 1
         if self._pace.inline:
             # A handler that takes microseconds costs less than handing it to a thread: run it
             # here (same key order, same outcome path).
-            self._running -= 1
-            self._busy_tp[work.tp] -= 1
             self._complete(*self._execute(work))
             return
+        self._running += 1
+        self._busy_tp[work.tp] += 1
         assert self._pool is not None
         self._pool.submit(self._execute_async, work)
 
@@ -541,22 +676,77 @@ class Worker(GroupRuntime):
                 return
 
     def _complete(self, work: Work, outcome: str, exc: BaseException | None) -> None:
-        ev = work.event
         if not self._current(work.tp, work.gen):
             # The partition was revoked (and maybe given back) while this ran: its new owner
             # redoes the event from the last commit. Route nothing, record nothing.
             self.scheduler.done(work.key)
             return
-        if outcome in (OK, SKIPPED):
-            if outcome == OK:
+        kind = None
+        if outcome == FAILED:
+            assert exc is not None
+            try:
+                kind = classify(exc, self.dispatch.classify)
+            except Exception:  # a connector's classify() that fails: retrying is the safe side
+                log.exception(
+                    "connector classify() failed on event %s; treating the error as transient",
+                    work.event.event_id,
+                    extra={"event_id": work.event.event_id},
+                )
+                kind = TRANSIENT
+        now = self.clock()
+        retry_after = getattr(exc, "retry_after_s", None)
+        action = d.decide(
+            outcome,
+            kind=kind,
+            attempt=work.event.attempt,
+            tiers=self.tiers,
+            now_ms=int(now * 1000),
+            retry_after_s=retry_after if isinstance(retry_after, int | float) else None,
+            target_alive=bool(getattr(exc, "target_alive", False)),
+        )
+        was_open = self.breaker.is_open
+        for effect in action.breaker:
+            if effect == d.SUCCESS:
                 self.breaker.success()
+            elif effect == d.FAILURE:
+                self.breaker.failure(now)
             else:
-                self.breaker.cancel_probe(time.time())  # no call reached the target
-            if outcome == OK:
+                self.breaker.cancel_probe(now)
+        if action.unless_open and self.breaker.is_open:
+            if not was_open:
+                self.stats.breaker_opens += 1
+                log.error(
+                    "circuit breaker OPEN for worker %s after %d consecutive transient "
+                    "failures (last: %s); consumption paused, probing",
+                    self.name,
+                    self.breaker.failures,
+                    exc,
+                )
+            action = d.Action(d.HOLD)
+        self._carry_out(work, action, exc)
+
+    def _carry_out(self, work: Work, action: d.Action, exc: BaseException | None) -> None:
+        """The one place an action changes state: ordering, offsets, copies, the key's turn."""
+        ev = work.event
+        verb = action.verb
+        if verb == d.HOLD:
+            if action.hold_s:
+                self.bucket.hold_until(self.clock() + action.hold_s)
+                log.warning(
+                    "target asked to wait %.1fs (Retry-After) on event %s; pausing",
+                    action.hold_s,
+                    ev.event_id,
+                    extra={"event_id": ev.event_id},
+                )
+            self._held.append(work)  # the key stays busy: its next event waits behind
+            self.stats.held += 1
+            return
+        if verb == d.DONE:
+            if action.applied:
                 self.stats.applied += 1
                 if ev.occurred_at is not None:
                     self._m.end_to_end.record(
-                        max(0.0, time.time() - ev.occurred_at.timestamp()),
+                        max(0.0, self.clock() - ev.occurred_at.timestamp()),
                         {"messaging.consumer.group.name": self.group_id},
                     )
             else:
@@ -567,63 +757,17 @@ class Worker(GroupRuntime):
             self.scheduler.done(work.key)
             if self.observer is not None:
                 try:
-                    self.observer(ev, outcome)
+                    self.observer(ev, OK if action.applied else SKIPPED)
                 except Exception:  # an observer must never stop the worker
                     log.exception("observer failed on event %s", ev.event_id)
             return
-        assert exc is not None
-        try:
-            kind = classify(exc, self.dispatch.classify)
-        except Exception:  # a connector's classify() that fails: retrying is the safe side
-            log.exception(
-                "connector classify() failed on event %s; treating the error as transient",
-                ev.event_id,
-                extra={"event_id": ev.event_id},
-            )
-            kind = TRANSIENT
-        now = time.time()
-        if kind != TRANSIENT or getattr(exc, "target_alive", False):
-            # the target answered (it refused this event, or said "not yet"): it is up
-            self.breaker.success()
-        if kind == TRANSIENT:
-            retry_after = getattr(exc, "retry_after_s", None)
-            if isinstance(retry_after, int | float) and retry_after > 0:
-                self.breaker.cancel_probe(now)  # a probe answered "wait": probe again later
-                self.bucket.hold_until(now + float(retry_after))
-                self._held.append(work)
-                self.stats.held += 1
-                log.warning(
-                    "target asked to wait %.1fs (Retry-After) on event %s; pausing",
-                    retry_after,
-                    ev.event_id,
-                    extra={"event_id": ev.event_id},
-                )
-                return
-            was_open = self.breaker.is_open
-            if not getattr(exc, "target_alive", False):
-                self.breaker.failure(now)
-            if self.breaker.is_open:
-                if not was_open:
-                    self.stats.breaker_opens += 1
-                    log.error(
-                        "circuit breaker OPEN for worker %s after %d consecutive "
-                        "transient failures (last: %s); consumption paused, probing",
-                        self.name,
-                        self.breaker.failures,
-                        exc,
-                    )
-                self._held.append(work)
-                self.stats.held += 1
-                return
-        route = routing.route_failure(self.tiers, kind, ev.attempt, int(now * 1000))
-        if route.is_dlq:
-            self._dead_letter(work, exc)
-        else:
-            self.ordering.retrying(work.key, ev.event_id)
-            self._persist_ordering()  # the parked state before the copy: a crash keeps both
-            self.stats.retried[route.tier] = self.stats.retried.get(route.tier, 0) + 1
+        assert action.route is not None
+        if verb == d.RETRY:
+            self.ordering.retrying(work.key, ev.event_id, work.tp[1])
+            tier = action.route.tier
+            self.stats.retried[tier] = self.stats.retried.get(tier, 0) + 1
             self._m.retries.add(
-                1, {"messaging.consumer.group.name": self.group_id, "tier": str(route.tier)}
+                1, {"messaging.consumer.group.name": self.group_id, "tier": str(tier)}
             )
             log.warning(
                 "event %s (%s %s v%d) failed (%s: %s); retry %d in %gs",
@@ -633,16 +777,28 @@ class Worker(GroupRuntime):
                 ev.aggregate_version,
                 type(exc).__name__,
                 exc,
-                route.tier,
-                self.cfg.retry_delays_s[route.tier - 1],
+                tier,
+                self.cfg.retry_delays_s[tier - 1],
                 extra={"event_id": ev.event_id, "attempt": ev.attempt},
             )
-            self._route(work.msg, work.tp, work, route, exc, attempts=ev.attempt + 1)
+        elif verb == d.DEAD_LETTER:
+            self._count_dead_letter(work, exc, action.blocked_by)
+        # the state first, then the copy: a crash keeps both or redoes both
         self._persist_ordering()
+        self._route(
+            work.msg,
+            work.tp,
+            work,
+            action.route,
+            exc,
+            attempts=action.attempts,
+            blocked_by=action.blocked_by,
+            decode_error=str(exc) if isinstance(exc, DecodeError) else None,
+        )
         self.scheduler.done(work.key)
 
-    def _dead_letter(
-        self, work: Work, exc: BaseException | None, blocked_by: str | None = None
+    def _count_dead_letter(
+        self, work: Work, exc: BaseException | None, blocked_by: str | None
     ) -> None:
         ev = work.event
         reason = type(exc).__name__ if exc is not None else "BlockedByDeadLetter"
@@ -676,16 +832,6 @@ class Worker(GroupRuntime):
                 exc,
                 extra={"event_id": ev.event_id},
             )
-        self._route(
-            work.msg,
-            work.tp,
-            work,
-            routing.Route(self.tiers.dlq_topic, 0, None),
-            exc,
-            attempts=ev.attempt,
-            blocked_by=blocked_by,
-            decode_error=str(exc) if isinstance(exc, DecodeError) else None,
-        )
 
     def _route(
         self,
@@ -699,40 +845,23 @@ class Worker(GroupRuntime):
         blocked_by: str | None = None,
         decode_error: str | None = None,
     ) -> None:
-        """Send the record, bytes untouched, to a retry tier or the DLQ; its offset finishes
-        when Kafka acknowledged the copy."""
-        assert self._producer is not None
-        ts = msg.timestamp()
+        """Send the record, bytes untouched, to a retry tier or the DLQ (at its home partition);
+        its offset finishes when Kafka acknowledged the copy."""
+        assert self.forwarder is not None
         offset = int(msg.offset() or 0)
-        headers = routing.failure_headers(
-            header_list(msg),
-            topic=tp[0],
-            partition=tp[1],
-            offset=offset,
-            timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,
-            group=self.group_id,
-            error=exc,
-            attempts=attempts,
-            route=route,
-            now_ms=int(time.time() * 1000),
-            blocked_by=blocked_by,
-            decode_error=decode_error,
-        )
+        traceparent = None
         if work is not None and work.trace is not None:
-            hop = telemetry.send_span(
+            traceparent = telemetry.send_span(
                 route.topic,
                 work.trace,
                 {"messaging.message.id": work.event.event_id, "erp.retry_tier": route.tier},
             )
-            if hop is not None:
-                headers = [(k, v) for k, v in headers if k != names.TRACEPARENT]
-                headers.append((names.TRACEPARENT, hop.encode()))
         self._routing_pending += 1
         self._busy_tp[tp] += 1
         gen = work.gen if work is not None else self._gen.get(tp, 0)
         event_id = work.event.event_id if work is not None else "(undecodable)"
 
-        def delivered(err: KafkaError | None, _m: Any) -> None:
+        def delivered(err: str | None, _m: Any) -> None:
             self._routing_pending -= 1
             self._busy_tp[tp] -= 1
             if err is not None:
@@ -740,14 +869,22 @@ class Worker(GroupRuntime):
                 # without it: stop the worker; the group redelivers from the last commit.
                 self._fatal = PipelineError(
                     f"could not write event {event_id} ({tp[0]}[{tp[1]}]@{offset}) to "
-                    f"{route.topic}: {err.str()}; the worker stops so that it is consumed "
+                    f"{route.topic}: {err}; the worker stops so that it is consumed "
                     "again from the last committed offset — check the topic and the broker"
                 )
                 return
             self._finished(tp, offset, gen)
 
-        produce(self._producer, route.topic, msg.value(), msg.key(), headers=headers,
-                on_delivery=delivered)
+        self.forwarder.copy(
+            Source.of(msg),
+            route,
+            error=exc,
+            attempts=attempts,
+            blocked_by=blocked_by,
+            decode_error=decode_error,
+            traceparent=traceparent,
+            on_done=delivered,
+        )
 
     def _current(self, tp: TP, gen: int) -> bool:
         """Is the partition still assigned as it was when this work was consumed?"""
@@ -762,50 +899,56 @@ class Worker(GroupRuntime):
     def _persist_ordering(self) -> None:
         if not self.ordering.changes:
             return
-        changes = self.ordering.take_changes()
-        if not changes:
-            return
-        assert self._producer is not None
-        for key, state in changes.items():
+        assert self.forwarder is not None
+        for key, (partition, state) in self.ordering.take_placed_changes().items():
             self._parked_pending += 1
-            self._producer.produce(
+            self.forwarder.send(
                 self.tiers.parked_topic,
-                state.to_json() if state else None,
+                partition,
                 key.encode(),
-                on_delivery=self._parked_delivered,
+                state.to_json() if state else None,
+                on_done=self._parked_delivered,
             )
 
-    def _parked_delivered(self, err: KafkaError | None, msg: Any) -> None:
+    def _parked_delivered(self, err: str | None, msg: Any) -> None:
         self._parked_pending -= 1
         if err is not None:
             self._fatal = PipelineError(
                 f"could not record the ordering state of key {msg.key()!r} in "
-                f"{self.tiers.parked_topic}: {err.str()}; the worker stops so that strict "
+                f"{self.tiers.parked_topic}: {err}; the worker stops so that strict "
                 "ordering is not broken — check the topic and the broker"
             )
 
-    def _load_parked(self) -> None:
-        """Rebuild the parked keys from the compacted topic (on start and on assignment)."""
-        for m in read_to_end(
-            self.settings, [self.tiers.parked_topic], timeout_s=30, purpose=f"{self.group}-parked"
+    def _load_parked(self, cells: list[int]) -> None:
+        """Read the parked keys of ``cells`` (partitions of the compacted topic)."""
+        loaded = 0
+        for m in self.clients.read(
+            [self.tiers.parked_topic], set(cells), purpose=f"{self.group}-parked"
         ):
             value, key = m.value(), (m.key() or b"").decode()
+            part = int(m.partition() or 0)
             try:
-                self.ordering.load(key, KeyState.from_json(value) if value else None)
+                state = KeyState.from_json(value) if value else None
+                if state is not None and '"partition"' not in value.decode():
+                    state.partition = part  # written before states named their partition
             except (ValueError, KeyError, TypeError) as exc:
                 log.error(
-                    "skipping malformed parked-key record %s@%s (key %r): %s",
+                    "skipping malformed parked-key record %s[%d]@%s (key %r): %s",
                     self.tiers.parked_topic,
+                    part,
                     m.offset(),
                     key,
                     exc,
                 )
-        if self.ordering.parked:
-            log.info(
-                "worker %s: %d keys parked behind retried or dead-lettered events",
-                self.name,
-                self.ordering.parked,
-            )
+                continue
+            self.ordering.load(key, state)
+            loaded += 1
+        log.info(
+            "worker %s owns cell(s) %s: %d keys parked behind retried or dead-lettered events",
+            self.name,
+            ",".join(map(str, cells)),
+            sum(1 for st in self.ordering.keys.values() if st.partition in set(cells)),
+        )
 
     # -- offsets and rebalances ---------------------------------------------------------------
     def _commit(self, asynchronous: bool) -> None:
@@ -833,56 +976,94 @@ class Worker(GroupRuntime):
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("offset commit failed (it is retried): %s", exc.args[0].str())
 
-    def _on_assign(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
-        if parts and self._producer is not None:
-            # Partitions may come from another worker: take up the parked keys it left,
-            # after our own pending changes reached the topic.
-            self._producer.flush(10)
-            try:
-                self._load_parked()
-            except PipelineError as exc:
-                log.error(
-                    "could not re-read %s on assignment (%s); strict ordering uses the "
-                    "parked keys known so far",
-                    self.tiers.parked_topic,
-                    exc,
-                )
+    def _on_assign(self, _consumer: Any, parts: list[TopicPartition]) -> None:
         self._generation += 1
-        for p in parts:
-            tp = (str(p.topic), int(p.partition))
+        tps = [(str(p.topic), int(p.partition)) for p in parts]
+        for tp in tps:
             self.assigned.add(tp)
             self.offsets[tp] = PartitionOffsets()
             self._gen[tp] = self._generation
+        whole = self.cells.assign(tps)
+        if whole:
+            # A cell's keys may come from another member: read their state after our own
+            # pending changes reached the topic.
+            self._flush(10)
+            try:
+                self._load_parked(whole)
+            except PipelineError as exc:
+                self._fatal = PipelineError(
+                    f"could not read {self.tiers.parked_topic} for cell(s) {whole} ({exc}); "
+                    "the worker stops rather than run those keys without their retry state"
+                )
+        assert self._consumer is not None
         if self._paused_all and parts:
-            assert self._consumer is not None
             self._consumer.pause(parts)
-        log.info("worker %s assigned %s", self.name, _fmt(parts))
+        partial = [tp for tp in tps if not self.cells.owns(tp[1])]
+        if partial:
+            self._consumer.pause([TopicPartition(t, p) for t, p in partial])
+            for tp in partial:
+                self._due_pauses[tp] = _NEVER
+        now_whole = [tp for c in whole for tp in self.cells.partitions(c)
+                     if self._due_pauses.get(tp) == _NEVER]
+        if now_whole:
+            self._resume(now_whole)  # waited for the rest of their cell
+        log.info(
+            "worker %s assigned %s%s",
+            self.name,
+            _fmt(parts),
+            f" (cells waiting for the rest of their partitions: {sorted({p for _, p in partial})})"
+            if partial else "",
+        )
 
-    def _on_revoke(self, _consumer: Consumer, parts: list[TopicPartition]) -> None:
-        """Hand back queued work of the revoked partitions, let running handlers finish
-        (within the grace period), commit what finished, forget the partitions."""
+    def _on_revoke(self, _consumer: Any, parts: list[TopicPartition]) -> None:
+        """Let go of whole cells: hand back their queued work, let running handlers finish
+        (within the grace period), write their state and copies, commit, forget their keys."""
         revoked = {(str(p.topic), int(p.partition)) for p in parts}
-        dropped = self.scheduler.drop(lambda w: w.tp in revoked)
-        for w in [w for w in self._held if w.tp in revoked]:
+        broken = self.cells.affected(revoked)
+        # every partition of a broken cell stops, including those the member keeps for now
+        stopping = revoked | {tp for c in broken for tp in self.cells.partitions(c)}
+        self.cells.revoke(revoked)
+        dropped = self.scheduler.drop(lambda w: w.tp in stopping)
+        for w in [w for w in self._held if w.tp in stopping]:
             self._held.remove(w)
             self.scheduler.done(w.key)  # its key ran (and failed); it is no longer ours
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
         # wait for what is really under way: running handlers and unacknowledged copies
-        while time.monotonic() < deadline and any(self._busy_tp[tp] > 0 for tp in revoked):
-            self._drain_completions(timeout=0.05)
-            if self._producer is not None:
-                self._producer.poll(0)
+        self._settle_until(deadline, lambda: any(self._busy_tp[tp] > 0 for tp in stopping))
+        self._flush(max(1.0, deadline - time.monotonic()))  # parked state before the offsets
         self._commit(asynchronous=False)
+        kept = stopping - revoked
+        resume_at = {tp: self.offsets[tp].oldest_unfinished() for tp in kept if tp in self.offsets}
+        for tp in stopping:
+            self._due_pauses.pop(tp, None)
+            self._rewound.pop(tp, None)
         for tp in revoked:
             self.assigned.discard(tp)
             self.offsets.pop(tp, None)
-            self._due_pauses.pop(tp, None)
-            self._rewound.pop(tp, None)
+        if kept:
+            # still ours but not whole: paused, and back to the first record not finished
+            self._generation += 1
+            assert self._consumer is not None
+            for tp in kept:
+                self._gen[tp] = self._generation
+                self.offsets[tp] = PartitionOffsets()
+                at = resume_at.get(tp)
+                if at is not None:
+                    self._hold_partition(tp, at, _NEVER)
+                else:
+                    self._consumer.pause([TopicPartition(*tp)])
+                    self._due_pauses[tp] = _NEVER
+        forgotten = self.ordering.forget(set(broken))
+        for key in [k for k, (_h, cell) in self._stalled.items() if cell in broken]:
+            del self._stalled[key]
         log.info(
-            "worker %s revoked %s (%d queued events handed back)",
+            "worker %s revoked %s (%d queued events handed back; cell(s) %s let go with %d "
+            "parked keys)",
             self.name,
             _fmt(parts),
             len(dropped),
+            broken or "none",
+            forgotten,
         )
 
     def _on_kafka_error(self, err: KafkaError) -> None:
@@ -904,8 +1085,10 @@ class Worker(GroupRuntime):
         return ok, {
             "broker_reachable": down is None,
             "assigned_partitions": len(self.assigned),
+            "cells": len(self.cells.whole),
             "breaker": self.breaker.state,
             "parked_keys": self.ordering.parked,
+            "stalled_keys": len(self._stalled),
         }
 
 

@@ -367,7 +367,11 @@ def test_the_kafka_client_config_carries_the_ca_and_no_session_settings_under_co
     s = load_config(None, overrides={"kafka": {"bootstrap_servers": "k:9093",
                                                "ssl_ca_location": str(ca)}})
     assert common_config(s)["ssl.ca.location"] == str(ca.resolve())
+    # the session and heartbeat are the broker's; the assignor is named to it (KIP-848's range
+    # assignor co-partitions, which a worker's ownership of a key's retry state relies on)
     assert membership_config("consumer", session_timeout_ms=6000, assignor="range") == {
-        "group.protocol": "consumer"}
+        "group.protocol": "consumer", "group.remote.assignor": "range"}
+    assert membership_config("consumer", session_timeout_ms=6000,
+                             assignor="cooperative-sticky") == {"group.protocol": "consumer"}
     classic = membership_config("classic", session_timeout_ms=6000, assignor="range")
     assert classic["session.timeout.ms"] == 6000 and classic["heartbeat.interval.ms"] == 1200

@@ -30,8 +30,9 @@ def test_key_state_json_round_trip(state: KeyState) -> None:
 
 
 def test_key_state_json_form() -> None:
-    data = json.loads(KeyState("h", ["f1"], blocked_by="h").to_json())
-    assert data == {"head": "h", "followers": ["f1"], "blocked_by": "h"}
+    data = json.loads(KeyState("h", ["f1"], blocked_by="h", partition=3, since_ms=7).to_json())
+    assert data == {"head": "h", "followers": ["f1"], "blocked_by": "h", "partition": 3,
+                    "since_ms": 7}
 
 
 def test_key_state_from_minimal_json_uses_defaults() -> None:
