@@ -20,6 +20,7 @@ from pipeline.dlq.records import from_message
 from pipeline.kafka import names
 from pipeline.kafka.client import consumer_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
+from pipeline.worker.ordering import KeyState
 
 TP = tuple[str, int]
 
@@ -40,6 +41,9 @@ class GroupStatus:
     dlq_depth: int = 0
     dlq_newest: dict[str, Any] | None = None
     parked_keys: int = 0
+    # keys whose head waited longer than the worker's stall_after_s: {key, head, waited_s,
+    # followers}, the longest wait first
+    stalled: list[dict[str, Any]] = field(default_factory=list)
     breaker: str | None = None  # from the worker's /readyz when its health_port is fixed
 
     @property
@@ -124,7 +128,7 @@ def _group(settings: Settings, consumer: Consumer, md: Any, name: str) -> GroupS
     retry = _lag(settings, gid, md, tiers.retry_topics)
     gs.retry_depths = {tiers.tier_of(t): n for t, (n, _s) in retry.items()}
     gs.dlq_depth, gs.dlq_newest = _dlq(settings, consumer, md, tiers.dlq_topic)
-    gs.parked_keys = _parked(settings, md, tiers.parked_topic)
+    gs.parked_keys, gs.stalled = _parked(settings, md, tiers.parked_topic, wc.stall_after)
     if wc.health_port:
         gs.breaker = _breaker(wc.health_port)
     return gs
@@ -206,13 +210,29 @@ def _dlq(settings: Settings, consumer: Consumer, md: Any, topic: str
     return depth, newest
 
 
-def _parked(settings: Settings, md: Any, topic: str) -> int:
+def _parked(settings: Settings, md: Any, topic: str, stall_after_s: float
+            ) -> tuple[int, list[dict[str, Any]]]:
+    """Parked keys, and the stalled ones among them (read from the states the workers write)."""
     if topic not in md.topics:
-        return 0
-    latest: dict[bytes, bool] = {}
+        return 0, []
+    latest: dict[bytes, bytes | None] = {}
     for m in read_to_end(settings, [topic], timeout_s=30, purpose="status-parked"):
-        latest[m.key() or b""] = m.value() is not None
-    return sum(latest.values())
+        latest[m.key() or b""] = m.value()
+    now_ms = int(time.time() * 1000)
+    stalled: list[dict[str, Any]] = []
+    for key, value in latest.items():
+        if value is None:
+            continue
+        try:
+            st = KeyState.from_json(value)
+        except (ValueError, KeyError, TypeError):
+            continue
+        waited = st.waited_ms(now_ms) / 1000
+        if st.blocked_by is None and waited > stall_after_s:
+            stalled.append({"key": key.decode(errors="replace"), "head": st.head,
+                            "waited_s": round(waited), "followers": len(st.followers)})
+    stalled.sort(key=lambda x: -int(x["waited_s"]))
+    return sum(v is not None for v in latest.values()), stalled
 
 
 def _breaker(port: int) -> str | None:
@@ -257,6 +277,12 @@ def problems(settings: Settings, st: Status) -> list[str]:
         if c.max_dlq is not None and g.dlq_depth > c.max_dlq:
             out.append(f"{g.group}: {g.dlq_depth} dead letters (status.max_dlq {c.max_dlq}); "
                        f"`pipeline dlq ls --group {g.group}`")
+        if g.stalled:
+            worst = g.stalled[0]
+            out.append(f"{g.group}: {len(g.stalled)} key(s) stalled, e.g. {worst['key']}: head "
+                       f"event {worst['head']} waiting {worst['waited_s']}s with "
+                       f"{worst['followers']} behind it; check the target and the worker's "
+                       f"logs for that event id")
         if g.breaker == "open":
             out.append(f"{g.group}: circuit breaker open (its target is down)")
     return out

@@ -15,6 +15,7 @@ import click
 
 from pipeline.cli import Context, pass_ctx
 from pipeline.kafka import names
+from pipeline.kafka.forward import Forwarder
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONFIRM_ABOVE = 100
@@ -314,15 +315,16 @@ def edit_cmd(ctx: Context, group: str, position: str, sets: tuple[str, ...],
     errors: list[str] = []
     where: list[str] = []
 
-    def delivered(err: Any, msg: Any) -> None:
+    def delivered(err: str | None, msg: Any) -> None:
         if err is not None:
-            errors.append(err.str())
+            errors.append(err)
         else:
             where.append(f"{msg.partition()}:{msg.offset()}")
 
     producer = Producer(producer_config(s))
-    producer.produce(d.topic, value, r.key, headers=headers,  # type: ignore[arg-type]
-                     on_delivery=delivered)
+    # beside its original (same partition): a replay keeps the key's order by DLQ position
+    Forwarder(producer, group).send(d.topic, r.position.partition, r.key, value,
+                                    list(headers), on_done=delivered)
     if producer.flush(s.kafka.request_timeout_s) or errors:
         raise BrokerUnavailable(f"could not write the corrected copy to {d.topic}: "
                                 f"{errors[0] if errors else 'timed out'}")

@@ -28,12 +28,12 @@ from pipeline.dlq.store import GroupDlq
 from pipeline.errors import BrokerUnavailable
 from pipeline.kafka import names
 from pipeline.kafka.client import (
-    produce,
     producer_config,
     transactional_config,
     transactions_enabled,
     wrap_kafka_error,
 )
+from pipeline.kafka.forward import Forwarder, home_partition
 from pipeline.kafka.names import REPLAY_ID, REPLAY_OF, REPLAYED_AT, REPLAYED_BY, TRACEPARENT
 from pipeline.worker import routing
 
@@ -175,10 +175,15 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         if err is not None:
             errors.append(err.str())
 
+    def sent(err: str | None, _m: object) -> None:
+        if err is not None:
+            errors.append(err)
+
     txn = transactions_enabled(settings)
     extra = (transactional_config(settings, f"{settings.topics.prefix}.dlq-replay.{replay_id}")
              if txn else {})
     producer = Producer(producer_config(settings, **extra))
+    forwarder = Forwarder(producer, dlq.group)
     if txn:
         try:
             producer.init_transactions(timeout * 3)
@@ -262,8 +267,10 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
                 headers.append((TRACEPARENT, hop.encode()))
             chunk.append(r)
             try:
-                produce(producer, dlq.retry_topic, r.value, r.key, headers=headers,
-                        on_delivery=delivered)
+                # at the event's own partition number: the worker that owns its key's retry
+                # state reads it (pipeline.worker.ownership)
+                forwarder.send(dlq.retry_topic, home_partition(headers, r.position.partition),
+                               r.key, r.value, headers, on_done=sent)
                 producer.poll(0)
             except KafkaException as exc:  # a transaction made abortable by an earlier refusal
                 if not txn:

@@ -34,14 +34,13 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 
 from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, PipelineError, TransientError
 from pipeline.kafka import names
-from pipeline.kafka.client import admin_config, consumer_config, membership_config, produce
-from pipeline.kafka.topics import TopicSpec, apply_topics
+from pipeline.kafka.client import consumer_config, membership_config
+from pipeline.kafka.forward import Forwarder, Source
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
 from pipeline.worker import routing
 from pipeline.worker.connector import Event, load_connector
@@ -97,7 +96,7 @@ class SinkWorker(GroupRuntime):
         # KIP-848's protocol hands partitions over incrementally, never all at once
         self._incremental = wc.group_protocol == "consumer"
         # `pipeline dlq replay` sends corrected or retried dead letters here; landed like the rest
-        self.replay_topic = tiers.retry_topic(1)
+        self.replay_topic = tiers.replay_topic
         self.topics = [*self.main_topics, self.replay_topic]
         obj = target if target is not None else load_connector(wc.connector, wc.options)
         if not isinstance(obj, BatchTarget):
@@ -111,6 +110,7 @@ class SinkWorker(GroupRuntime):
         self._backoff = 0.0
         self._paused = False
         self._dlq_error: str | None = None
+        self._forwarder: Forwarder | None = None
         self._stop: threading.Event | None = None
         self._ends: dict[TP, int] = {}  # high watermarks, for run_until_caught_up
         self._idle_polls = 0
@@ -183,16 +183,7 @@ class SinkWorker(GroupRuntime):
         )
 
     def _ensure_topics(self) -> None:
-        t = self.settings.topics
-        apply_topics(
-            AdminClient(admin_config(self.settings)),
-            [
-                TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
-                for topic in [*self.topics, self.dlq_topic]
-            ],
-            timeout_s=self.settings.kafka.request_timeout_s,
-            create_only=True,
-        )
+        self._ensure_group_topics([self.replay_topic, self.dlq_topic])
 
     def _graceful_stop(self) -> None:
         """Land what is buffered (retrying transient failures within the grace period)."""
@@ -432,27 +423,21 @@ class SinkWorker(GroupRuntime):
 
     def _produce_dlq(self, msg: Message, exc: BaseException) -> None:
         assert self._producer is not None
-        ts = msg.timestamp()
-        headers = routing.failure_headers(
-            header_list(msg),
-            topic=str(msg.topic()),
-            partition=int(msg.partition() or 0),
-            offset=int(msg.offset() or 0),
-            timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,
-            group=self.group_id,
+        if self._forwarder is None:
+            self._forwarder = Forwarder(self._producer, self.group_id)
+
+        def delivered(err: str | None, _m: Any) -> None:
+            if err is not None:
+                self._dlq_error = err
+
+        self._forwarder.copy(
+            Source.of(msg),
+            routing.Route(self.dlq_topic, 0, None),
             error=exc,
             attempts=1,
-            route=routing.Route(self.dlq_topic, 0, None),
-            now_ms=int(time.time() * 1000),
             decode_error=str(exc) if isinstance(exc, PipelineError) else None,
+            on_done=delivered,
         )
-
-        def delivered(err: KafkaError | None, _m: Any) -> None:
-            if err is not None:
-                self._dlq_error = err.str()
-
-        produce(self._producer, self.dlq_topic, msg.value(), msg.key(), headers=headers,
-                on_delivery=delivered)
 
     # -- assignment -----------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -14,13 +14,16 @@ from confluent_kafka import Consumer, Producer
 from pipeline import telemetry
 from pipeline.claimcheck import ClaimStore, claim_store
 from pipeline.config import Settings, WorkerConfig
+from pipeline.errors import ConfigError
 from pipeline.kafka.client import producer_config
 from pipeline.kafka.clients import Clients, KafkaClients
 from pipeline.kafka.lag import lag_figures
+from pipeline.kafka.topics import TopicSpec
 from pipeline.relay.relay import _registry
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Decoder
 from pipeline.worker.health import Check, HealthServer, loop_alive
+from pipeline.worker.ownership import copartition_problems
 
 log = logging.getLogger("pipeline.worker")
 
@@ -68,6 +71,49 @@ class GroupRuntime:
             self._m.observe("pipeline.consumer.lag", lambda: self._lag),
             self._m.observe("pipeline.consumer.lag_age", lambda: self._lag_age),
         ]
+
+    def _ensure_group_topics(
+        self, own: list[str], *, compacted: Sequence[str] = (), same_event_partitions: bool = False
+    ) -> int:
+        """Create what is missing and make the group's own topics (``own``, ``compacted``)
+        co-partitioned with its event topics: as many partitions as the most any event topic
+        has (raised when fewer; refused when more), since every copy of an event goes to the
+        event's own partition number (:mod:`pipeline.kafka.forward`). With
+        ``same_event_partitions`` the event topics must agree too (a worker's retry state:
+        :mod:`pipeline.worker.ownership`). Returns the partition count."""
+        t = self.settings.topics
+        counts = self.clients.create_topics([
+            TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
+            for topic in self.main_topics
+        ])
+        if same_event_partitions:
+            problems = copartition_problems(dict(counts), self.main_topics)
+            if problems:
+                raise ConfigError(f"worker {self.name}: {problems[0]}")
+        n = max(counts.values(), default=t.partitions)
+        specs = [TopicSpec(x, n, t.replication_factor, dict(t.config)) for x in own]
+        specs += [TopicSpec(x, n, t.replication_factor, t.compacted_config) for x in compacted]
+        have = self.clients.create_topics(specs)
+        for spec in specs:
+            got = have.get(spec.name, n)
+            if got < n:
+                log.warning(
+                    "raising %s from %d to %d partitions, to match the group's event topics "
+                    "(a copy of an event sits at the event's own partition number)",
+                    spec.name,
+                    got,
+                    n,
+                )
+                self.clients.add_partitions(spec.name, n)
+            elif got > n and same_event_partitions:
+                raise ConfigError(
+                    f"worker {self.name}: {spec.name} has {got} partitions but the worker's "
+                    f"event topics have {n}; a key's retry copies and state must sit at its "
+                    "own partition number, and Kafka cannot lower a partition count. Drain "
+                    f"and delete {spec.name} (it is created again with {n}), or raise the event "
+                    f"topics to {got} partitions (`pipeline topics apply`)"
+                )
+        return n
 
     def _start_health(self, readyz: Check) -> None:
         if self.cfg.health_port is not None:

@@ -34,12 +34,11 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
-from pipeline.errors import ConfigError, DecodeError, PipelineError
+from pipeline.errors import DecodeError, PipelineError
 from pipeline.kafka import names
 from pipeline.kafka.client import consumer_config, membership_config
 from pipeline.kafka.clients import Clients
 from pipeline.kafka.forward import Forwarder, Source
-from pipeline.kafka.topics import TopicSpec
 from pipeline.worker import decide as d
 from pipeline.worker import routing
 from pipeline.worker.breaker import CircuitBreaker
@@ -48,7 +47,7 @@ from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connect
 from pipeline.worker.group import GroupRuntime
 from pipeline.worker.offsets import PartitionOffsets
 from pipeline.worker.ordering import KeyState, Ordering
-from pipeline.worker.ownership import Cells, copartition_problems
+from pipeline.worker.ownership import Cells
 from pipeline.worker.ratelimit import TokenBucket
 from pipeline.worker.records import event_of, header_list
 from pipeline.worker.scheduler import KeyScheduler
@@ -220,46 +219,11 @@ class Worker(GroupRuntime):
         )
 
     def _ensure_topics(self) -> None:
-        """Create what is missing and make the group's own topics co-partitioned with its event
-        topics: as many partitions as they have (raised when fewer; refused when more)."""
-        t = self.settings.topics
-        main = [
-            TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
-            for topic in self.main_topics
-        ]
-        counts = self.clients.create_topics(main)
-        problems = copartition_problems(dict(counts), self.main_topics)
-        if problems:
-            raise ConfigError(f"worker {self.name}: {problems[0]}")
-        n = max(counts.values(), default=t.partitions)
-        own = [
-            TopicSpec(topic, n, t.replication_factor, dict(t.config))
-            for topic in [*self.tiers.retry_topics, self.tiers.dlq_topic]
-        ]
-        own.append(TopicSpec(self.tiers.parked_topic, n, t.replication_factor,
-                             t.compacted_config))
-        counts = self.clients.create_topics(own)
-        for spec in own:
-            have = counts.get(spec.name, n)
-            if have < n:
-                log.warning(
-                    "raising %s from %d to %d partitions, to match the worker's event topics "
-                    "(co-partitioning: a key's retry copies and state sit at its partition "
-                    "number)",
-                    spec.name,
-                    have,
-                    n,
-                )
-                self.clients.add_partitions(spec.name, n)
-            elif have > n:
-                raise ConfigError(
-                    f"worker {self.name}: {spec.name} has {have} partitions but the worker's "
-                    f"event topics have {n}; a key's retry copies and state must sit at its "
-                    "own partition number, and Kafka cannot lower a partition count. Drain "
-                    f"and delete {spec.name} (it is created again with {n}), or raise the event "
-                    f"topics to {have} partitions (`pipeline topics apply`)"
-                )
-        self.partitions = n
+        self.partitions = self._ensure_group_topics(
+            [*self.tiers.retry_topics, self.tiers.dlq_topic],
+            compacted=[self.tiers.parked_topic],
+            same_event_partitions=True,
+        )
 
     def _close(self) -> None:
         if self._pool is not None:
