@@ -960,13 +960,20 @@ class Worker(GroupRuntime):
                     "the worker stops rather than run those keys without their retry state"
                 )
         assert self._consumer is not None
-        if self._paused_all and parts:
-            self._consumer.pause(parts)
         partial = [tp for tp in tps if not self.cells.owns(tp[1])]
-        if partial:
-            self._consumer.pause([TopicPartition(t, p) for t, p in partial])
-            for tp in partial:
-                self._due_pauses[tp] = _NEVER
+        for tp in partial:
+            self._due_pauses[tp] = _NEVER
+        # librdkafka keeps a partition's pause across a revocation and a new assignment: a
+        # retry partition paused until due, then revoked and given back, would stay paused
+        # for good. Set every assigned partition's state here, explicitly.
+        run = [TopicPartition(t, p) for t, p in tps if (t, p) not in self._due_pauses]
+        wait = [TopicPartition(t, p) for t, p in tps if (t, p) in self._due_pauses]
+        if self._paused_all:
+            wait, run = wait + run, []
+        if run:
+            self._consumer.resume(run)
+        if wait:
+            self._consumer.pause(wait)
         now_whole = [tp for c in whole for tp in self.cells.partitions(c)
                      if self._due_pauses.get(tp) == _NEVER]
         if now_whole:
