@@ -125,7 +125,8 @@ def _check(url: str) -> None:
     missing = {k: sorted(set(range(1, VERSIONS + 1)) - set(v)) for k, v in per.items()
                if len(v) != VERSIONS}
     assert len(ids) == KEYS * VERSIONS, (
-        f"{KEYS * VERSIONS - len(ids)} events never applied; by key: {dict(list(missing.items())[:5])}")
+        f"{KEYS * VERSIONS - len(ids)} events never applied; by key: "
+        f"{dict(list(missing.items())[:5])}")
     bad = {k: v for k, v in per.items() if v != list(range(1, VERSIONS + 1))}
     assert not bad, f"keys applied out of order: {dict(list(bad.items())[:3])}"
 

@@ -206,7 +206,7 @@ def test_a_key_whose_head_never_succeeds_is_named_stalled(caplog: pytest.LogCapt
     assert "t.order|SO-1" in m.worker._stalled
     assert any("is stalled" in r.getMessage() and ids[0] in r.getMessage()
                for r in caplog.records)
-    ok, body = m.worker._readyz()
+    _ok, body = m.worker._readyz()
     assert body["stalled_keys"] == 1
     target.failures.clear()  # the target recovers: the key moves on, the stall clears
     run([m], lambda: target.applied["SO-1"] == [1, 2] and not m.worker._stalled, seconds=10)
