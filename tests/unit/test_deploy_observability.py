@@ -31,6 +31,7 @@ KNOWN_METRICS = frozenset({
     "pipeline_outbox_oldest_age_seconds",
     "pipeline_relay_leader",
     "pipeline_parked_keys",
+    "pipeline_stalled_keys",
     "pipeline_breaker_state",
     "pipeline_consumer_lag",
     "pipeline_consumer_lag_age_seconds",
