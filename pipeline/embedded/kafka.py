@@ -235,6 +235,12 @@ class KafkaCluster:
             "share.coordinator.state.topic.replication.factor": str(count),
             "share.coordinator.state.topic.min.isr": isr,
             "group.initial.rebalance.delay.ms": "0",
+            # KIP-848 groups: a dead member's partitions move after 10 s (default 45 s), as
+            # a classic group's do with the workers' session_timeout_ms
+            "group.consumer.min.session.timeout.ms": "6000",
+            "group.consumer.session.timeout.ms": "10000",
+            "group.consumer.min.heartbeat.interval.ms": "500",
+            "group.consumer.heartbeat.interval.ms": "1000",
             # the compaction tests need the cleaner to look often (default 15 s)
             "log.cleaner.backoff.ms": "500",
             "num.network.threads": "2",

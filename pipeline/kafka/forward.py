@@ -93,15 +93,19 @@ class Forwarder:
             if on_done is not None:
                 on_done(err.str() if err is not None else None, msg)
 
-        produce(
-            self.producer,
-            topic,
-            value,
-            key,
-            headers=headers,
-            on_delivery=delivered,
-            partition=partition,
-        )
+        try:
+            produce(
+                self.producer,
+                topic,
+                value,
+                key,
+                headers=headers,
+                on_delivery=delivered,
+                partition=partition,
+            )
+        except BaseException:
+            self.pending -= 1  # never queued: no report will come
+            raise
 
     def copy(
         self,

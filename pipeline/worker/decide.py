@@ -56,12 +56,10 @@ def admit(
         ordering.replayed(key, event_id)
     verdict, ref = ordering.admit(key, event_id)
     if verdict == FOLLOW:
-        return Action(
-            FOLLOW_HEAD,
-            route_failure(tiers, TRANSIENT, 1, now_ms),
-            attempts=attempts,
-            blocked_by=ref,
-        )
+        route = route_failure(tiers, TRANSIENT, 1, now_ms)
+        # no retry tiers (a state from an older configuration): nowhere to wait but the DLQ
+        verb = DEAD_LETTER if route.is_dlq else FOLLOW_HEAD
+        return Action(verb, route, attempts=attempts, blocked_by=ref)
     if verdict == BLOCKED:
         return Action(DEAD_LETTER, Route(tiers.dlq_topic, 0, None), attempts, blocked_by=ref)
     return Action(RUN)

@@ -65,7 +65,7 @@ def event_of(
         topic=tp[0],
         partition=tp[1],
         offset=offset,
-        attempt=routing.read_int(raw.get(names.ATTEMPTS)) or 1,
+        attempt=max(1, routing.read_int(raw.get(names.ATTEMPTS)) or 1),  # a bad header: 1
         traceparent=trace.decode() if trace else None,
         schema=schema,
         timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,

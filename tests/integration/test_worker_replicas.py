@@ -72,9 +72,10 @@ class Group:
                 proc.wait(10)
 
 
-@pytest.fixture
-def group(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefix: str
-          ) -> Iterator[tuple[Group, dict]]:
+@pytest.fixture(params=[pytest.param("classic"),
+                        pytest.param("consumer", marks=pytest.mark.kafka_only)])
+def group(request: pytest.FixtureRequest, tmp_path: Path, database_url: str,
+          kafka_bootstrap: str, topic_prefix: str) -> Iterator[tuple[Group, dict]]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         install(conn, "pipeline")
         conn.execute(SINK_TABLE)
@@ -87,7 +88,7 @@ def group(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefix:
             "connector": "tests.fixtures.connectors:SinkConnector",
             "options": {"url": database_url, "latency_s": 0.002, "flaky_pct": FLAKY_PCT},
             "retry_delays_s": DELAYS, "session_timeout_ms": 6000, "commit_interval_s": 0.5,
-            "max_in_flight": 8, "shutdown_grace_s": 10,
+            "max_in_flight": 8, "shutdown_grace_s": 10, "group_protocol": request.param,
         }},
     }
     path = tmp_path / "pipeline.yaml"

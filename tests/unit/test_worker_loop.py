@@ -160,6 +160,23 @@ def test_a_transient_failure_goes_round_the_tiers_and_its_followers_wait_behind_
     m.stop()
 
 
+def test_a_long_retry_delay_holds_back_only_its_own_key() -> None:
+    """A head waiting out a 10-minute tier: the other keys of its partition go on."""
+    broker = Broker()
+    keys = [f"SO-{i}" for i in range(40)]
+    ids = publish(broker, keys, range(1, 4))
+    part = {r.key: r.partition for r in broker.records(TOPIC)}
+    slow = keys[0]
+    same = [k for k in keys[1:] if part[k.encode()] == part[slow.encode()]]
+    assert same, "no other key in the slow key's partition"
+    target = Target({ids[0]: ["transient"]})  # SO-0 v1 fails once, then waits 600 s
+    m = Member(broker, target, retry_delays_s=[600.0])
+    run([m], lambda: all(target.applied[k] == [1, 2, 3] for k in same))
+    assert target.applied[slow] == []  # still waiting, in order, behind its head
+    assert m.worker.ordering.parked == 1
+    m.stop()
+
+
 def test_a_refused_head_blocks_its_key_into_the_dlq_with_the_blocking_id() -> None:
     broker = Broker()
     ids = publish(broker, ["SO-1", "SO-2"], range(1, 4))
@@ -201,7 +218,6 @@ def test_a_key_whose_head_never_succeeds_is_named_stalled(caplog: pytest.LogCapt
     ids = publish(broker, ["SO-1"], range(1, 3))
     target = Target({ids[0]: ["transient"] * 1000})
     m = Member(broker, target, stall_after_s=0.2, retry_delays_s=[0.05] * 30)
-    m.worker.tiers = GroupTopics(PREFIX, "sink", [0.05] * 30)
     run([m], lambda: m.worker._stalled, seconds=10)
     assert "t.order|SO-1" in m.worker._stalled
     assert any("is stalled" in r.getMessage() and ids[0] in r.getMessage()
