@@ -4,10 +4,7 @@ SIGTERM during a burst. Effects are counted in the PostgreSQL sink itself."""
 from __future__ import annotations
 
 import collections
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,41 +15,15 @@ import yaml
 
 from pipeline.outbox.migrations import install
 from tests.fixtures.connectors import SINK_TABLE, applied_rows, make_events, publish
+from tests.fixtures.processes import WorkerProcesses
 from tests.fixtures.relay import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-class Workers:
-    def __init__(self, tmp: Path, config: Path) -> None:
-        self.tmp = tmp
-        self.config = config
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = self.tmp / f"worker-{len(self.procs)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "--config", str(self.config), "worker",
-                 "sink"], cwd=self.tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append((proc, log))
-        return proc
-
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        return next(path for p, path in self.procs if p is proc).read_text(errors="replace")
-
-    def close(self) -> None:
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
 @pytest.fixture
 def workers(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefix: str
-            ) -> Iterator[Workers]:
+            ) -> Iterator[WorkerProcesses]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         install(conn, "pipeline")
         conn.execute(SINK_TABLE)
@@ -70,7 +41,7 @@ def workers(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefi
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    w = Workers(tmp_path, path)
+    w = WorkerProcesses(tmp_path, path)
     try:
         yield w
     finally:
@@ -91,7 +62,7 @@ def _check_sink(url: str, keys: int, per_key: int) -> None:
 
 
 def test_kill_9_mid_batch_and_rebalance_lose_and_duplicate_nothing(
-        workers: Workers, database_url: str, kafka_bootstrap: str, topic_prefix: str):
+        workers: WorkerProcesses, database_url: str, kafka_bootstrap: str, topic_prefix: str):
     keys = [f"SO-{i:03d}" for i in range(50)]
     rows = make_events(keys, 20)  # 1,000 events
     a = workers.start()
@@ -113,7 +84,7 @@ def test_kill_9_mid_batch_and_rebalance_lose_and_duplicate_nothing(
 
 
 def test_sigterm_during_a_burst_exits_0_and_loses_nothing(
-        workers: Workers, database_url: str, kafka_bootstrap: str, topic_prefix: str):
+        workers: WorkerProcesses, database_url: str, kafka_bootstrap: str, topic_prefix: str):
     keys = [f"SO-{i:03d}" for i in range(60)]
     rows = make_events(keys, 50)  # 3,000 events: a few seconds of work at 16 × 5 ms
     w = workers.start()

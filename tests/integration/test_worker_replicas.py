@@ -7,10 +7,7 @@ version older than one applied, so an event applied out of order shows up as nev
 from __future__ import annotations
 
 import collections
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ from tests.fixtures.connectors import (
     make_events,
     publish,
 )
+from tests.fixtures.processes import WorkerProcesses
 from tests.fixtures.relay import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,43 +37,10 @@ KEYS, VERSIONS, FLAKY_PCT = 40, 50, 10
 DELAYS = [0.5, 1.0, 2.0]
 
 
-class Group:
-    """Worker processes of one consumer group, each with its own log."""
-
-    def __init__(self, tmp: Path, config: Path) -> None:
-        self.tmp = tmp
-        self.config = config
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = self.tmp / f"worker-{len(self.procs)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "--config", str(self.config), "worker",
-                 "sink"], cwd=self.tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append((proc, log))
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:]
-                         for _p, path in self.procs)
-
-    def all_logs(self) -> str:
-        return "\n".join(path.read_text(errors="replace") for _p, path in self.procs)
-
-    def close(self) -> None:
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
 @pytest.fixture(params=[pytest.param("classic"),
                         pytest.param("consumer", marks=pytest.mark.kafka_only)])
 def group(request: pytest.FixtureRequest, tmp_path: Path, database_url: str,
-          kafka_bootstrap: str, topic_prefix: str) -> Iterator[tuple[Group, dict]]:
+          kafka_bootstrap: str, topic_prefix: str) -> Iterator[tuple[WorkerProcesses, dict]]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         install(conn, "pipeline")
         conn.execute(SINK_TABLE)
@@ -93,7 +58,7 @@ def group(request: pytest.FixtureRequest, tmp_path: Path, database_url: str,
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    g = Group(tmp_path, path)
+    g = WorkerProcesses(tmp_path, path)
     try:
         yield g, config
     finally:
@@ -133,7 +98,8 @@ def _check(url: str) -> None:
 
 
 def test_three_replicas_through_kill_sigterm_and_scaling_apply_every_event_once_in_order(
-        group: tuple[Group, dict], database_url: str, kafka_bootstrap: str, topic_prefix: str):
+        group: tuple[WorkerProcesses, dict], database_url: str, kafka_bootstrap: str,
+        topic_prefix: str) -> None:
     g, config = group
     keys = [f"SO-{i:03d}" for i in range(KEYS)]
     rows = make_events(keys, VERSIONS, seed=7)  # 2,000 events, version by version
@@ -163,19 +129,19 @@ def test_three_replicas_through_kill_sigterm_and_scaling_apply_every_event_once_
     w2.wait(10)
     wait_for(lambda: written[0] >= 1000, 60, "more events written")
     w3.send_signal(signal.SIGTERM)  # a clean leave ...
-    assert w3.wait(30) == 0, g.logs()
+    assert w3.wait(30) == 0, g.tails()
     time.sleep(2.5)
     w4 = g.start()  # ... and its replacement, late
     wait_for(lambda: written[0] >= 1600, 60, "more events written")
     time.sleep(3)
     w4.send_signal(signal.SIGTERM)  # scale 3 → 1: only w1 is left
-    assert w4.wait(30) == 0, g.logs()
+    assert w4.wait(30) == 0, g.tails()
     assert writer_done.wait(60)
     wait_for(lambda: len(applied_rows(database_url)) >= KEYS * VERSIONS, 120,
-             "every event applied", on_timeout=lambda: g.logs())
+             "every event applied", on_timeout=lambda: g.tails())
     time.sleep(2.0)  # anything redelivered after the last commit is absorbed by the ledger
     w1.send_signal(signal.SIGTERM)
-    assert w1.wait(30) == 0, g.logs()
+    assert w1.wait(30) == 0, g.tails()
 
     _check(database_url)
     assert _dead_letters(config, topic_prefix) == []
