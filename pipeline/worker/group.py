@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 from pipeline.kafka.client import producer_config
 from pipeline.kafka.clients import Clients, KafkaClients
 from pipeline.kafka.lag import lag_figures
-from pipeline.kafka.topics import TopicSpec
+from pipeline.kafka.topics import TopicSpec, desired_topics
 from pipeline.relay.relay import _registry
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Decoder
@@ -82,10 +82,11 @@ class GroupRuntime:
         ``same_event_partitions`` the event topics must agree too (a worker's retry state:
         :mod:`pipeline.worker.ownership`). Returns the partition count."""
         t = self.settings.topics
-        counts = self.clients.create_topics([
-            TopicSpec(topic, t.partitions, t.replication_factor, dict(t.config))
-            for topic in self.main_topics
-        ])
+        # the event topics as `pipeline topics apply` makes them (overrides included)
+        types = self.cfg.aggregate_types or t.aggregate_types
+        counts = self.clients.create_topics(
+            [spec for spec in desired_topics(self.settings, types) if spec.name != t.outbox_dlq]
+        )
         if same_event_partitions:
             problems = copartition_problems(dict(counts), self.main_topics)
             if problems:
