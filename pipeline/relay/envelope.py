@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PayloadTooLarge
+from pipeline import exactjson
+from pipeline.errors import PayloadError, PayloadTooLarge
 from pipeline.kafka import names
 from pipeline.schemas.catalogue import CLAIM_CHECK
 from pipeline.schemas.codec import Encoder
@@ -45,6 +46,38 @@ class OutboxRow:
     payload: Any
     headers: dict[str, Any]
     occurred_at: str  # ISO-8601 with offset, as the CloudEvents ce_time header wants it
+    payload_text: str | None = None  # the payload as stored (jsonb text): kept for the DLQ
+    unreadable: str | None = None  # why the stored payload or headers could not be read
+
+    @classmethod
+    def from_stored(
+        cls,
+        id: int,
+        event_id: str,
+        aggregate_type: str,
+        aggregate_id: str,
+        aggregate_version: int,
+        event_type: str,
+        payload_text: str,
+        headers_text: str | None,
+        occurred_at: str,
+    ) -> OutboxRow:
+        """A row as the relay fetches it: payload and headers as their stored text, read here
+        with exact numbers; a row that cannot be read is kept, to be dead-lettered whole."""
+        payload: Any = None
+        headers: dict[str, Any] = {}
+        unreadable = None
+        try:
+            payload = exactjson.loads(payload_text)
+        except exactjson.JsonError as exc:
+            unreadable = f"its payload cannot be read: {exc}"
+        try:
+            got = exactjson.loads(headers_text) if headers_text else {}
+            headers = got if isinstance(got, dict) else {}
+        except exactjson.JsonError as exc:
+            unreadable = unreadable or f"its headers cannot be read: {exc}"
+        return cls(id, event_id, aggregate_type, aggregate_id, aggregate_version, event_type,
+                   payload, headers, occurred_at, payload_text, unreadable)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +140,9 @@ def build_record(
     max_payload_bytes: int,
 ) -> Record | Oversized:
     """Encode a row; raises PermanentError (SchemaError, PayloadError, PayloadTooLarge)."""
+    if row.unreadable is not None:
+        raise PayloadError(f"outbox row {row.id} (event {row.event_id}): {row.unreadable}",
+                           event_type=row.event_type)
     enc = encoder.encode(row.event_type, row.payload, topic=topic, headers=row.headers)
     size = len(enc.value)
     if size > max_payload_bytes:
@@ -150,7 +186,7 @@ def dead_letter_record(
     in headers. When the JSON is over ``max_inline_bytes``, or the row failed for its size, the
     second element is the body to claim-check (the record's value is then a stub naming the
     row, to be completed by the caller with :func:`dead_letter_stub`)."""
-    body = json.dumps(row.as_json(), separators=(",", ":"), default=str).encode()
+    body = row_json(row).encode()
     hdrs = event_headers(row, source)
     hdrs.append((names.ERROR_CLASS, _error_class(error).encode()))
     hdrs.append((names.ERROR_MESSAGE, str(error)[:4000].encode()))
@@ -162,11 +198,21 @@ def dead_letter_record(
     return Record(topic, row.aggregate_id.encode(), body, hdrs), None
 
 
+def row_json(row: OutboxRow) -> str:
+    """The row as JSON, its payload exactly as stored (every digit, whatever it holds)."""
+    meta = row.as_json()
+    if row.payload_text is None:
+        return exactjson.dumps(meta)
+    del meta["payload"]
+    head = exactjson.dumps(meta)
+    return f'{head[:-1]},"payload":{row.payload_text}}}'
+
+
 def dead_letter_stub(record: Record, row: OutboxRow, store: str, ref: str, size: int) -> Record:
     meta = row.as_json()
     del meta["payload"]
     meta["payload_claim_check"] = {"store": store, "ref": ref, "size_bytes": size}
-    value = json.dumps(meta, separators=(",", ":"), default=str).encode()
+    value = exactjson.dumps(meta).encode()
     return Record(
         record.topic, record.key, value, [*record.headers, (names.CLAIM_CHECK, store.encode())]
     )

@@ -22,10 +22,13 @@ from pipeline.relay.envelope import OutboxRow
 # PostgreSQL serialises a whole batch into one JSON document, parsed by one orjson call: the
 # server-side work runs on the database's core, and psycopg's per-column loaders (which cost
 # more than the rest of a row's trip to Kafka) are bypassed. to_json() of a timestamptz is
-# already the ISO-8601 form the ce_time header wants.
+# already the ISO-8601 form the ce_time header wants. The payload and headers come as their
+# jsonb text, read row by row with exact numbers (pipeline.exactjson): orjson would make every
+# decimal a binary float, and one unreadable row would fail the whole batch.
 _BATCH_JSON = (
     "SELECT coalesce(json_agg(json_build_array(id, event_id, aggregate_type, aggregate_id, "
-    "aggregate_version, event_type, payload, headers, occurred_at) ORDER BY id), '[]')::text "
+    "aggregate_version, event_type, payload::text, headers::text, occurred_at) ORDER BY id), "
+    "'[]')::text "
     "FROM (SELECT * FROM {}.outbox WHERE {} AND id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s) o"
 )
 
@@ -134,7 +137,7 @@ class RelayStore:
         """The first ``limit`` rows in id order, leaving out ``exclude`` (rows in flight)."""
         row = self._c().execute(self._fetch, (exclude or [], limit)).fetchone()
         assert row is not None
-        return [OutboxRow(*r) for r in orjson.loads(row[0])]
+        return [OutboxRow.from_stored(*r) for r in orjson.loads(row[0])]
 
     def pending_aggregate_types(self) -> list[str]:
         return [r[0] for r in self._c().execute(self._pending_types).fetchall()]

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import fastavro
 
+from pipeline import exactjson
 from pipeline.errors import (
     DecodeError,
     PayloadError,
@@ -167,8 +168,9 @@ def row_change_payload(payload: Any, event_type: str) -> dict[str, Any]:
         "table": table,
         "operation": payload.get("operation"),
         "key": None if payload.get("key") is None else str(payload.get("key")),
-        "row": None if row is None else json.dumps(row, separators=(",", ":"), default=str),
-        "old_row": None if old is None else json.dumps(old, separators=(",", ":"), default=str),
+        # the row images as JSON text with every number as written (numeric stays exact)
+        "row": None if row is None else exactjson.dumps(row),
+        "old_row": None if old is None else exactjson.dumps(old),
         "schema_name": schema_name or "public",
     }
 

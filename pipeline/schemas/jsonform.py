@@ -31,6 +31,7 @@ from pipeline.errors import PayloadError
 Converter = Callable[[Any], Any]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_INF = float("inf")
 
 
 class _Fail(Exception):
@@ -77,8 +78,14 @@ def _int32(v: Any) -> Any:
 
 
 def _float(v: Any) -> Any:
-    _expect(isinstance(v, int | float) and not isinstance(v, bool), "a number", v)
-    return float(v)
+    # a JSON number with a fraction arrives as an exact Decimal (pipeline.exactjson); the
+    # schema's float/double is where it becomes binary
+    _expect(isinstance(v, int | float | decimal.Decimal) and not isinstance(v, bool), "a number",
+            v)
+    f = float(v)
+    if f in (_INF, -_INF) or f != f:
+        raise _Fail(f"number {_short(v)} does not fit a double")
+    return f
 
 
 def _str(v: Any) -> Any:
