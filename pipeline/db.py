@@ -16,7 +16,7 @@ def database_url(settings: Settings) -> str:
         raise ConfigError(
             "database.url is not set: point it at the ERP database "
             "(PIPELINE_DATABASE__URL=postgresql://user@host:5432/erp or database.url in "
-            "pipeline.yaml), or use `pipeline run` which starts an embedded PostgreSQL"
+            "pipeline.yaml), or use `pipeline up`, which starts an embedded PostgreSQL"
         )
     return settings.database.url.get_secret_value()
 

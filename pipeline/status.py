@@ -89,6 +89,11 @@ def collect(settings: Settings, groups: list[str] | None = None,
                 exc, f"reading topic metadata at {settings.kafka.bootstrap_servers} "
                 "(is the broker up?)") from exc
         out = [_group(settings, consumer, md, name) for name in names]
+        # the relay's DLQ: outbox rows it could not publish, counted like a group's
+        depth, newest = _dlq(settings, consumer, md, settings.topics.outbox_dlq)
+        if outbox is None:
+            outbox = {"installed_version": None, "database": False}
+        outbox["dlq_depth"], outbox["dlq_newest"] = depth, newest
     finally:
         consumer.close()
     status = Status(dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), outbox, rate, out, [])
@@ -199,8 +204,14 @@ def _dlq(settings: Settings, consumer: Consumer, md: Any, topic: str
                                                 timeout=settings.kafka.request_timeout_s)
         depth += max(0, hi - lo)
     if depth:
-        last = [from_message(m) for m in read_to_end(settings, [topic], last=1, timeout_s=30,
+        # Up to 10,000, the records are counted (a transactional writer's commit markers take
+        # offsets too: the watermarks overcount); beyond, the watermarks are the figure.
+        small = depth <= 10_000
+        last = [from_message(m) for m in read_to_end(settings, [topic], last=None if small
+                                                     else 1, timeout_s=30,
                                                      purpose="status-dlq")]
+        if small:
+            depth = len(last)
         if last:
             r = max(last, key=lambda r: r.timestamp_ms)
             newest = {"position": str(r.position), "at": r.when.isoformat(timespec="seconds"),
@@ -253,6 +264,14 @@ def problems(settings: Settings, st: Status) -> list[str]:
     c = settings.status
     out = []
     ob = st.outbox
+    if ob is not None and ob.get("installed_version") is None and ob.get("database", True):
+        out.append(f"outbox: not installed in schema {settings.database.schema_name} of the "
+                   "database (`pipeline outbox install`)")
+    if ob is not None and c.max_dlq is not None and ob.get("dlq_depth", 0) > c.max_dlq:
+        newest = ob.get("dlq_newest") or {}
+        out.append(f"outbox: {ob['dlq_depth']} rows dead-lettered by the relay (status.max_dlq "
+                   f"{c.max_dlq}), newest {newest.get('error_class', '?')}: "
+                   f"{newest.get('error_message', '')}; `pipeline dlq ls --group outbox`")
     if ob is not None and ob.get("installed_version") is not None:
         age = ob.get("oldest_unpublished_age_s") or 0.0
         if c.max_backlog_age_s is not None and age > c.max_backlog_age_s:
@@ -292,7 +311,7 @@ def render(st: Status) -> list[str]:
     """The one-screen text form."""
     lines = [f"pipeline status at {st.at}: " + ("OK" if st.healthy else "ATTENTION")]
     ob = st.outbox
-    if ob is None:
+    if ob is None or ob.get("database") is False:
         lines.append("outbox   (database.url not set)")
     elif ob.get("installed_version") is None:
         lines.append("outbox   not installed (`pipeline outbox install`)")
@@ -304,6 +323,10 @@ def render(st: Status) -> list[str]:
         for s in ob["shards"]:
             lines.append(f"  shard {s['shard']}: leader {s['leader']}, heartbeat "
                          f"{s['heartbeat_age_s']:.0f}s ago, published {s['published']}")
+    if ob is not None and ob.get("dlq_depth"):
+        newest = ob.get("dlq_newest") or {}
+        lines.append(f"  outbox dlq: {ob['dlq_depth']} rows, newest "
+                     f"{newest.get('error_class', '?')}: {newest.get('error_message', '')[:60]}")
     lines.append("")
     lines.append(f"{'GROUP':<12} {'LAG':>8} {'LAG_S':>7} {'RETRY':>10} {'DLQ':>6} "
                  f"{'PARKED':>6} {'BREAKER':<9} NEWEST ERROR")

@@ -133,8 +133,12 @@ def show_cmd(ctx: Context, group: str, position: str, as_json: bool) -> None:
         if k not in (names.EXCEPTION_STACKTRACE, names.TARGET_ERROR_BODY):
             click.echo(f"  {k}: {v}")
     click.echo("\npayload:" if payload is not None else f"\npayload: {decode_error}")
-    if payload is not None:
-        click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+    if payload is not None and r.outbox_row is not None:
+        from pipeline import exactjson
+
+        click.echo(exactjson.dumps(payload))  # the stored row, every number as written
+    elif payload is not None:
+        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
     if data["target_error_body"]:
         click.echo(f"\ntarget answered:\n{data['target_error_body']}")
     if data["stacktrace"]:
@@ -152,9 +156,19 @@ def _decoder(ctx: Context) -> Any:
 
 
 def _payload(decoder: Any, r: Any) -> tuple[Any, str | None]:
-    """(the payload in JSON form, None) or (None, why it cannot be decoded)."""
+    """(the payload in JSON form, None) or (None, why it cannot be decoded). An outbox row
+    the relay dead-lettered is the stored row as JSON (its payload as written, numbers exact):
+    shown as it is."""
+    from pipeline import exactjson
     from pipeline.schemas.jsonform import to_json_form
 
+    if r.outbox_row is not None:
+        if not r.value:
+            return None, "the row is in the claim-check store (too large to travel inline)"
+        try:
+            return exactjson.loads(r.value), None
+        except exactjson.JsonError as exc:
+            return None, f"the stored row is not JSON: {exc}"
     try:
         return to_json_form(decoder.decode(r.value).value), None
     except Exception as exc:  # show what is there, whatever it is
@@ -231,7 +245,7 @@ def replay_cmd(ctx: Context, /, dry_run: bool, rate: str | None, again: bool, ye
         raise UsageError(str(exc)) from None
     ((d, picked),) = _select(ctx, kw)
     p = rp.plan(picked, d.records(), d.replayed(), again=again)
-    summary = {"group": d.group, "target": d.retry_topic, "selected": len(picked),
+    summary = {"group": d.group, "target": d.replay_target, "selected": len(picked),
                "to_send": len(p.send), "followers_added": p.followers_added,
                "already_replayed": len(p.already), "superseded_by_edit": len(p.superseded),
                "dry_run": dry_run}
@@ -239,20 +253,20 @@ def replay_cmd(ctx: Context, /, dry_run: bool, rate: str | None, again: bool, ye
         if as_json:
             _echo_json({**summary, "positions": [str(r.position) for r in p.send], "sent": 0})
         else:
-            click.echo(f"{len(p.send)} record(s) would be sent to {d.retry_topic}"
+            click.echo(f"{len(p.send)} record(s) would be sent to {d.replay_target}"
                        f" ({len(p.already)} already replayed: --again to include them;"
                        f" {p.followers_added} blocked follower(s) added)")
             for r in p.send[:50]:
                 click.echo(f"  {r.position}  {r.key_text}  {r.event_type}  {r.event_id}")
         return
     if len(p.send) > CONFIRM_ABOVE and not yes:
-        click.confirm(f"Replay {len(p.send)} records to {d.retry_topic}?", abort=True, err=True)
+        click.confirm(f"Replay {len(p.send)} records to {d.replay_target}?", abort=True, err=True)
     interactive = sys.stderr.isatty() and not as_json
     if interactive:
         import time
 
         started, done = time.monotonic(), [0]
-        with click.progressbar(length=len(p.send), label=f"replaying to {d.retry_topic}",
+        with click.progressbar(length=len(p.send), label=f"replaying to {d.replay_target}",
                                show_eta=True, show_pos=True, file=sys.stderr,
                                item_show_func=lambda rate: rate) as bar:
 

@@ -75,7 +75,8 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
 @outbox.command("capture")
 @click.option("--table", required=True, help="ERP table, e.g. sale_order or public.sale_order")
 @click.option("--aggregate-type", help="aggregate type (topic <prefix>.<type>)")
-@click.option("--key-column", default="id", show_default=True, help="column holding the key")
+@click.option("--key-column", help="key column(s), comma-separated, NOT NULL [default: the "
+              "primary key]")
 @click.option(
     "--events",
     default=",".join(EVENTS),
@@ -92,7 +93,7 @@ def capture_cmd(
     ctx: Context,
     table: str,
     aggregate_type: str | None,
-    key_column: str,
+    key_column: str | None,
     events: str,
     event_type_prefix: str | None,
     drop: bool,
@@ -111,14 +112,15 @@ def capture_cmd(
         spec = CaptureSpec(
             table=table,
             aggregate_type=aggregate_type,
-            key_column=key_column,
+            key_columns=tuple(c.strip() for c in (key_column or "").split(",") if c.strip()),
             events=tuple(e.strip().lower() for e in events.split(",") if e.strip()),
             event_type_prefix=event_type_prefix,
         )
-        install_capture(conn, spec, schema, Catalogue.load(ctx.settings.schemas.path))
+        got = install_capture(conn, spec, schema, Catalogue.load(ctx.settings.schemas.path))
+    binary = f", bytea as base64: {', '.join(got.bytea_columns)}" if got.bytea_columns else ""
     click.echo(
         f"capturing {', '.join(spec.events)} on {table} as {', '.join(spec.event_types())} "
-        f"(aggregate {aggregate_type}, key {key_column}) → topic "
+        f"(aggregate {aggregate_type}, key {', '.join(got.key_columns)}{binary}) → topic "
         f"{ctx.settings.topics.event_topic(aggregate_type)}"
     )
 

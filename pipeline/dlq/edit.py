@@ -5,11 +5,11 @@ a replay sends the latest correction in the original's place."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any
 
+from pipeline import exactjson
 from pipeline.dlq.records import DlqRecord
 from pipeline.errors import PipelineError, UsageError
 from pipeline.kafka.names import EDIT_OF, EDITED_AT, EDITED_BY
@@ -43,8 +43,8 @@ def set_path(doc: dict[str, Any], assignment: str) -> None:
     if not sep:
         raise UsageError(f"bad --set {assignment!r}: give path=value, e.g. lines[0].qty=3")
     try:
-        value: Any = json.loads(text)
-    except ValueError:
+        value: Any = exactjson.loads(text)  # 12.50 stays 12.50, not a binary float
+    except exactjson.JsonError:
         value = text
     steps = _steps(path.strip())
     node: Any = doc
@@ -89,6 +89,8 @@ def corrected(r: DlqRecord, decoder: Decoder, encoder: Encoder, *, sets: list[st
             f"{r.position} is itself a correction of {r.edit_of}: edit the original "
             f"({r.edit_of}) instead"
         )
+    if r.outbox_row is not None:
+        return _corrected_row(r, encoder, sets=sets, patch=patch, by=by)
     try:
         decoded = decoder.decode(r.value)
     except PipelineError as exc:
@@ -115,3 +117,35 @@ def corrected(r: DlqRecord, decoder: Decoder, encoder: Encoder, *, sets: list[st
         (EDITED_AT, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode()),
     ]
     return encoded.value, headers, doc
+
+
+def _corrected_row(r: DlqRecord, encoder: Encoder, *, sets: list[str], patch: Any | None,
+                   by: str) -> tuple[bytes, list[tuple[str, bytes]], Any]:
+    """An outbox row the relay dead-lettered: its payload corrected (numbers exact), validated
+    as the relay would encode it; the copy holds the row as JSON again."""
+    if not r.value:
+        raise UsageError(f"cannot edit {r.position}: the row is in the claim-check store")
+    try:
+        row = exactjson.loads(r.value)
+    except exactjson.JsonError as exc:
+        raise UsageError(f"cannot edit {r.position}: the stored row is not JSON ({exc})") from exc
+    doc = row.get("payload")
+    if patch is not None:
+        doc = merge_patch(doc, patch)
+    for s in sets:
+        set_path(doc, s)
+    try:
+        encoder.validate(str(row.get("event_type")), doc, row.get("headers") or {})
+    except PipelineError as exc:
+        raise UsageError(
+            f"the corrected {row.get('event_type')} does not match its schema: {exc}; nothing "
+            "was written"
+        ) from exc
+    row["payload"] = doc
+    headers = [(k, v) for k, v in r.headers.items() if k not in (EDIT_OF, EDITED_BY, EDITED_AT)]
+    headers += [
+        (EDIT_OF, str(r.position).encode()),
+        (EDITED_BY, by.encode()),
+        (EDITED_AT, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode()),
+    ]
+    return exactjson.dumps(row).encode(), headers, doc

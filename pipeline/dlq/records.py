@@ -96,7 +96,20 @@ class DlqRecord:
         return struct.unpack(">q", v)[0] if v is not None and len(v) == 8 else None
 
     @property
+    def outbox_row(self) -> int | None:
+        """The outbox id of a row the relay dead-lettered (``<prefix>.outbox.dlq``), else None:
+        such a record holds the stored row as JSON, not an Avro event."""
+        if names.ERROR_CLASS not in self.headers:
+            return None
+        try:
+            return int(self.header(names.OUTBOX_POSITION) or "")
+        except ValueError:
+            return -1
+
+    @property
     def original(self) -> str:
+        if self.outbox_row is not None:
+            return f"outbox row {self.outbox_row}"
         if self.original_topic is None:
             return "?"
         return f"{self.original_topic}[{self.original_partition}]@{self.original_offset}"
@@ -110,7 +123,7 @@ class DlqRecord:
 
     @property
     def error_fqcn(self) -> str:
-        return self.header(names.EXCEPTION_FQCN) or "?"
+        return self.header(names.EXCEPTION_FQCN) or self.header(names.ERROR_CLASS) or "?"
 
     @property
     def error_class(self) -> str:
@@ -124,7 +137,7 @@ class DlqRecord:
     def error_message(self) -> str:
         if self.blocked_by and names.EXCEPTION_MESSAGE not in self.headers:
             return f"waited behind {self.blocked_by}, which was dead-lettered"
-        return self.header(names.EXCEPTION_MESSAGE) or ""
+        return self.header(names.EXCEPTION_MESSAGE) or self.header(names.ERROR_MESSAGE) or ""
 
     @property
     def blocked_by(self) -> str | None:
@@ -164,6 +177,7 @@ class DlqRecord:
             "error_message": self.error_message.splitlines()[0] if self.error_message else "",
             "blocked_by": self.blocked_by,
             "edit_of": str(self.edit_of) if self.edit_of else None,
+            "outbox_row": self.outbox_row,
         }
 
 
@@ -273,7 +287,8 @@ def table(records: Sequence[DlqRecord], now: dt.datetime, width: int = 80) -> li
     for r in records:
         msg = r.error_message.splitlines()[0] if r.error_message else ""
         rows.append((str(r.position), human_age(r.age_s(now)),
-                     _cut(f"{(r.original_topic or '?').rsplit('.', 1)[-1]}"
+                     _cut(r.original if r.outbox_row is not None else
+                          f"{(r.original_topic or '?').rsplit('.', 1)[-1]}"
                           f"[{r.original_partition}]@{r.original_offset}", 18),
                      _cut(r.key_text, 12), _cut(r.event_type or "?", 20), str(r.attempts),
                      f"{r.error_class}: {msg}" if msg else r.error_class))

@@ -164,6 +164,8 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
     records and its replay records are one transaction: a record the workers see is recorded
     as replayed, and one that is not recorded was never seen (read_committed). Raises
     BrokerUnavailable when Kafka does not take a chunk; the chunks before it stand."""
+    if dlq.group == OUTBOX_GROUP:
+        return send_to_outbox(dlq, records, rate=rate, progress=progress)
     dlq.ensure_replays_topic()
     replay_id = str(uuid.uuid4())
     by = operator()
@@ -294,3 +296,70 @@ def send(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
         raise
     elapsed = time.monotonic() - started
     return Result(replay_id, len(records), elapsed, dlq.retry_topic)
+
+
+OUTBOX_GROUP = "outbox"
+
+
+def send_to_outbox(dlq: GroupDlq, records: Sequence[DlqRecord], *, rate: float | None,
+                   progress: Callable[[int], None] | None = None) -> Result:
+    """Replay rows the relay dead-lettered (``--group outbox``) into the outbox itself, through
+    ``outbox_emit`` (a new version of the aggregate, after the ones published meanwhile), in
+    DLQ order — which is the aggregate's order, the outbox DLQ being keyed by aggregate — with
+    the payload exactly as stored or corrected. Each chunk is one database transaction; its
+    replay records follow its commit (a crash in between replays those rows again)."""
+    from psycopg import sql
+
+    from pipeline import exactjson
+    from pipeline.db import connect
+
+    dlq.ensure_replays_topic()
+    settings = dlq.settings
+    schema = settings.database.schema_name
+    replay_id = str(uuid.uuid4())
+    by = operator()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    emit = sql.SQL("SELECT {}.outbox_emit(%s, %s, %s, %s::jsonb, %s::jsonb, %s::uuid)").format(
+        sql.Identifier(schema))
+    producer = Producer(producer_config(settings))
+    errors: list[str] = []
+
+    def delivered(err: KafkaError | None, _m: object) -> None:
+        if err is not None:
+            errors.append(err.str())
+
+    started = time.monotonic()
+    done = 0
+    target = f"{schema}.outbox"
+    with connect(settings) as conn:
+        for lo in range(0, len(records), _CHUNK_RECORDS):
+            chunk = records[lo:lo + _CHUNK_RECORDS]
+            with conn.transaction():
+                for i, r in enumerate(chunk):
+                    if rate:
+                        wait = started + (done + i) / rate - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+                    if not r.value:
+                        raise FilterError(
+                            f"{r.position} is in the claim-check store: export it and emit it "
+                            "by hand; nothing of this chunk was replayed")
+                    row = exactjson.loads(r.value)
+                    conn.execute(emit, (
+                        row["aggregate_type"], row["aggregate_id"], row["event_type"],
+                        exactjson.dumps(row.get("payload")),
+                        exactjson.dumps(row.get("headers") or {}), row["event_id"]))
+            for r in chunk:
+                for pos in {str(r.position), str(r.edit_of) if r.edit_of else str(r.position)}:
+                    producer.produce(dlq.replays_topic, json.dumps(
+                        {"replay_id": replay_id, "by": by, "at": stamp, "sent_to": target,
+                         "event_id": r.event_id, "copy_of": str(r.position)}).encode(),
+                        pos.encode(), on_delivery=delivered)
+            if producer.flush(settings.kafka.request_timeout_s) or errors:
+                raise BrokerUnavailable(
+                    f"replay {replay_id} wrote {len(chunk)} rows into {target} but could not "
+                    f"record them in {dlq.replays_topic}: a second replay would emit them again")
+            done += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return Result(replay_id, done, time.monotonic() - started, target)

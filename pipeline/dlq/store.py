@@ -42,9 +42,10 @@ def dlq_groups(settings: Settings, topics: set[str] | None = None) -> list[str]:
     for t in names:
         if t.startswith(prefix) and t.endswith(_SUFFIX):
             group = t[len(prefix) : -len(_SUFFIX)]
-            if group and "." not in group and group not in _NOT_WORKER_GROUPS:
+            if group and "." not in group:
                 out.append(group)
-    return sorted(out)
+    # the relay's (outbox rows it could not publish) last: a first-class DLQ like the others
+    return sorted(out, key=lambda g: (g in _NOT_WORKER_GROUPS, g))
 
 
 class GroupDlq:
@@ -59,6 +60,11 @@ class GroupDlq:
         self.replays_topic = gt.replays_topic
         # a replay goes to the first tier, whatever the group's delays
         self.retry_topic = gt.replay_topic
+        # where a replay goes: the outbox DLQ's rows back into the outbox table
+        self.replay_target = (
+            f"{settings.database.schema_name}.outbox (through outbox_emit)"
+            if group in _NOT_WORKER_GROUPS else self.retry_topic
+        )
         existing = topic_names(settings) if topics is None else topics
         if self.topic not in existing:
             known = ", ".join(dlq_groups(settings, existing)) or "none yet"

@@ -1,4 +1,4 @@
-"""Fill in what the configuration leaves unset with embedded servers, for ``pipeline run`` and
+"""Fill in what the configuration leaves unset with embedded servers, for ``pipeline up`` and
 ``pipeline bench``: a PostgreSQL (the machine's local server in a fresh database, else pgserver)
 and a broker (Apache Kafka where Java can run it, else tansu; ``broker`` chooses). What is
 configured is used as is and nothing embedded starts for it."""

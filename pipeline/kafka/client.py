@@ -20,22 +20,74 @@ def bootstrap_servers(settings: Settings) -> str:
         raise ConfigError(
             "kafka.bootstrap_servers is not set: name your cluster "
             "(PIPELINE_KAFKA__BOOTSTRAP_SERVERS=host:9092 or kafka.bootstrap_servers in "
-            "pipeline.yaml), or use `pipeline run` which starts an embedded broker"
+            "pipeline.yaml), or use `pipeline up`, which starts an embedded broker"
         )
     return settings.kafka.bootstrap_servers
 
 
 log = logging.getLogger("pipeline.kafka")
-_quiet: logging.Logger | None = None
+_CLIENT_LOGGER = logging.getLogger("pipeline.kafka.librdkafka")
+
+
+class ClientLog:
+    """librdkafka's own log lines, through the project's logger instead of raw to stderr:
+    each kind of line once when it starts, then at most one reminder every ``every_s`` with
+    how often it repeated and what to check (a broker that is down is retried every few
+    hundred milliseconds, forever, and would otherwise print a line each time)."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # kind → (last written, repeats since)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def kind(facility: str, message: str) -> str:
+        # "Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 0ms in state
+        # CONNECT, 4 identical error(s) suppressed)" → the same kind however the numbers vary
+        text = "".join("#" if c.isdigit() else c for c in message.split("(")[0])
+        return f"{facility}|{text[:120]}"
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        facility = str(args[0]) if args else ""
+        client = str(args[1]) if len(args) > 1 else ""
+        message = str(args[2]) if len(args) > 2 else (fmt % args if args else fmt)
+        key = self.kind(facility, message)
+        now = self.clock()
+        with self._lock:
+            last, repeats = self._seen.get(key, (None, 0))
+            if last is not None and now - last < self.every_s:
+                self._seen[key] = (last, repeats + 1)
+                return
+            self._seen[key] = (now, 0)
+        hint = _hint(facility, message)
+        if last is None:
+            _CLIENT_LOGGER.log(level, "kafka client %s: %s%s", client, message, hint,
+                               extra={"kafka_facility": facility})
+        else:
+            _CLIENT_LOGGER.log(level, "kafka client %s: still %s (%d more time(s) in %.0fs)%s",
+                               client, message, repeats, now - last, hint,
+                               extra={"kafka_facility": facility, "repeats": repeats})
+
+
+def _hint(facility: str, message: str) -> str:
+    low = message.lower()
+    if "connect" in low or "refused" in low or "resolve" in low or "brokers are down" in low:
+        return "; check that kafka.bootstrap_servers is right and the brokers are up"
+    if "sasl" in low or "authentic" in low or "ssl" in low or "certificate" in low:
+        return "; check kafka.security_protocol, the SASL credentials and kafka.ssl_ca_location"
+    return ""
+
+
+CLIENT_LOG = ClientLog()
 
 
 def silence_client_logs() -> None:
-    """For one-shot commands (``pipeline dlq``): librdkafka's own log lines (a connection
-    refused, retried every 50 ms) are dropped; what fails reaches the user as one error."""
-    global _quiet
-    _quiet = logging.getLogger("pipeline.kafka.librdkafka")
-    _quiet.setLevel(logging.CRITICAL + 1)
-    _quiet.propagate = False
+    """For one-shot commands (``pipeline dlq``): librdkafka's own log lines are dropped; what
+    fails reaches the user as one error."""
+    _CLIENT_LOGGER.setLevel(logging.CRITICAL + 1)
+    _CLIENT_LOGGER.propagate = False
 
 
 def common_config(settings: Settings) -> dict[str, Any]:
@@ -46,8 +98,7 @@ def common_config(settings: Settings) -> dict[str, Any]:
         "security.protocol": k.security_protocol,
         "socket.connection.setup.timeout.ms": int(k.request_timeout_s * 1000),
     }
-    if _quiet is not None:
-        conf["logger"] = _quiet
+    conf["logger"] = CLIENT_LOG  # never raw to stderr
     if k.sasl_mechanism:
         conf["sasl.mechanism"] = k.sasl_mechanism
         conf["sasl.username"] = k.sasl_username or ""

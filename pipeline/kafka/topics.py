@@ -139,11 +139,16 @@ def apply_topics(
             if not dry_run:
                 try:
                     _alter_config(admin, s, timeout_s)
-                    reports[-1] = TopicReport(s.name, "configured", "; ".join(drift))
+                    found = TopicReport(s.name, "configured", "; ".join(drift))
                 except BrokerUnavailable as exc:
-                    reports[-1] = TopicReport(s.name, "drift", "; ".join(drift) + f" ({exc})")
+                    found = TopicReport(s.name, "drift", "; ".join(drift) + f" ({exc})")
             else:
-                reports[-1] = TopicReport(s.name, "drift", "; ".join(drift))
+                found = TopicReport(s.name, "drift", "; ".join(drift))
+            # a partition report stays beside it: every difference is listed
+            if reports[-1].action == "unchanged":
+                reports[-1] = found
+            else:
+                reports.append(found)
     return reports
 
 

@@ -254,7 +254,7 @@ def test_outbox_capture_missing_key_column(sale_order: dict[str, str]) -> None:
              "--key-column", "code"], sale_order)
     assert r.exit_code == 2
     assert stderr_lines(r) == [
-        "error: table sale_order has no column 'code' (columns: amount, id, name)"
+        "error: table sale_order has no column(s) 'code' (columns: amount, id, name)"
     ]
 
 
@@ -358,6 +358,24 @@ def test_topics_apply_creates_then_reports_unchanged(kafka_bootstrap: str,
     assert r.exit_code == 0, r.output
     reports = json.loads(r.stdout)
     assert {rep["name"]: rep["action"] for rep in reports} == dict.fromkeys(expected, "unchanged")
+
+
+def test_topics_apply_dry_run_lists_a_partition_drift_and_a_config_drift_together(
+        kafka_bootstrap: str, topic_prefix: str) -> None:
+    env = {"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "PIPELINE_TOPICS__PREFIX": topic_prefix, "PIPELINE_TOPICS__PARTITIONS": "2"}
+    assert cli(["topics", "apply"], env).exit_code == 0
+    # the configuration now wants more partitions and another retention
+    env2 = {**env, "PIPELINE_TOPICS__PARTITIONS": "4",
+            "PIPELINE_TOPICS__CONFIG": '{"retention.ms": "3600000"}'}
+    r = cli(["topics", "apply", "--dry-run", "--json"], env2)
+    assert r.exit_code == 0, r.output
+    order = [rep for rep in json.loads(r.stdout) if rep["name"] == f"{topic_prefix}.order"]
+    assert sorted(rep["action"] for rep in order) == ["drift", "would-raise-partitions"], order
+    assert any("2 -> 4" in rep["detail"] for rep in order)
+    assert any("retention.ms" in rep["detail"] for rep in order)
+    md = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10)
+    assert len(md.topics[f"{topic_prefix}.order"].partitions) == 2  # a dry run changes nothing
 
 
 def test_topics_apply_without_bootstrap_servers() -> None:

@@ -4,10 +4,12 @@ status figures and the Python emit() helper. Needs the database only (no broker)
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import threading
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -279,7 +281,7 @@ def test_rolled_back_emit_does_not_notify(url: str) -> None:
 
 # -- capture triggers ----------------------------------------------------------------------------
 
-SPEC = CaptureSpec(table="sale_order", aggregate_type="order", key_column="id")
+SPEC = CaptureSpec(table="sale_order", aggregate_type="order", key_columns=("id",))
 
 
 @pytest.fixture
@@ -336,7 +338,7 @@ def test_captured_rows_encode_as_row_change(sale_order: psycopg.Connection[Any],
 
 def test_capture_selected_events_and_prefix(sale_order: psycopg.Connection[Any],
                                             catalogue: Catalogue) -> None:
-    spec = CaptureSpec(table="public.sale_order", aggregate_type="sales", key_column="id",
+    spec = CaptureSpec(table="public.sale_order", aggregate_type="sales", key_columns=("id",),
                        events=("insert", "delete"), event_type_prefix="so")
     install_capture(sale_order, spec, SCHEMA, catalogue)
     sale_order.execute("INSERT INTO sale_order VALUES (2, 'a', 1)")
@@ -372,7 +374,7 @@ def test_installing_capture_twice_replaces_the_trigger(sale_order: psycopg.Conne
 
 def test_validate_spec_rejects_missing_table(conn: psycopg.Connection[Any],
                                              catalogue: Catalogue) -> None:
-    spec = CaptureSpec(table="no_such_table", aggregate_type="order", key_column="id")
+    spec = CaptureSpec(table="no_such_table", aggregate_type="order", key_columns=("id",))
     with pytest.raises(ConfigError) as ei:
         validate_spec(conn, spec, catalogue)
     assert str(ei.value) == "table no_such_table does not exist in this database"
@@ -380,17 +382,18 @@ def test_validate_spec_rejects_missing_table(conn: psycopg.Connection[Any],
 
 def test_validate_spec_rejects_missing_key_column(sale_order: psycopg.Connection[Any],
                                                   catalogue: Catalogue) -> None:
-    spec = CaptureSpec(table="sale_order", aggregate_type="order", key_column="code")
+    spec = CaptureSpec(table="sale_order", aggregate_type="order", key_columns=("code",))
     with pytest.raises(ConfigError) as ei:
         install_capture(sale_order, spec, SCHEMA, catalogue)
-    assert str(ei.value) == "table sale_order has no column 'code' (columns: amount, id, name)"
+    assert str(ei.value) == (
+        "table sale_order has no column(s) 'code' (columns: amount, id, name)")
     assert not _has_trigger(sale_order)
 
 
 def test_validate_spec_rejects_prefix_clashing_with_catalogue(
     sale_order: psycopg.Connection[Any], catalogue: Catalogue
 ) -> None:
-    spec = CaptureSpec(table="sale_order", aggregate_type="order", key_column="id",
+    spec = CaptureSpec(table="sale_order", aggregate_type="order", key_columns=("id",),
                        event_type_prefix="order")
     with pytest.raises(ConfigError) as ei:
         install_capture(sale_order, spec, SCHEMA, catalogue)
@@ -402,10 +405,93 @@ def test_validate_spec_rejects_prefix_clashing_with_catalogue(
 
 def test_validate_spec_rejects_unknown_events(sale_order: psycopg.Connection[Any],
                                               catalogue: Catalogue) -> None:
-    spec = CaptureSpec(table="sale_order", aggregate_type="order", key_column="id",
-                       events=("insert", "truncate"))
-    with pytest.raises(ConfigError, match="--events must be a subset of insert,update,delete"):
+    spec = CaptureSpec(table="sale_order", aggregate_type="order", key_columns=("id",),
+                       events=("insert", "upsert"))
+    with pytest.raises(ConfigError,
+                       match="--events must be a subset of insert,update,delete,truncate"):
         validate_spec(sale_order, spec, catalogue)
+
+
+def test_capture_keys_composite_primary_keys_as_a_json_array(
+        conn: psycopg.Connection[Any], catalogue: Catalogue) -> None:
+    conn.execute("CREATE TABLE sale_order_line (order_id text, line_no int, qty numeric, "
+                 "PRIMARY KEY (order_id, line_no))")
+    got = install_capture(conn, CaptureSpec("sale_order_line", "order_line"), SCHEMA, catalogue)
+    assert got.key_columns == ("order_id", "line_no")  # the primary key, in key order
+    conn.execute("INSERT INTO sale_order_line VALUES ('SO,7\"', 3, 2.50)")
+    conn.execute("DELETE FROM sale_order_line")
+    rows = outbox_rows(conn)
+    assert [r[1] for r in rows] == ['["SO,7\\"", "3"]'] * 2  # unambiguous, whatever it holds
+    assert json.loads(rows[0][1]) == ['SO,7"', "3"]
+
+
+def test_capture_refuses_a_key_that_can_be_null_and_leaves_no_trigger(
+        sale_order: psycopg.Connection[Any], catalogue: Catalogue) -> None:
+    with pytest.raises(ConfigError, match=r"key column\(s\) name of sale_order can be NULL"):
+        install_capture(sale_order, CaptureSpec("sale_order", "order", ("name",)), SCHEMA,
+                        catalogue)
+    assert not _has_trigger(sale_order)
+    sale_order.execute("INSERT INTO sale_order VALUES (1, NULL, 1)")  # the ERP goes on
+
+
+@pytest.mark.parametrize("bad", ["crm.lead", "crm lead", "", "crm/lead"])
+def test_capture_refuses_an_aggregate_type_the_outbox_would_refuse(
+        sale_order: psycopg.Connection[Any], catalogue: Catalogue, bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"aggregate type .* is not allowed"):
+        install_capture(sale_order, CaptureSpec("sale_order", bad), SCHEMA, catalogue)
+    assert not _has_trigger(sale_order)
+    sale_order.execute("INSERT INTO sale_order VALUES (1, 'x', 1)")
+
+
+def test_capture_before_the_outbox_is_installed_says_what_to_run(
+        database_url: str, catalogue: Catalogue) -> None:
+    with psycopg.connect(database_url, autocommit=True) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS bare_order (id int PRIMARY KEY)")
+        with pytest.raises(ConfigError, match="run `pipeline outbox install` first"):
+            install_capture(c, CaptureSpec("bare_order", "order"), "not_installed", catalogue)
+
+
+def test_truncate_is_an_event_and_bytea_travels_as_base64(
+        conn: psycopg.Connection[Any], catalogue: Catalogue) -> None:
+    from pipeline.schemas.codec import Decoder, Encoder
+
+    conn.execute("CREATE TABLE doc (id int PRIMARY KEY, body bytea, note text)")
+    got = install_capture(conn, CaptureSpec("doc", "document"), SCHEMA, catalogue)
+    assert got.bytea_columns == ("body",)
+    conn.execute("INSERT INTO doc VALUES (1, '\\x00ff10'::bytea, NULL)")
+    conn.execute("TRUNCATE doc")
+    rows = outbox_rows(conn)
+    assert [r[3] for r in rows] == ["doc.created", "doc.truncated"]
+    assert rows[0][4]["row"]["body"] == "AP8Q"  # base64 of 00 ff 10
+    assert rows[1][1] == "*" and rows[1][4]["operation"] == "TRUNCATE"
+    for _t, _k, _v, event_type, payload, headers in rows:
+        enc = Encoder(catalogue).encode(event_type, payload, topic="erp.document",
+                                        headers=headers)
+        assert Decoder(catalogue).decode(enc.value).value["operation"] in ("INSERT",
+                                                                           "TRUNCATE")
+
+
+def test_a_captured_erp_write_fails_only_when_the_outbox_cannot_be_written(
+        conn: psycopg.Connection[Any], catalogue: Catalogue) -> None:
+    conn.execute("CREATE TABLE res_partner (id int PRIMARY KEY, name text, credit numeric(16,2),"
+                 " image bytea, tags jsonb, born date)")
+    install_capture(conn, CaptureSpec("res_partner", "customer"), SCHEMA, catalogue)
+    odd = [
+        (1, None, None, None, None, None),
+        (2, "Zoë \u202e", Decimal("99999999999999.99"), b"\x00", '{"a": [1e400]}',
+         "0001-01-01"),
+        (3, "x" * 100_000, Decimal("-0.01"), b"", "null", "9999-12-31"),
+    ]
+    for row in odd:
+        conn.execute("INSERT INTO res_partner VALUES (%s, %s, %s, %s, %s::jsonb, %s)", row)
+    conn.execute("UPDATE res_partner SET name = coalesce(name, '') || '!'")
+    conn.execute("DELETE FROM res_partner WHERE id = 3")
+    assert len(outbox_rows(conn)) == 3 + 3 + 1
+    # the outbox itself refusing a write is the one thing that fails the ERP's write
+    conn.execute(f"ALTER TABLE {SCHEMA}.outbox ADD CONSTRAINT no_more CHECK (id < 0) NOT VALID")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO res_partner VALUES (9, 'y', 1, NULL, NULL, NULL)")
+    conn.execute(f"ALTER TABLE {SCHEMA}.outbox DROP CONSTRAINT no_more")
 
 
 def _has_trigger(c: psycopg.Connection[Any]) -> bool:

@@ -183,6 +183,20 @@ def test_record_edit_of(raw: str, want: Position | None) -> None:
     assert rec(edit_of=raw).edit_of == want
 
 
+def test_an_outbox_dead_letter_reads_as_the_row_it_holds() -> None:
+    r = DlqRecord("erp.outbox.dlq", Position(0, 4), int(NOW.timestamp() * 1000), b"SO-1",
+                  b'{"id":41,"payload":{"total":99999999999999.99}}',
+                  {names.CE_ID: b"ev-41", names.OUTBOX_POSITION: b"41",
+                   names.ERROR_CLASS: b"pipeline.errors.PayloadError",
+                   names.ERROR_MESSAGE: b"lines[0].qty: expected an integer"})
+    assert r.outbox_row == 41
+    assert r.original == "outbox row 41"
+    assert (r.error_class, r.error_message) == ("PayloadError",
+                                                "lines[0].qty: expected an integer")
+    assert r.summary(NOW)["outbox_row"] == 41
+    assert rec().outbox_row is None
+
+
 def test_record_summary_is_the_stable_json_row() -> None:
     r = rec("2:15", ago=dt.timedelta(seconds=90.04), opart=1, ooff=77,
             message="HTTP 422\nsecond line", edit_of="2:3",
@@ -193,7 +207,7 @@ def test_record_summary_is_the_stable_json_row() -> None:
         "original_topic": "erp.order", "original_partition": 1, "original_offset": 77,
         "key": "SO-1", "event_id": "ev-2:15", "event_type": "order.created", "attempts": 3,
         "error_class": "TargetRefused", "error_message": "HTTP 422", "blocked_by": None,
-        "edit_of": "2:3",
+        "edit_of": "2:3", "outbox_row": None,
     }
     assert rec(ago=-dt.timedelta(seconds=5)).summary(NOW)["age_s"] == 0.0  # clock skew
 

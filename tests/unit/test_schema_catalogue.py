@@ -304,7 +304,8 @@ def test_order_status_enum() -> None:
 def test_row_change_operation_enum() -> None:
     schema = writer_schema("pipeline.row_change")
     fields = {f["name"]: f for f in schema["fields"]}
-    assert fields["operation"]["type"]["symbols"] == ["INSERT", "UPDATE", "DELETE"]
+    # v2 added TRUNCATE (a statement that emptied a captured table), backward compatible
+    assert fields["operation"]["type"]["symbols"] == ["INSERT", "UPDATE", "DELETE", "TRUNCATE"]
     assert list(fields) == ["table", "operation", "key", "row", "old_row", "schema_name"]
     assert fields["old_row"]["type"] == ["null", "string"]
 
