@@ -146,6 +146,7 @@ class Worker(GroupRuntime):
         self._parked_pending = 0
         self._stalled: dict[str, tuple[str, int]] = {}  # stalled key → (its head, its cell)
         self._hops_reported: set[str] = set()
+        self._reconcile_pauses = False  # set by an assignment: pause states are set again
         self.stall_after_ms = int(wc.stall_after * 1000)
         # a follower that went round more often than the head's whole wait allows is stuck too
         self.max_hops = int(wc.stall_after / min(wc.retry_delays_s or [1.0])) + 2 * len(
@@ -275,6 +276,8 @@ class Worker(GroupRuntime):
             raise self._fatal
         now = self.clock()
         self._heartbeat = time.monotonic()
+        if self._reconcile_pauses:
+            self._set_pauses()
         self._resume_due(now)
         idle = not (self.scheduler.queued or self._running or self._held)
         wait = 0.0
@@ -452,6 +455,22 @@ class Worker(GroupRuntime):
         parts = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assigned]
         if parts and not self._paused_all:
             self._consumer.resume(parts)
+
+    def _set_pauses(self) -> None:
+        """Every assigned partition paused or running as our bookkeeping says, set once more
+        after an assignment has taken effect (what a rebalance callback sets may apply to a
+        partition before the client has taken it up)."""
+        self._reconcile_pauses = False
+        if self._consumer is None or not self.assigned:
+            return
+        run = [TopicPartition(t, p) for t, p in self.assigned
+               if (t, p) not in self._due_pauses and not self._paused_all]
+        wait = [TopicPartition(t, p) for t, p in self.assigned
+                if (t, p) in self._due_pauses or self._paused_all]
+        if run:
+            self._consumer.resume(run)
+        if wait:
+            self._consumer.pause(wait)
 
     def _pause_all(self) -> None:
         if not self._paused_all and self._consumer is not None and self.assigned:
@@ -974,6 +993,7 @@ class Worker(GroupRuntime):
             self._consumer.resume(run)
         if wait:
             self._consumer.pause(wait)
+        self._reconcile_pauses = True
         now_whole = [tp for c in whole for tp in self.cells.partitions(c)
                      if self._due_pauses.get(tp) == _NEVER]
         if now_whole:

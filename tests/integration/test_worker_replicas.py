@@ -7,6 +7,7 @@ version older than one applied, so an event applied out of order shows up as nev
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import threading
 import time
@@ -80,6 +81,37 @@ def _live_parked(config: dict, prefix: str) -> dict[bytes, bytes]:
     return {k: v for k, v in latest.items() if v is not None}
 
 
+def _diagnose(config: dict, prefix: str, url: str) -> str:
+    """On a failure: each still-parked key's state, where its head's records are, and the
+    group's committed offsets there (so a stall says which partition held it)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    s = load_config(None, overrides={k: v for k, v in config.items() if k != "workers"})
+    gt = GroupTopics(prefix, "sink", DELAYS)
+    topics = [f"{prefix}.order", *gt.retry_topics]
+    where: dict[str, list[str]] = collections.defaultdict(list)
+    for m in read_to_end(s, topics, timeout_s=30, purpose="t-diag"):
+        ce = dict(m.headers() or []).get("ce_id", b"").decode()
+        where[ce].append(f"{m.topic()}[{m.partition()}]@{m.offset()}")
+    c = Consumer({"bootstrap.servers": config["kafka"]["bootstrap_servers"],
+                  "group.id": gt.group_id})
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in range(6)]
+        committed = {f"{tp.topic}[{tp.partition}]": tp.offset
+                     for tp in c.committed(parts, timeout=10)}
+    finally:
+        c.close()
+    applied = {r[0] for r in applied_rows(url)}
+    lines = []
+    for key, state in list(_live_parked(config, prefix).items())[:8]:
+        st = json.loads(state)
+        head = st["head"]
+        spots = where.get(head, [])
+        lines.append(f"parked {key.decode()}: {st} head applied={head in applied} at {spots} "
+                     f"committed {[committed.get(x.split('@')[0]) for x in spots]}")
+    return "\n".join(lines)
+
+
 def _check(url: str) -> None:
     rows = applied_rows(url)
     ids = collections.Counter(r[0] for r in rows)
@@ -138,7 +170,9 @@ def test_three_replicas_through_kill_sigterm_and_scaling_apply_every_event_once_
     assert w4.wait(30) == 0, g.tails()
     assert writer_done.wait(60)
     wait_for(lambda: len(applied_rows(database_url)) >= KEYS * VERSIONS, 120,
-             "every event applied", on_timeout=lambda: g.tails())
+             "every event applied",
+             on_timeout=lambda: _diagnose(config, topic_prefix, database_url) + "\n"
+             + g.tails())
     time.sleep(2.0)  # anything redelivered after the last commit is absorbed by the ledger
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(30) == 0, g.tails()
