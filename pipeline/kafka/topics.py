@@ -35,7 +35,7 @@ class TopicSpec:
 @dataclass
 class TopicReport:
     name: str
-    action: str  # created | partitions-raised | configured | unchanged | drift
+    action: str  # created | partitions-raised | configured | unchanged | drift | would-…
     detail: str = ""
 
 
@@ -142,8 +142,8 @@ def apply_topics(
                     found = TopicReport(s.name, "configured", "; ".join(drift))
                 except BrokerUnavailable as exc:
                     found = TopicReport(s.name, "drift", "; ".join(drift) + f" ({exc})")
-            else:
-                found = TopicReport(s.name, "drift", "; ".join(drift))
+            else:  # a real apply would change it: not a drift it leaves
+                found = TopicReport(s.name, "would-configure", "; ".join(drift))
             # a partition report stays beside it: every difference is listed
             if reports[-1].action == "unchanged":
                 reports[-1] = found

@@ -145,6 +145,7 @@ def test_outbox_install_twice(db_env: dict[str, str], database_url: str) -> None
     assert r.stdout.strip().splitlines() == [
         "applied migration 0001_outbox to schema pipeline",
         "applied migration 0002_inbox to schema pipeline",
+        "applied migration 0003_capture_keys to schema pipeline",
     ]
     r = cli(["outbox", "install"], db_env)
     assert r.exit_code == 0, r.output
@@ -220,8 +221,9 @@ def test_outbox_capture_and_drop(sale_order: dict[str, str], database_url: str) 
     r = cli(["outbox", "capture", "--table", "sale_order", "--aggregate-type", "order"], env)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == (
-        "capturing insert, update, delete on sale_order as sale_order.created, "
-        "sale_order.updated, sale_order.deleted (aggregate order, key id) → topic acme.order"
+        "capturing insert, update, delete, truncate on sale_order as sale_order.created, "
+        "sale_order.updated, sale_order.deleted, sale_order.truncated (aggregate order, key id) "
+        "→ topic acme.order"
     )
     with psycopg.connect(database_url, autocommit=True) as c:
         c.execute("INSERT INTO sale_order VALUES (1, 'a', 2.5)")
@@ -371,7 +373,8 @@ def test_topics_apply_dry_run_lists_a_partition_drift_and_a_config_drift_togethe
     r = cli(["topics", "apply", "--dry-run", "--json"], env2)
     assert r.exit_code == 0, r.output
     order = [rep for rep in json.loads(r.stdout) if rep["name"] == f"{topic_prefix}.order"]
-    assert sorted(rep["action"] for rep in order) == ["drift", "would-raise-partitions"], order
+    assert sorted(rep["action"] for rep in order) == ["would-configure",
+                                                      "would-raise-partitions"], order
     assert any("2 -> 4" in rep["detail"] for rep in order)
     assert any("retention.ms" in rep["detail"] for rep in order)
     md = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10)
