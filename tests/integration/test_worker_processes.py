@@ -9,13 +9,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-import yaml
 
-from pipeline.outbox.migrations import install
-from tests.fixtures.connectors import SINK_TABLE, applied_rows, make_events, publish
-from tests.fixtures.processes import WorkerProcesses
+from tests.fixtures.connectors import applied_rows, make_events, publish
+from tests.fixtures.processes import WorkerProcesses, sink_group
 from tests.fixtures.relay import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -24,24 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture
 def workers(tmp_path: Path, database_url: str, kafka_bootstrap: str, topic_prefix: str
             ) -> Iterator[WorkerProcesses]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        install(conn, "pipeline")
-        conn.execute(SINK_TABLE)
-    config = {
-        "database": {"url": database_url},
-        "kafka": {"bootstrap_servers": kafka_bootstrap},
-        "topics": {"prefix": topic_prefix, "partitions": 4, "aggregate_types": ["order"]},
-        "log": {"format": "json"},
-        "workers": {"sink": {
-            "connector": "tests.fixtures.connectors:SinkConnector",
-            "options": {"url": database_url, "latency_s": 0.005},
-            "retry_delays_s": [0.5], "session_timeout_ms": 6000, "commit_interval_s": 0.5,
-            "max_in_flight": 16, "shutdown_grace_s": 10,
-        }},
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    w = WorkerProcesses(tmp_path, path)
+    w, _config = sink_group(tmp_path, database_url, kafka_bootstrap, topic_prefix,
+                            partitions=4, options={"latency_s": 0.005}, retry_delays_s=[0.5],
+                            max_in_flight=16)
     try:
         yield w
     finally:

@@ -14,22 +14,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-import yaml
 
 from pipeline.config import load_config
 from pipeline.kafka.names import GroupTopics
 from pipeline.kafka.tail import read_to_end
-from pipeline.outbox.migrations import install
 from tests.fixtures.connectors import (
-    SINK_TABLE,
     applied_rows,
     flaky_failures,
     make_events,
     publish,
 )
-from tests.fixtures.processes import WorkerProcesses
+from tests.fixtures.processes import WorkerProcesses, sink_group
 from tests.fixtures.relay import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,24 +38,10 @@ DELAYS = [0.5, 1.0, 2.0]
                         pytest.param("consumer", marks=pytest.mark.kafka_only)])
 def group(request: pytest.FixtureRequest, tmp_path: Path, database_url: str,
           kafka_bootstrap: str, topic_prefix: str) -> Iterator[tuple[WorkerProcesses, dict]]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        install(conn, "pipeline")
-        conn.execute(SINK_TABLE)
-    config = {
-        "database": {"url": database_url},
-        "kafka": {"bootstrap_servers": kafka_bootstrap},
-        "topics": {"prefix": topic_prefix, "partitions": 6, "aggregate_types": ["order"]},
-        "log": {"format": "json"},
-        "workers": {"sink": {
-            "connector": "tests.fixtures.connectors:SinkConnector",
-            "options": {"url": database_url, "latency_s": 0.002, "flaky_pct": FLAKY_PCT},
-            "retry_delays_s": DELAYS, "session_timeout_ms": 6000, "commit_interval_s": 0.5,
-            "max_in_flight": 8, "shutdown_grace_s": 10, "group_protocol": request.param,
-        }},
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    g = WorkerProcesses(tmp_path, path)
+    g, config = sink_group(tmp_path, database_url, kafka_bootstrap, topic_prefix,
+                           partitions=6, options={"latency_s": 0.002, "flaky_pct": FLAKY_PCT},
+                           retry_delays_s=DELAYS, max_in_flight=8,
+                           group_protocol=request.param)
     try:
         yield g, config
     finally:
