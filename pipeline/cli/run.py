@@ -110,7 +110,7 @@ def run(ctx: Context, rate: float, writers: int, duration: float | None,
             install(conn, schema)
         ensure_topics(s, list(s.topics.aggregate_types))
         click.echo(f"database: {used.get('database', 'configured')}")
-        click.echo(f"broker: {used.get('broker', 'configured')} ({s.kafka.bootstrap_servers})")
+        click.echo(f"broker: {used.get('broker') or f'configured ({s.kafka.bootstrap_servers})'}")
         click.echo(f"ready: topics {s.topics.prefix}.*; Ctrl-C to stop")
         sup = Supervisor()
         trackers: dict[str, Tracker] = {}
