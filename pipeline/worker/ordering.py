@@ -47,13 +47,14 @@ class KeyState:
         ).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> KeyState:
+    def from_json(cls, data: bytes, partition: int = 0) -> KeyState:
+        """``partition``: for a state that does not name its own (written by older versions)."""
         d = json.loads(data)
         return cls(
             d["head"],
             list(d.get("followers", [])),
             d.get("blocked_by"),
-            int(d.get("partition", 0)),
+            int(d.get("partition", partition)),
             int(d.get("since_ms", 0)),
         )
 

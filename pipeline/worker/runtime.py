@@ -370,22 +370,10 @@ class Worker(GroupRuntime):
         assert self.forwarder is not None
         self.offsets[tp].started(offset)
         self.stats.moved += 1
-        self._routing_pending += 1
-        self._busy_tp[tp] += 1
-        gen = self._gen.get(tp, 0)
-
-        def done(err: str | None, _m: Any) -> None:
-            self._routing_pending -= 1
-            self._busy_tp[tp] -= 1
-            if err is not None:
-                self._fatal = PipelineError(
-                    f"could not move the retry record {tp[0]}[{tp[1]}]@{offset} to its home "
-                    f"partition {src.home}: {err}; the worker stops so that it is consumed "
-                    "again from the last committed offset — check the topic and the broker"
-                )
-                return
-            self._finished(tp, offset, gen)
-
+        done = self._on_copy_acked(
+            tp, offset, self._gen.get(tp, 0),
+            f"move the retry record {tp[0]}[{tp[1]}]@{offset} to its home partition {src.home}",
+        )
         self.forwarder.move(src, tp[0], done)
 
     def _event(self, msg: Message, tp: TP, offset: int, raw: dict[str, Any]) -> Event:
@@ -461,11 +449,16 @@ class Worker(GroupRuntime):
         after an assignment has taken effect (what a rebalance callback sets may apply to a
         partition before the client has taken it up)."""
         self._reconcile_pauses = False
-        if self._consumer is None or not self.assigned:
+        self._apply_pauses(list(self.assigned))
+
+    def _apply_pauses(self, tps: list[TP]) -> None:
+        """Pause or resume each of ``tps`` as the bookkeeping says: paused while held (not due,
+        its cell not whole) or while everything is paused, running otherwise."""
+        if self._consumer is None or not tps:
             return
-        run = [TopicPartition(t, p) for t, p in self.assigned
+        run = [TopicPartition(t, p) for t, p in tps
                if (t, p) not in self._due_pauses and not self._paused_all]
-        wait = [TopicPartition(t, p) for t, p in self.assigned
+        wait = [TopicPartition(t, p) for t, p in tps
                 if (t, p) in self._due_pauses or self._paused_all]
         if run:
             self._consumer.resume(run)
@@ -839,25 +832,11 @@ class Worker(GroupRuntime):
                 work.trace,
                 {"messaging.message.id": work.event.event_id, "erp.retry_tier": route.tier},
             )
-        self._routing_pending += 1
-        self._busy_tp[tp] += 1
-        gen = work.gen if work is not None else self._gen.get(tp, 0)
         event_id = work.event.event_id if work is not None else "(undecodable)"
-
-        def delivered(err: str | None, _m: Any) -> None:
-            self._routing_pending -= 1
-            self._busy_tp[tp] -= 1
-            if err is not None:
-                # Its offset must not be committed, and later events of its key must not go on
-                # without it: stop the worker; the group redelivers from the last commit.
-                self._fatal = PipelineError(
-                    f"could not write event {event_id} ({tp[0]}[{tp[1]}]@{offset}) to "
-                    f"{route.topic}: {err}; the worker stops so that it is consumed "
-                    "again from the last committed offset — check the topic and the broker"
-                )
-                return
-            self._finished(tp, offset, gen)
-
+        delivered = self._on_copy_acked(
+            tp, offset, work.gen if work is not None else self._gen.get(tp, 0),
+            f"write event {event_id} ({tp[0]}[{tp[1]}]@{offset}) to {route.topic}",
+        )
         self.forwarder.copy(
             Source.of(msg),
             route,
@@ -868,6 +847,27 @@ class Worker(GroupRuntime):
             traceparent=traceparent,
             on_done=delivered,
         )
+
+    def _on_copy_acked(self, tp: TP, offset: int, gen: int, doing: str
+                       ) -> Callable[[str | None, Any], None]:
+        """Count a copy as under way; the record's offset finishes when Kafka acknowledged it.
+        A refused copy stops the worker: its offset must not be committed, and later events of
+        its key must not go on without it; the group redelivers from the last commit."""
+        self._routing_pending += 1
+        self._busy_tp[tp] += 1
+
+        def done(err: str | None, _m: Any) -> None:
+            self._routing_pending -= 1
+            self._busy_tp[tp] -= 1
+            if err is not None:
+                self._fatal = PipelineError(
+                    f"could not {doing}: {err}; the worker stops so that it is consumed again "
+                    "from the last committed offset — check the topic and the broker"
+                )
+                return
+            self._finished(tp, offset, gen)
+
+        return done
 
     def _current(self, tp: TP, gen: int) -> bool:
         """Is the partition still assigned as it was when this work was consumed?"""
@@ -904,16 +904,14 @@ class Worker(GroupRuntime):
 
     def _load_parked(self, cells: list[int]) -> None:
         """Read the parked keys of ``cells`` (partitions of the compacted topic)."""
-        loaded = 0
         for m in self.clients.read(
             [self.tiers.parked_topic], set(cells), purpose=f"{self.group}-parked"
         ):
             value, key = m.value(), (m.key() or b"").decode()
             part = int(m.partition() or 0)
             try:
-                state = KeyState.from_json(value) if value else None
-                if state is not None and '"partition"' not in value.decode():
-                    state.partition = part  # written before states named their partition
+                # a state written before states named their partition: the one it sits in
+                state = KeyState.from_json(value, partition=part) if value else None
             except (ValueError, KeyError, TypeError) as exc:
                 log.error(
                     "skipping malformed parked-key record %s[%d]@%s (key %r): %s",
@@ -925,12 +923,12 @@ class Worker(GroupRuntime):
                 )
                 continue
             self.ordering.load(key, state)
-            loaded += 1
+        mine = set(cells)
         log.info(
             "worker %s owns cell(s) %s: %d keys parked behind retried or dead-lettered events",
             self.name,
             ",".join(map(str, cells)),
-            sum(1 for st in self.ordering.keys.values() if st.partition in set(cells)),
+            sum(1 for st in self.ordering.keys.values() if st.partition in mine),
         )
 
     # -- offsets and rebalances ---------------------------------------------------------------
@@ -985,14 +983,7 @@ class Worker(GroupRuntime):
         # librdkafka keeps a partition's pause across a revocation and a new assignment: a
         # retry partition paused until due, then revoked and given back, would stay paused
         # for good. Set every assigned partition's state here, explicitly.
-        run = [TopicPartition(t, p) for t, p in tps if (t, p) not in self._due_pauses]
-        wait = [TopicPartition(t, p) for t, p in tps if (t, p) in self._due_pauses]
-        if self._paused_all:
-            wait, run = wait + run, []
-        if run:
-            self._consumer.resume(run)
-        if wait:
-            self._consumer.pause(wait)
+        self._apply_pauses(tps)
         self._reconcile_pauses = True
         now_whole = [tp for c in whole for tp in self.cells.partitions(c)
                      if self._due_pauses.get(tp) == _NEVER]
