@@ -26,12 +26,19 @@ def reachable(url: str) -> bool:
         return False
 
 
+# Logical decoding for capture engines reading the WAL (and Debezium in ``bench relay --vs
+# debezium``): pgserver's default ``replica`` level has none.
+_SERVER_OPTIONS = "-c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10"
+
+
 class EmbeddedPostgres:
-    """A pgserver instance; ``url`` is a libpq URL over its Unix socket."""
+    """A pgserver instance; ``url`` is a libpq URL over its Unix socket, ``tcp_url`` the same
+    server on a loopback port (for JDBC clients, which cannot use the socket)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self._server: Any = None
+        self.port: int | None = None
 
     def start(self) -> EmbeddedPostgres:
         try:
@@ -49,16 +56,50 @@ class EmbeddedPostgres:
         self._server = pgserver.get_server(  # type: ignore[attr-defined,unused-ignore]
             self.data_dir, cleanup_mode="stop"
         )
+        self._restart_with_options()
         return self
+
+    def _restart_with_options(self) -> None:
+        """pgserver starts the server on its socket only (``-h ""``) at ``wal_level=replica``;
+        restart it once on the same socket, on a loopback port too, with logical decoding.
+        Command-line options, because the command line's ``-h`` outranks postgresql.conf."""
+        from pgserver._commands import pg_ctl  # type: ignore[import-not-found,unused-ignore]
+        from pgserver.utils import PostmasterInfo  # type: ignore[import-not-found,unused-ignore]
+
+        info = PostmasterInfo.read_from_pgdata(self.data_dir)
+        if info is None or info.socket_dir is None:
+            raise RuntimeError(f"embedded PostgreSQL in {self.data_dir} did not start")
+        port = _free_port()
+        pg_ctl(
+            ["-w", "-o", f"-h 127.0.0.1 -p {port} -k {info.socket_dir} {_SERVER_OPTIONS}",
+             "-l", str(self.data_dir / "log"), "restart"],
+            pgdata=self.data_dir, user=self._server.system_user, timeout=60,
+        )
+        # pgserver stops the server it knows by its postmaster's pid at cleanup
+        self._server._postmaster_info = PostmasterInfo.read_from_pgdata(self.data_dir)
+        self.port = port
 
     @property
     def url(self) -> str:
-        return str(self._server.get_uri())
+        # the socket's name carries the port (.s.PGSQL.<port>), which pgserver's URI leaves out
+        return f"{self._server.get_uri()}&port={self.port}"
+
+    @property
+    def tcp_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def admin_url() -> str | None:
