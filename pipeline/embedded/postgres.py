@@ -69,7 +69,10 @@ class EmbeddedPostgres:
         info = PostmasterInfo.read_from_pgdata(self.data_dir)
         if info is None or info.socket_dir is None:
             raise RuntimeError(f"embedded PostgreSQL in {self.data_dir} did not start")
-        port = _free_port()
+        # the same data directory keeps its port, so URLs handed out stay valid over a restart
+        port_file = self.data_dir / "pipeline.port"
+        port = int(port_file.read_text()) if port_file.exists() else _free_port()
+        port_file.write_text(str(port))
         pg_ctl(
             ["-w", "-o", f"-h 127.0.0.1 -p {port} -k {info.socket_dir} {_SERVER_OPTIONS}",
              "-l", str(self.data_dir / "log"), "restart"],
