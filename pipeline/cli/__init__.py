@@ -57,6 +57,9 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
     if config_path is not None and not config_path.exists():
         raise click.BadParameter(f"file {config_path} does not exist", param_hint="--config")
     ctx.obj = Context(config_path)
+    from pipeline.gcpolicy import tune_gc
+
+    tune_gc()
 
 
 def _register() -> None:
