@@ -29,6 +29,8 @@ from pipeline.kafka.client import producer_config
 from pipeline.outbox.migrations import install
 from pipeline.relay.envelope import OutboxRow
 from pipeline.relay.relay import Relay
+from pipeline.schemas.catalogue import Catalogue
+from pipeline.schemas.codec import Encoder
 from pipeline.simulator.erp import ErpSimulator, SimulatorConfig
 from pipeline.simulator.payloads import payload_for
 
@@ -42,15 +44,22 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def _prewrite(conn: psycopg.Connection[Any], schema: str, n: int) -> int:
+def _prewrite(conn: psycopg.Connection[Any], schema: str, n: int, *, encoded: bool) -> int:
+    """N events in one transaction, as an ERP writes them: ``encoded`` as
+    ``pipeline.outbox.emit()`` does (the Avro bytes beside the jsonb), else as SQL emitters do
+    (capture triggers, lsFusion: jsonb only, encoded by the relay)."""
     payload = payload_for(
         "order.created", random.Random(1), aggregate_id="SO-0000001", now=dt.datetime.now(dt.UTC)
     )
     text = json.dumps(payload, separators=(",", ":"))
+    value = (
+        Encoder(Catalogue.load()).encode("order.created", payload, topic="").value
+        if encoded else None
+    )
     conn.execute(
         f"SELECT {schema}.outbox_emit('order', 'SO-' || lpad((i %% %s)::text, 7, '0'), "
-        "'order.created', %s::jsonb) FROM generate_series(1, %s) i",
-        (AGGREGATES, text, n),
+        "'order.created', %s::jsonb, '{}', gen_random_uuid(), %s::bytea) FROM generate_series(1, %s) i",
+        (AGGREGATES, text, value, n),
     )
     conn.commit()
     return len(text)

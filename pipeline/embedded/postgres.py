@@ -63,8 +63,8 @@ class EmbeddedPostgres:
         """pgserver starts the server on its socket only (``-h ""``) at ``wal_level=replica``;
         restart it once on the same socket, on a loopback port too, with logical decoding.
         Command-line options, because the command line's ``-h`` outranks postgresql.conf."""
-        from pgserver._commands import pg_ctl  # type: ignore[import-not-found,unused-ignore]
-        from pgserver.utils import PostmasterInfo  # type: ignore[import-not-found,unused-ignore]
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined,import-not-found,unused-ignore]
+        from pgserver.utils import PostmasterInfo  # type: ignore[attr-defined,import-not-found,unused-ignore]
 
         info = PostmasterInfo.read_from_pgdata(self.data_dir)
         if info is None or info.socket_dir is None:

@@ -6,6 +6,7 @@ claim-checked body is the caller's job (:func:`build_record` says when one is ne
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,9 @@ class OutboxRow:
     occurred_at: str  # ISO-8601 with offset, as the CloudEvents ce_time header wants it
     payload_text: str | None = None  # the payload as stored (jsonb text): kept for the DLQ
     unreadable: str | None = None  # why the stored payload or headers could not be read
+    # the payload as its writer encoded it (Avro single-object bytes), passed through as is;
+    # then ``payload`` and ``payload_text`` are not fetched (None)
+    encoded: bytes | None = None
 
     @classmethod
     def from_stored(
@@ -58,26 +62,32 @@ class OutboxRow:
         aggregate_id: str,
         aggregate_version: int,
         event_type: str,
-        payload_text: str,
+        payload_text: str | None,
         headers_text: str | None,
         occurred_at: str,
+        encoded_b64: str | None = None,
     ) -> OutboxRow:
         """A row as the relay fetches it: payload and headers as their stored text, read here
-        with exact numbers; a row that cannot be read is kept, to be dead-lettered whole."""
+        with exact numbers; a row that cannot be read is kept, to be dead-lettered whole. A row
+        its writer encoded comes as those bytes (base64) instead of its payload text."""
         payload: Any = None
         headers: dict[str, Any] = {}
         unreadable = None
-        try:
-            payload = exactjson.loads(payload_text)
-        except exactjson.JsonError as exc:
-            unreadable = f"its payload cannot be read: {exc}"
+        encoded = None
+        if encoded_b64 is not None:
+            encoded = base64.b64decode(encoded_b64)
+        else:
+            try:
+                payload = exactjson.loads(payload_text or "")
+            except exactjson.JsonError as exc:
+                unreadable = f"its payload cannot be read: {exc}"
         try:
             got = exactjson.loads(headers_text) if headers_text else {}
             headers = got if isinstance(got, dict) else {}
         except exactjson.JsonError as exc:
             unreadable = unreadable or f"its headers cannot be read: {exc}"
         return cls(id, event_id, aggregate_type, aggregate_id, aggregate_version, event_type,
-                   payload, headers, occurred_at, payload_text, unreadable)
+                   payload, headers, occurred_at, payload_text, unreadable, encoded)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -143,7 +153,10 @@ def build_record(
     if row.unreadable is not None:
         raise PayloadError(f"outbox row {row.id} (event {row.event_id}): {row.unreadable}",
                            event_type=row.event_type)
-    enc = encoder.encode(row.event_type, row.payload, topic=topic, headers=row.headers)
+    if row.encoded is not None:
+        enc = encoder.pass_through(row.event_type, row.encoded, topic=topic)
+    else:
+        enc = encoder.encode(row.event_type, row.payload, topic=topic, headers=row.headers)
     size = len(enc.value)
     if size > max_payload_bytes:
         raise PayloadTooLarge(

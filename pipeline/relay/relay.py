@@ -35,7 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pipeline import telemetry
+from pipeline import exactjson, telemetry
 from pipeline.claimcheck import ClaimStore, claim_store, sha256
 from pipeline.config import Settings
 from pipeline.db import database_url, first_line
@@ -134,7 +134,8 @@ class Relay:
         self.name = leader_name()
         self.stats = RelayStats()
         self.store = RelayStore(
-            database_url(settings), settings.database.schema_name, shard, settings.relay.shards
+            database_url(settings), settings.database.schema_name, shard, settings.relay.shards,
+            writer_fingerprints=self.encoder.writer_fingerprints(),
         )
         self.is_leader = False
         # set once a leader has finished its start (topics, producer, read-back) and publishes
@@ -641,6 +642,11 @@ class Relay:
         )
 
     def _dead_letter(self, row: OutboxRow, exc: BaseException) -> Record:
+        if row.payload_text is None and row.encoded is not None:
+            # a passed-through row came without its readable form: the DLQ keeps that
+            text = self.store.payload_text(row.id)
+            row = dataclasses.replace(row, payload_text=text,
+                                      payload=exactjson.loads(text) if text else None)
         rec, body = dead_letter_record(
             row,
             exc,

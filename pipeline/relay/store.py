@@ -8,6 +8,7 @@ leadership and can never delete rows under a new leader.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -19,18 +20,29 @@ from psycopg import sql
 from pipeline.errors import DatabaseUnavailable
 from pipeline.relay.envelope import OutboxRow
 
+log = logging.getLogger("pipeline.relay")
+
 # PostgreSQL serialises a whole batch into one JSON document, parsed by one orjson call: the
 # server-side work runs on the database's core, and psycopg's per-column loaders (which cost
 # more than the rest of a row's trip to Kafka) are bypassed. to_json() of a timestamptz is
 # already the ISO-8601 form the ce_time header wants. The payload and headers come as their
 # jsonb text, read row by row with exact numbers (pipeline.exactjson): orjson would make every
 # decimal a binary float, and one unreadable row would fail the whole batch.
+#
+# A row its writer encoded (``encoded``, migration 0004) comes as those bytes (base64) and
+# without its payload text, when the bytes carry the fingerprint of the schema this relay
+# writes for the row's event type ({passes}): the relay then moves bytes. Any other row comes
+# with its payload, encoded here.
 _BATCH_JSON = (
     "SELECT coalesce(json_agg(json_build_array(id, event_id, aggregate_type, aggregate_id, "
-    "aggregate_version, event_type, payload::text, headers::text, occurred_at) ORDER BY id), "
+    "aggregate_version, event_type, CASE WHEN pass THEN NULL ELSE payload::text END, "
+    "headers::text, occurred_at, {bytes}) ORDER BY id), "
     "'[]')::text "
-    "FROM (SELECT * FROM {}.outbox WHERE {} AND id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s) o"
+    "FROM (SELECT *, {passes} AS pass FROM {outbox}.outbox "
+    "WHERE {in_shard} AND id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s) o"
 )
+# an outbox installed before migration 0004 has no ``encoded`` column
+_NO_ENCODED = "false"
 
 
 def leader_name() -> str:
@@ -38,7 +50,16 @@ def leader_name() -> str:
 
 
 class RelayStore:
-    def __init__(self, conninfo: str, schema: str, shard: int, shards: int) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        schema: str,
+        shard: int,
+        shards: int,
+        writer_fingerprints: dict[str, bytes] | None = None,
+    ) -> None:
+        """``writer_fingerprints``: event type → the 8 fingerprint bytes of the schema this
+        relay writes for it; rows encoded with exactly that schema are passed through."""
         self.conninfo = conninfo
         self.schema = schema
         self.shard = shard
@@ -54,7 +75,9 @@ class RelayStore:
                 "mod(hashtextextended(aggregate_id, 0) & 9223372036854775807, {}) = {}"
             ).format(sql.Literal(shards), sql.Literal(shard))
         )
-        self._fetch = sql.SQL(_BATCH_JSON).format(s, in_shard)
+        self._in_shard = in_shard
+        self._fingerprints = dict(writer_fingerprints or {})
+        self._fetch = self._fetch_query(encoded_column=False)
         self._pending_types = sql.SQL(
             "SELECT DISTINCT aggregate_type FROM {}.outbox WHERE {}"
         ).format(s, in_shard)
@@ -72,6 +95,24 @@ class RelayStore:
         ).format(s)
         self.lock_key = f"{schema}:relay:{shard}/{shards}"
 
+    def _fetch_query(self, *, encoded_column: bool) -> sql.Composed:
+        passes: sql.Composable = sql.SQL(_NO_ENCODED)
+        as_bytes: sql.Composable = sql.SQL("NULL")
+        if encoded_column and self._fingerprints:
+            whens = sql.SQL(" ").join(
+                sql.SQL("WHEN {} THEN {}").format(sql.Literal(t), sql.Literal(fp))
+                for t, fp in sorted(self._fingerprints.items())
+            )
+            passes = sql.SQL(
+                "(encoded IS NOT NULL AND substring(encoded FROM 3 FOR 8) = "
+                "CASE event_type {} END)"
+            ).format(whens)
+            as_bytes = sql.SQL("CASE WHEN pass THEN encode(encoded, 'base64') END")
+        return sql.SQL(_BATCH_JSON).format(
+            passes=passes, bytes=as_bytes, outbox=sql.Identifier(self.schema),
+            in_shard=self._in_shard,
+        )
+
     # -- connection -------------------------------------------------------------------------
     def connect(self) -> None:
         self.close()
@@ -80,8 +121,19 @@ class RelayStore:
                 self.conninfo, autocommit=True, application_name=f"pipeline-relay-{self.shard}"
             )
             self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            has_encoded = self.conn.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'outbox' AND column_name = 'encoded'", (self.schema,)
+            ).fetchone()
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"relay cannot connect to PostgreSQL: {exc}") from exc
+        if not has_encoded:
+            log.warning(
+                "%s.outbox has no encoded column (migration 0004 not applied): events encoded "
+                "by their writer are encoded again here; run pipeline outbox install",
+                self.schema,
+            )
+        self._fetch = self._fetch_query(encoded_column=bool(has_encoded))
 
     def close(self) -> None:
         if self.conn is not None:
@@ -138,6 +190,14 @@ class RelayStore:
         row = self._c().execute(self._fetch, (exclude or [], limit)).fetchone()
         assert row is not None
         return [OutboxRow.from_stored(*r) for r in orjson.loads(row[0])]
+
+    def payload_text(self, outbox_id: int) -> str | None:
+        """The stored payload of one row (a passed-through row being dead-lettered)."""
+        row = self._c().execute(
+            sql.SQL("SELECT payload::text FROM {}.outbox WHERE id = %s").format(
+                sql.Identifier(self.schema)), (outbox_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def pending_aggregate_types(self) -> list[str]:
         return [r[0] for r in self._c().execute(self._pending_types).fetchall()]

@@ -121,6 +121,25 @@ class Encoder:
             return Encoded(SINGLE_OBJECT_MAGIC + sv.fingerprint_le + body, sv)
         return Encoded(struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(sv, topic)) + body, sv)
 
+    def pass_through(self, event_type: str, encoded: bytes, *, topic: str) -> Encoded:
+        """Bytes its writer encoded (single-object, with the writer schema of ``event_type``:
+        the relay's fetch checked the fingerprint) as this encoder would have written them:
+        as they are, or under the Schema Registry's id instead of the fingerprint."""
+        sv = self.catalogue.writer(event_type)
+        if encoded[:2] != SINGLE_OBJECT_MAGIC or encoded[2:10] != sv.fingerprint_le:
+            raise SchemaError(
+                f"pre-encoded {event_type} bytes do not carry the fingerprint of its writer "
+                f"schema v{sv.version}"
+            )
+        if self.registry is None:
+            return Encoded(encoded, sv)
+        prefix = struct.pack(">bI", CONFLUENT_MAGIC, self._registry_id(sv, topic))
+        return Encoded(prefix + encoded[10:], sv)
+
+    def writer_fingerprints(self) -> dict[str, bytes]:
+        """Event type → the fingerprint bytes of the schema written for it."""
+        return {t: self.catalogue.writer(t).fingerprint_le for t in self.catalogue.event_types}
+
     def _registry_id(self, sv: SchemaVersion, topic: str) -> int:
         key = (topic, sv.fingerprint)
         sid = self._registry_ids.get(key)
