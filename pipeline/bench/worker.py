@@ -163,7 +163,10 @@ def _bare_consume(settings: Settings, topic: str, n: int) -> float:
     return n / elapsed if elapsed > 0 else float("inf")
 
 
-def run_worker_bench(settings: Settings, *, events: int, repeat: int) -> dict[str, Any]:
+def run_worker_bench(
+    settings: Settings, *, events: int, repeat: int, noop_only: bool = False
+) -> dict[str, Any]:
+    """``noop_only``: the no-op throughput and its baseline alone (the CI's bench smoke)."""
     with local_stack(settings, fresh_database=False) as s:
         s = scoped(s)
         topic = s.topics.event_topic("order")
@@ -173,6 +176,18 @@ def run_worker_bench(settings: Settings, *, events: int, repeat: int) -> dict[st
             elapsed, _ = _run_worker(s, f"noop{i}", _Target(), events, max_in_flight=64)
             noop_rates.append(events / elapsed)
             bare_rates.append(_bare_consume(s, topic, events))
+        noop = {
+            "events_per_s": round(statistics.median(noop_rates)),
+            "runs": [round(r) for r in noop_rates],
+            "baseline": {
+                "bare_consume_per_s": round(statistics.median(bare_rates)),
+                "runs": [round(r) for r in bare_rates],
+            },
+            "ratio_to_baseline": round(
+                statistics.median(noop_rates) / statistics.median(bare_rates), 4),
+        }
+        if noop_only:
+            return {"machine": {"cpus": _cpus()}, "events": events, "noop": noop}
 
         # a slow target on one partition: concurrency across keys is the whole gain
         slow_s = s.model_copy(
@@ -215,14 +230,7 @@ def run_worker_bench(settings: Settings, *, events: int, repeat: int) -> dict[st
     return {
         "machine": {"cpus": _cpus()},
         "events": events,
-        "noop": {
-            "events_per_s": round(statistics.median(noop_rates)),
-            "runs": [round(r) for r in noop_rates],
-            "baseline": {
-                "bare_consume_per_s": round(statistics.median(bare_rates)),
-                "runs": [round(r) for r in bare_rates],
-            },
-        },
+        "noop": noop,
         "slow_target_20ms_single_partition": {
             "events": slow_n,
             "max_in_flight_1_events_per_s": round(slow_n / t1, 1),

@@ -150,4 +150,22 @@ def dlq_cmd(ctx: Context, records: int, repeat: int, as_json: bool) -> None:
     _echo(ctx, result, as_json)
 
 
+@bench.command("smoke")
+@click.option("--events", type=int, default=5000, show_default=True,
+              help="events per part (the worker reads four times as many)")
+@click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
+@pass_ctx
+def smoke_cmd(ctx: Context, events: int, as_json: bool) -> None:
+    """The short relay, worker and BI benches CI runs: exits 1 when a ratio to its same-run
+    baseline falls below its floor (pipeline/bench/floors.json)."""
+    from pipeline.bench.smoke import run_smoke
+
+    result = run_smoke(ctx.settings, events=events)
+    _echo(ctx, result, as_json)
+    if not result["passed"]:
+        for problem in result["problems"]:
+            click.echo(f"bench smoke: {problem}", err=True)
+        raise SystemExit(1)
+
+
 COMMANDS = [bench]
