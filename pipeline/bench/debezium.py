@@ -62,12 +62,16 @@ from pipeline.embedded.jvm import cache_root, die_with_parent, java_binary, run_
 __all__ = [
     "DEBEZIUM_VERSION",
     "PRODUCER",
+    "WARMUP_AGGREGATE",
     "DebeziumRun",
     "JdbcTarget",
+    "compile_harness",
     "debezium_available",
     "engine_properties",
     "fetch_debezium",
+    "harness_properties",
     "jdbc_target",
+    "properties_text",
 ]
 
 DEBEZIUM_VERSION = "3.6.1.Final"
@@ -103,6 +107,8 @@ _ADDITIONAL_HEADERS = (
 )
 
 WARMUP_AGGREGATE = "bench_warmup"
+WARMUP_ROUND = 10_000
+JIT_QUIET = 0.15  # the compiler threads' share of a warm-up round's CPU that counts as warm
 
 
 def debezium_home() -> Path:
@@ -138,6 +144,12 @@ def fetch_debezium(*, quiet: bool = True) -> Path:
     libs = debezium_libs()
     if (libs / _MAIN_JAR).is_file() and (libs / _CONNECTOR_JAR).is_file():
         return libs
+    if java_binary() is None or shutil.which("mvn") is None:
+        raise RuntimeError(
+            f"the Debezium bench fetches Debezium {DEBEZIUM_VERSION} with Maven and runs it on "
+            "Java 17+: apt-get install openjdk-17-jdk-headless maven (Maven must reach Maven "
+            f"Central), or copy a fetched {libs} from another machine"
+        )
     libs.parent.mkdir(parents=True, exist_ok=True)
     staging = libs.parent / f".libs-{uuid.uuid4().hex[:8]}"
     try:
@@ -262,13 +274,21 @@ def engine_properties(
     topic_prefix: str,
     slot: str,
     poll_interval_ms: int | None = None,
+    payload_column: str = "payload",
 ) -> dict[str, str]:
     """The embedded engine's and the connector's configuration: pgoutput on a slot and a
     publication of ``slot``'s name (made for this run, filtered to ``<schema>.outbox``), nothing
     snapshotted (the rows come after streaming started), offsets in memory (a run never resumes),
     and the EventRouter mapped to the project's outbox columns, routing to
-    ``<topic_prefix>.<aggregate_type>``. ``poll_interval_ms`` None keeps Debezium's default
-    (500 ms: how long the task waits for new changes after a poll found none)."""
+    ``<topic_prefix>.<aggregate_type>``. ``poll_interval_ms`` None keeps Debezium's default,
+    500 ms: how long a poll of the change queue waits to fill a batch (``max.batch.size``,
+    2048) before it hands over fewer records — so the last partial batch of a burst waits up to
+    that long, which a throughput run of N events sees once. ``payload_column`` is what becomes
+    the record's value: ``payload`` (the jsonb, as JSON text) or ``encoded`` (the Avro bytes
+    ``pipeline.outbox.emit()`` stored, which the relay passes through as they are; every row
+    must then carry them)."""
+    if payload_column not in ("payload", "encoded"):
+        raise ValueError(f"payload_column is payload or encoded, not {payload_column!r}")
     if not re.fullmatch(r"[a-z0-9_]{1,63}", slot):
         raise ValueError(f"a replication slot name is 1-63 of [a-z0-9_], not {slot!r}")
     props: dict[str, str] = {
@@ -293,7 +313,7 @@ def engine_properties(
         "transforms.outbox.table.field.event.id": "event_id",
         "transforms.outbox.table.field.event.key": "aggregate_id",
         "transforms.outbox.table.field.event.type": "event_type",
-        "transforms.outbox.table.field.event.payload": "payload",
+        "transforms.outbox.table.field.event.payload": payload_column,
         "transforms.outbox.route.by.field": "aggregate_type",
         "transforms.outbox.route.topic.replacement": f"{topic_prefix}.${{routedByValue}}",
         "transforms.outbox.table.fields.additional.placement": _ADDITIONAL_HEADERS,
@@ -320,6 +340,7 @@ def harness_properties(
     partitions: int,
     producer: Mapping[str, str] = PRODUCER,
     kafka: Mapping[str, str] | None = None,
+    payload_column: str = "payload",
 ) -> dict[str, str]:
     """The whole file the harness reads: ``kafka.*`` for its producer and admin client (bootstrap,
     security), ``producer.*``, ``bench.*`` (topics created up front with ``partitions``) and the
@@ -329,6 +350,7 @@ def harness_properties(
     out.update({f"producer.{k}": v for k, v in producer.items()})
     out["bench.topics"] = ",".join(topics)
     out["bench.topic.partitions"] = str(partitions)
+    out["bench.payload.column"] = payload_column
     clash = [k for k in engine if k.startswith(("kafka.", "producer.", "bench."))]
     if clash:
         raise ValueError(f"engine keys may not start with kafka./producer./bench.: {clash}")
@@ -413,6 +435,33 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def jit_cpu_s(pid: int) -> float | None:
+    """CPU of ``pid``'s HotSpot compiler threads (``C1/C2 CompilerThreadN``): how much of the
+    process's time still goes to compiling rather than running."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for t in tasks:
+        try:
+            if not (t / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                continue
+            raw = (t / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        f = raw[raw.rindex(")") + 2:].split()
+        total += int(f[11]) + int(f[12])
+    return total / _TICKS
+
+
+def _java_and_jit(pid: int | None) -> tuple[float, float] | None:
+    if pid is None:
+        return None
+    cpu, jit = proc_cpu_s(pid), jit_cpu_s(pid)
+    return None if cpu is None or jit is None else (cpu, jit)
+
+
 def _children(parent: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -458,8 +507,10 @@ def _postmaster_of(conn: psycopg.Connection[Any]) -> int | None:
 class _Counters:
     at: float
     java: float
-    postgres: float | None
-    walsender: float | None
+    jit: float  # of java, the JIT compiler threads'
+    postgres: float | None  # the whole server
+    sessions: dict[int, float]  # Debezium's own backends (pid: CPU so far)
+    walsender: int | None  # which of them streams the slot
 
 
 class DebeziumRun:
@@ -470,9 +521,13 @@ class DebeziumRun:
     outbox (the connector creates the publication); the server must run at
     ``wal_level=logical``. ``topics_for`` are the aggregate types whose topics
     (``<topic_prefix>.<type>``) are created up front with ``partitions`` partitions, so that the
-    measured interval holds no topic creation. ``warmup_events`` rows (aggregate type
-    ``bench_warmup``, topic ``<topic_prefix>.bench_warmup``) are written, deleted, and
-    published before the run counts as ready, which also has the JIT compile the hot path.
+    measured interval holds no topic creation. Before the run counts as ready it publishes
+    warm-up rows of its own (aggregate type ``bench_warmup``, topic
+    ``<topic_prefix>.bench_warmup``), at least ``warmup_events`` and at most
+    ``warmup_max_events``, until the JIT compiler is quiet (see :meth:`_warm_up`): on a cold JVM
+    the compiler threads take half the CPU and a first measurement would be the JIT's.
+    ``poll_interval_ms`` is the connector's ``poll.interval.ms`` (None: Debezium's 500 ms; see
+    :func:`engine_properties`).
     """
 
     def __init__(
@@ -483,9 +538,11 @@ class DebeziumRun:
         schema: str,
         topic_prefix: str = "bench_dbz",
         poll_interval_ms: int | None = None,
+        payload_column: str = "payload",
         topics_for: Iterable[str] = ("order",),
         partitions: int = 6,
-        warmup_events: int = 2000,
+        warmup_events: int = 10_000,
+        warmup_max_events: int = 200_000,
         producer_overrides: Mapping[str, str] | None = None,
         kafka_properties: Mapping[str, str] | None = None,
         jvm_options: Iterable[str] = ("-Xmx1g", "-XX:+ExitOnOutOfMemoryError"),
@@ -498,9 +555,12 @@ class DebeziumRun:
         self.schema = schema
         self.topic_prefix = topic_prefix.rstrip(".")
         self.poll_interval_ms = poll_interval_ms
+        self.payload_column = payload_column
         self.topics_for = list(topics_for)
         self.partitions = partitions
         self.warmup_events = warmup_events
+        self.warmup_max_events = warmup_max_events
+        self.warmup: dict[str, Any] = {}
         self.producer = {**PRODUCER, **(producer_overrides or {})}
         self.kafka_properties = dict(kafka_properties or {})
         self.jvm_options = list(jvm_options)
@@ -508,16 +568,19 @@ class DebeziumRun:
         self.quiet = quiet
         self.slot = f"dbz_bench_{uuid.uuid4().hex[:10]}"
         self._own_dir = work_dir is None
-        self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="debezium-bench-"))
+        # made by start(), after the checks: a run refused up front leaves nothing behind
+        self.work_dir = work_dir or Path(tempfile.gettempdir()) / f"debezium-bench-{self.slot}"
         self.log_path = self.work_dir / "debezium.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
         self._stdout_log: IO[bytes] | None = None
         self._lines: queue.Queue[tuple[str, list[str]]] = queue.Queue()
         self._other: deque[str] = deque(maxlen=20)
         self._acked = 0  # cumulative acknowledgements the harness reported or was waited for
         self._last_progress = 0
         self._postmaster: int | None = None
-        self._walsender: int | None = None
+        self._monitor: psycopg.Connection[Any] | None = None
+        self._has_encoded = False
         self._counters: _Counters | None = None
         self._failed = False
 
@@ -545,19 +608,24 @@ class DebeziumRun:
     def start(self) -> None:
         """Check the database, fetch and compile what is missing, start the harness, wait until
         it streams, then warm it up."""
+        java = java_binary()
+        if java is None:
+            raise RuntimeError(
+                "the Debezium bench needs Java 17+ on PATH (or JAVA_HOME): apt-get install "
+                "openjdk-17-jdk-headless"
+            )
         self._check_database()
         libs = fetch_debezium(quiet=self.quiet)
         classes = compile_harness(libs)
-        java = java_binary()
-        if java is None:
-            raise RuntimeError("the Debezium bench needs Java 17+ on PATH (or JAVA_HOME)")
         target = jdbc_target(self.conninfo)
         engine = engine_properties(target, schema=self.schema, topic_prefix=self.topic_prefix,
-                                   slot=self.slot, poll_interval_ms=self.poll_interval_ms)
+                                   slot=self.slot, poll_interval_ms=self.poll_interval_ms,
+                                   payload_column=self.payload_column)
         topics = [self.topic(t) for t in [*self.topics_for, WARMUP_AGGREGATE]]
         props = harness_properties(engine, bootstrap=self.bootstrap, topics=topics,
                                    partitions=self.partitions, producer=self.producer,
-                                   kafka=self.kafka_properties)
+                                   kafka=self.kafka_properties,
+                                   payload_column=self.payload_column)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.work_dir / "bench.properties"
         cfg.touch(mode=0o600)  # it may hold the database password
@@ -571,18 +639,25 @@ class DebeziumRun:
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stdout_log,
             start_new_session=True, preexec_fn=die_with_parent,
         )
-        threading.Thread(target=self._read, name="debezium-bench-stdout", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="debezium-bench-stdout",
+                                        daemon=True)
+        self._reader.start()
         self._expect("TOPICS", self.start_timeout_s, "create its topics on " + self.bootstrap)
         self._expect("POLLING", self.start_timeout_s, "start streaming from PostgreSQL")
         self._wait_slot()
         self._warm_up()
-        self._find_walsender()
+        if self._postmaster is not None:
+            self._monitor = psycopg.connect(self.conninfo, autocommit=True)
         self.begin()
 
     def close(self) -> None:
         """Stop the harness (the engine drops its slot on a clean stop), then drop whatever of
         the slot and publication is left, and delete the warm-up rows — so the next run, and
         the project's relay, start from a clean outbox."""
+        if self._monitor is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._monitor.close()
+            self._monitor = None
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -595,6 +670,9 @@ class DebeziumRun:
                     proc.wait(60)
                 except subprocess.TimeoutExpired:
                     stop_process(proc, 10.0)
+            if self._reader is not None:  # it reads to the end of the output first
+                self._reader.join(10)
+                self._reader = None
             if proc.stdout is not None:
                 proc.stdout.close()
         if self._stdout_log is not None:
@@ -629,35 +707,34 @@ class DebeziumRun:
         ``events``; ``seconds`` from ``committed_at`` (``time.time()`` at the commit) to the last
         acknowledgement; ``events_per_s``; ``cpu_s`` (Java, since :meth:`begin`) and
         ``cpu_s_per_1000_events``; ``peak_rss_mb`` (Java's VmHWM over its whole life);
-        ``postgres_cpu_s`` (all of the server's processes, including the backend that wrote
-        the rows) and ``postgres_walsender_cpu_s`` (the slot's walsender: decoding) — None when
-        the server is not on this machine; ``total_cpu_s_per_1000_events`` (Java + PostgreSQL);
-        ``producer`` and ``engine``, the settings used."""
+        ``postgres_cpu_s`` and ``postgres_cpu_s_per_1000_events`` (the whole server: the
+        backend that wrote the rows, WAL writing and Debezium's sessions),
+        ``postgres_debezium_cpu_s`` (Debezium's own sessions only: what capture costs the
+        database, the figure to set against the relay's SELECT/DELETE backend) and
+        ``postgres_walsender_cpu_s`` (of those, the slot's walsender: decoding) — None when the
+        server is not on this machine; ``total_cpu_s_per_1000_events`` (Java plus Debezium's
+        sessions); ``jit_cpu_s`` (of ``cpu_s``, the JIT compiler threads': well above a tenth
+        of it means the JVM was still warming up); ``cpu_interval_s`` (what the CPU figures
+        span); ``warmup`` (events, rounds, the last round's JIT share); ``producer`` and
+        ``engine``, the settings used."""
         if n <= 0:
             raise ValueError(f"n must be positive, not {n}")
         start = self._counters or self._sample()
         goal = self._acked + n
-        self._send(f"WAIT {goal}")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(
-                    f"Debezium published {self._last_progress - (goal - n)} of {n} events in "
-                    f"{timeout_s:.0f} s (is the caller's transaction committed, into "
-                    f"{self.schema}.outbox?){self._log_hint()}"
-                )
-            kind, args = self._next(left, f"acknowledge {n} events")
-            if kind == "REACHED" and int(args[0]) == goal:
-                last_ack = int(args[1]) / 1e6
-                break
+        last_ack = self._await(
+            goal, timeout_s,
+            f"publish the {n} events (are they committed, into {self.schema}.outbox?)")
         end = self._sample()
         self._acked = goal
         self._counters = end
         seconds = last_ack - committed_at
         java_cpu = end.java - start.java
         pg_cpu = _delta(end.postgres, start.postgres)
-        wal_cpu = _delta(end.walsender, start.walsender)
+        # a session Debezium opened or closed meanwhile counts from its first or to its last
+        # sample only; the walsender lives as long as the stream
+        dbz = {p: c - start.sessions.get(p, c) for p, c in end.sessions.items()}
+        dbz_cpu = sum(dbz.values()) if self._postmaster is not None and dbz else None
+        wal_cpu = dbz.get(end.walsender) if end.walsender is not None else None
         pid = self.pid
         rss = peak_rss_mb(pid) if pid is not None else None
         return {
@@ -666,20 +743,23 @@ class DebeziumRun:
             "events_per_s": round(n / seconds) if seconds > 0 else None,
             "cpu_s": round(java_cpu, 3),
             "cpu_s_per_1000_events": round(java_cpu / n * 1000, 4),
+            "jit_cpu_s": round(end.jit - start.jit, 3),
             "peak_rss_mb": round(rss, 1) if rss is not None else None,
-            "postgres_cpu_s": None if pg_cpu is None else round(pg_cpu, 3),
-            "postgres_walsender_cpu_s": None if wal_cpu is None else round(wal_cpu, 3),
-            "postgres_cpu_s_per_1000_events": (
-                None if pg_cpu is None else round(pg_cpu / n * 1000, 4)),
-            "total_cpu_s_per_1000_events": (
-                None if pg_cpu is None else round((java_cpu + pg_cpu) / n * 1000, 4)),
+            "postgres_cpu_s": _round(pg_cpu, 3),
+            "postgres_cpu_s_per_1000_events": _round(_per_1000(pg_cpu, n), 4),
+            "postgres_debezium_cpu_s": _round(dbz_cpu, 3),
+            "postgres_walsender_cpu_s": _round(wal_cpu, 3),
+            "total_cpu_s_per_1000_events": _round(
+                _per_1000(None if dbz_cpu is None else java_cpu + dbz_cpu, n), 4),
             "cpu_interval_s": round(end.at - start.at, 3),
+            "warmup": dict(self.warmup),
             "producer": dict(self.producer),
             "engine": {
                 "debezium": DEBEZIUM_VERSION,
                 "plugin": "pgoutput",
                 "poll_interval_ms": self.poll_interval_ms,  # None: Debezium's default, 500
-                "format": "Connect (SourceRecord), key and value as UTF-8 text",
+                "payload_column": self.payload_column,
+                "format": "Connect (SourceRecord): key and text as UTF-8, bytes as they are",
                 "topic": self.topic(self.topics_for[0]) if self.topics_for else None,
             },
         }
@@ -718,6 +798,17 @@ class DebeziumRun:
                     f"{self.schema}.outbox does not exist: install the outbox first "
                     "(pipeline.outbox.migrations.install, or `pipeline outbox install`)"
                 )
+            col = conn.execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'outbox' AND column_name = 'encoded'", (self.schema,)
+            ).fetchone()
+            self._has_encoded = bool(col and col[0])
+            if self.payload_column == "encoded" and not self._has_encoded:
+                raise RuntimeError(
+                    f"{self.schema}.outbox has no encoded column to publish: bring the outbox "
+                    "up to date (pipeline.outbox.migrations.install applies migration 0004), or "
+                    "run with payload_column='payload'"
+                )
             free = conn.execute(
                 "SELECT current_setting('max_replication_slots')::int - count(*) "
                 "FROM pg_replication_slots"
@@ -734,18 +825,25 @@ class DebeziumRun:
         proc = self._proc
         if proc is None or proc.stdout is None:
             return
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith("BENCH "):
-                body = line[6:]
-                # a failure's message is one argument, spaces and all
-                kind, *args = body.split(" ", 1) if body.startswith("FAILED") else body.split()
-                if kind == "ACKED":
-                    self._last_progress = int(args[0])
-                self._lines.put((kind, args))
-            else:
-                self._other.append(line)
+        try:
+            for raw in proc.stdout:
+                self._take(raw.decode("utf-8", "replace").rstrip("\n"))
+        except (OSError, ValueError):  # the pipe closed under us: the run is over anyway
+            pass
         self._lines.put(("EXIT", []))
+
+    def _take(self, line: str) -> None:
+        """One line of the harness's output: a protocol line (``BENCH <kind> <args>``) for the
+        waiting side; anything else kept for the error message."""
+        if not line.startswith("BENCH "):
+            self._other.append(line)
+            return
+        body = line[6:]
+        # a failure's message is one argument, spaces and all
+        kind, *args = body.split(" ", 1) if body.startswith("FAILED") else body.split()
+        if kind == "ACKED":
+            self._last_progress = int(args[0])
+        self._lines.put((kind, args))
 
     def _next(self, timeout_s: float, doing: str) -> tuple[str, list[str]]:
         try:
@@ -818,59 +916,111 @@ class DebeziumRun:
         )
 
     def _warm_up(self) -> None:
-        """``warmup_events`` rows inserted in one transaction, deleted in a second (deletes must
-        produce no records), then one more row: once its record is acknowledged, the deletes
-        before it were streamed too, so none of them lands in the measured interval."""
+        """Rounds of ``WARMUP_ROUND`` rows (transactions of 2,000, as a bench writes them) until
+        the JIT is quiet: the HotSpot compiler threads spent at most ``JIT_QUIET`` of the
+        process's CPU in the round, after at least ``warmup_events`` rows and at most
+        ``warmup_max_events``. (Measured on 2 cores: Debezium and Kafka's hot paths take some
+        80,000 events to compile; before that the compiler threads take half the CPU and
+        the throughput is half or less.) Each round's rows are deleted again (deletes must
+        produce no records), then one more row is written: once its record is acknowledged, the
+        deletes before it were streamed too, so none of them lands in the measured interval.
+        The outbox is vacuumed at the end."""
         from pipeline.simulator.payloads import payload_for
 
-        n = max(self.warmup_events, 0)
-        payload = json.dumps(payload_for("order.created", random.Random(1), aggregate_id="W-1",
-                                         now=dt.datetime.now(dt.UTC)), separators=(",", ":"))
-        insert = sql.SQL(
-            "INSERT INTO {}.outbox (event_id, aggregate_type, aggregate_id, aggregate_version, "
-            "event_type, payload) SELECT gen_random_uuid(), %s, 'W-' || (i % 50), i, "
-            "'bench.warmup', %s::jsonb FROM generate_series(1, %s) i"
-        ).format(sql.Identifier(self.schema))
+        event = payload_for("order.created", random.Random(1), aggregate_id="W-1",
+                            now=dt.datetime.now(dt.UTC))
+        payload = json.dumps(event, separators=(",", ":"))
+        ident = sql.Identifier(self.schema)
+        if self._has_encoded:  # as emit() writes rows: the Avro bytes beside the jsonb
+            from pipeline.schemas.catalogue import Catalogue
+            from pipeline.schemas.codec import Encoder
+
+            encoded = Encoder(Catalogue.load()).encode("order.created", event, topic="").value
+            insert = sql.SQL(
+                "INSERT INTO {}.outbox (event_id, aggregate_type, aggregate_id, "
+                "aggregate_version, event_type, payload, encoded) SELECT gen_random_uuid(), %s, "
+                "'W-' || (i %% 50), i, 'bench.warmup', %s::jsonb, %s::bytea "
+                "FROM generate_series(1, %s) i"
+            ).format(ident)
+            params: tuple[Any, ...] = (WARMUP_AGGREGATE, payload, encoded)
+        else:
+            insert = sql.SQL(
+                "INSERT INTO {}.outbox (event_id, aggregate_type, aggregate_id, "
+                "aggregate_version, event_type, payload) SELECT gen_random_uuid(), %s, "
+                "'W-' || (i %% 50), i, 'bench.warmup', %s::jsonb FROM generate_series(1, %s) i"
+            ).format(ident)
+            params = (WARMUP_AGGREGATE, payload)
+        delete = sql.SQL("DELETE FROM {}.outbox WHERE aggregate_type = %s").format(ident)
+        pid = self.pid
+        done = rounds = 0
+        jit_share = 1.0
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            if n:
-                conn.execute(insert, (WARMUP_AGGREGATE, payload, n))
-                conn.execute(
-                    sql.SQL("DELETE FROM {}.outbox WHERE aggregate_type = %s").format(
-                        sql.Identifier(self.schema)), (WARMUP_AGGREGATE,))
-            conn.execute(insert, (WARMUP_AGGREGATE, payload, 1))
-        goal = self._acked + n + 1
+            while True:
+                n = min(WARMUP_ROUND, max(self.warmup_max_events - done - 1, 1))
+                before = _java_and_jit(pid)
+                for chunk in range(0, n, 2000):
+                    conn.execute(insert, (*params, min(2000, n - chunk)))
+                conn.execute(delete, (WARMUP_AGGREGATE,))
+                conn.execute(insert, (*params, 1))
+                self._await(self._acked + n + 1, self.start_timeout_s, "publish warm-up events")
+                self._acked += n + 1
+                done += n + 1
+                rounds += 1
+                after = _java_and_jit(pid)
+                if before is not None and after is not None and after[0] > before[0]:
+                    jit_share = (after[1] - before[1]) / (after[0] - before[0])
+                if done >= self.warmup_events and (
+                    jit_share <= JIT_QUIET or done >= self.warmup_max_events
+                ):
+                    break
+            # the warm-up's dead rows, vacuumed now rather than by an autovacuum worker in the
+            # measured interval (seen: 3 s of PostgreSQL CPU in a 1 s run)
+            conn.execute(sql.SQL("VACUUM {}.outbox").format(ident))
+        self.warmup = {"events": done, "rounds": rounds,
+                       "last_round_jit_share": round(jit_share, 3)}
+
+    def _await(self, goal: int, timeout_s: float, doing: str) -> float:
+        """Until the harness reports ``goal`` acknowledgements in all; the last one's time
+        (epoch seconds)."""
         self._send(f"WAIT {goal}")
-        deadline = time.monotonic() + self.start_timeout_s
+        deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(
-                    f"Debezium published {self._last_progress} of {n + 1} warm-up events in "
-                    f"{self.start_timeout_s:.0f} s{self._log_hint()}"
+                    f"Debezium did not {doing} within {timeout_s:.0f} s: "
+                    f"{max(self._last_progress - self._acked, 0)} of {goal - self._acked} "
+                    f"acknowledged{self._log_hint()}"
                 )
-            kind, args = self._next(left, "publish the warm-up events")
+            kind, args = self._next(left, doing)
             if kind == "REACHED" and int(args[0]) == goal:
-                break
-        self._acked = goal
+                return int(args[1]) / 1e6
 
-    def _find_walsender(self) -> None:
-        """The slot's walsender, looked up once: a sample must not open a connection, whose
-        backend's CPU would count as PostgreSQL's share of the interval."""
-        if self._postmaster is None:
-            return
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
-            ).fetchone()
-        self._walsender = int(row[0]) if row and row[0] is not None else None
+    def _debezium_sessions(self) -> tuple[list[int], int | None]:
+        """Debezium's backends (it names them ``Debezium Streaming``, the walsender, and
+        ``Debezium General``), asked on the monitor connection opened at start: a connection
+        opened per sample would add a backend's start-up to the interval's PostgreSQL CPU."""
+        conn = self._monitor
+        if conn is None or self._postmaster is None:
+            return [], None
+        try:
+            rows = conn.execute(
+                "SELECT pid, backend_type = 'walsender' FROM pg_stat_activity "
+                "WHERE application_name LIKE 'Debezium%%'"
+            ).fetchall()
+        except psycopg.Error:
+            return [], None
+        return [int(r[0]) for r in rows], next((int(r[0]) for r in rows if r[1]), None)
 
     def _sample(self) -> _Counters:
         at = time.time()
         pid = self.pid
         java = (proc_cpu_s(pid) if pid is not None else None) or 0.0
+        jit = (jit_cpu_s(pid) if pid is not None else None) or 0.0
         postgres = server_cpu_s(self._postmaster) if self._postmaster is not None else None
-        walsender = proc_cpu_s(self._walsender) if self._walsender is not None else None
-        return _Counters(at, java, postgres, walsender)
+        pids, walsender = self._debezium_sessions()
+        sessions = {p: c for p in pids if (c := proc_cpu_s(p)) is not None}
+        return _Counters(at, java, jit, postgres, sessions, walsender)
 
     def _drop_slot_and_publication(self) -> None:
         try:
@@ -902,3 +1052,11 @@ class DebeziumRun:
 
 def _delta(end: float | None, start: float | None) -> float | None:
     return None if end is None or start is None else end - start
+
+
+def _per_1000(cpu_s: float | None, n: int) -> float | None:
+    return None if cpu_s is None else cpu_s / n * 1000
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

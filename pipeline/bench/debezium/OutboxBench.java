@@ -17,7 +17,8 @@
  *   keys "kafka.*"    Kafka client properties for the producer and the admin client
  *   keys "producer.*" producer properties only
  *   keys "bench.*"    this harness: bench.topics (comma-separated, created up front),
- *                     bench.topic.partitions, bench.topic.replication (-1: the broker's default)
+ *                     bench.topic.partitions, bench.topic.replication (-1: the broker's default),
+ *                     bench.payload.column (named in the error for a row without a payload)
  *   other keys        the Debezium engine and connector configuration, as given
  *
  * Protocol: stdout lines beginning with "BENCH " are for the Python side (anything else on stdout
@@ -88,6 +89,7 @@ public final class OutboxBench {
     private final Admin admin;
     private final int partitions;
     private final short replication;
+    private final String payloadColumn;
 
     private OutboxBench(Properties kafka, Properties producerOnly, Properties bench) {
         Properties p = new Properties();
@@ -97,6 +99,7 @@ public final class OutboxBench {
         this.admin = Admin.create(kafka);
         this.partitions = Integer.parseInt(bench.getProperty("bench.topic.partitions", "6"));
         this.replication = Short.parseShort(bench.getProperty("bench.topic.replication", "-1"));
+        this.payloadColumn = bench.getProperty("bench.payload.column", "payload");
     }
 
     static synchronized void say(String line) {
@@ -167,12 +170,18 @@ public final class OutboxBench {
         List<Future<RecordMetadata>> sent = new ArrayList<>(records.size());
         for (RecordChangeEvent<SourceRecord> event : records) {
             SourceRecord r = event.record();
-            // the EventRouter drops deletes and tombstones; a record without a String/bytes value
-            // (a heartbeat, a schema change) is not an outbox event
+            // the EventRouter drops deletes and tombstones before they get here; what is left is
+            // one record per inserted row, its value the payload column (text or bytes)
             Object value = r.value();
-            if (value == null || !(value instanceof String || value instanceof byte[]
+            if (!(value instanceof String || value instanceof byte[]
                     || value instanceof java.nio.ByteBuffer)) {
-                continue;
+                Header pos = r.headers().lastWithName("erp_outbox_position");
+                String why = "outbox row " + (pos != null ? pos.value() : "?") + " has "
+                        + (value == null ? "no " + payloadColumn + " (NULL)"
+                                : "a " + payloadColumn + " of type " + value.getClass().getName())
+                        + ": the run publishes that column as the record's value";
+                failure.compareAndSet(null, why);
+                throw new IllegalStateException(why);
             }
             ensureTopic(r.topic());
             List<org.apache.kafka.common.header.Header> headers = new ArrayList<>();
