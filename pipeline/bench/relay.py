@@ -171,6 +171,7 @@ def _drain_once(
     relay.store.connect()
     relay.store.try_lead()
     relay.step()  # warm-up: topic creation and producer connection, not timed
+    relay._settle()
     rest = events - relay.stats.published
     cpu0, pg0 = time.process_time(), _postgres_cpu_s()
     elapsed = _drain(relay)

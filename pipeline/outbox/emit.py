@@ -31,6 +31,20 @@ def _encoder(path: str | None) -> Encoder:
     return Encoder(Catalogue.load(Path(path) if path else None))
 
 
+_ENCODERS: dict[int, tuple[Catalogue, Encoder]] = {}
+
+
+def _encoder_of(catalogue: Catalogue) -> Encoder:
+    """One encoder per catalogue: an encoder compiles each schema on first use, which costs far
+    more than encoding (an encoder per call made every emit() pay it)."""
+    hit = _ENCODERS.get(id(catalogue))
+    if hit is None or hit[0] is not catalogue:
+        if len(_ENCODERS) >= 8:
+            _ENCODERS.clear()
+        hit = _ENCODERS[id(catalogue)] = (catalogue, Encoder(catalogue))
+    return hit[1]
+
+
 def emit(
     conn: psycopg.Connection[Any],
     aggregate_type: str,
@@ -52,7 +66,7 @@ def emit(
     """
     encoded = None
     if validate:
-        encoder = Encoder(catalogue) if catalogue is not None else _encoder(None)
+        encoder = _encoder_of(catalogue) if catalogue is not None else _encoder(None)
         # validating is encoding: the bytes are kept, so the relay moves them as they are
         value = encoder.encode(event_type, payload, topic="").value
         if _takes_encoded(conn, schema):

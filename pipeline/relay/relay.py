@@ -146,6 +146,9 @@ class Relay:
         self._known_topics: set[str] = set()
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
         self._prefetch: Future[list[OutboxRow]] | None = None
+        # the delete of the last published batch, on the fetcher's thread: the next batch is
+        # encoded and sent meanwhile
+        self._completing: Future[None] | None = None
         self._delivery_errors: list[tuple[KafkaError, bytes, tuple[Any, Any, Any]]] = []
         # Kafka transactions (kafka.transactions): decided once, on the first leadership
         self._txn: bool | None = None
@@ -250,6 +253,7 @@ class Relay:
             raise DatabaseUnavailable(f"PostgreSQL connection lost: {first_line(exc)}") from exc
         finally:
             self._discard_prefetch()
+            self._settle(raise_errors=False)
             # Whatever is in flight must land (or be abandoned) before another session's
             # read-back, or a record could arrive after a new leader looked.
             self._drain(timeout=self.cfg.flush_timeout_s)
@@ -265,7 +269,45 @@ class Relay:
             except Exception:
                 log.debug("discarded look-ahead fetch failed", exc_info=True)
 
+    def _settle(self, *, raise_errors: bool = True) -> None:
+        """Wait for the last batch's delete. A failed delete leaves its rows in the outbox: the
+        session ends, and the next one's read-back finds them in Kafka (never sent twice)."""
+        fut, self._completing = self._completing, None
+        if fut is None:
+            return
+        try:
+            fut.result()
+        except psycopg.OperationalError as exc:
+            if raise_errors:
+                raise DatabaseUnavailable(
+                    f"PostgreSQL connection lost deleting published rows: {first_line(exc)}; "
+                    "they stay in the outbox and are found in Kafka by the next read-back"
+                ) from exc
+            log.warning("deleting a published batch failed: %s; its rows are found in Kafka "
+                        "by the next read-back", first_line(exc))
+        except Exception:
+            if raise_errors:
+                raise
+            log.warning("deleting a published batch failed", exc_info=True)
+
+    def _complete(self, ids: list[int], published: int, dead_lettered: int) -> None:
+        """Delete a published batch's rows; only then are they counted as published."""
+        self.store.complete(ids, self.name, published, dead_lettered)
+        self.stats.published += published
+        self.stats.dead_lettered += dead_lettered
+        self.stats.batches += 1
+
+    def _fetch_after_delete(
+        self, delete: Future[None] | None, limit: int, exclude: list[int]
+    ) -> list[OutboxRow]:
+        """The look-ahead fetch, queued behind the previous batch's ``delete`` on the same
+        thread (so done by now): had it failed, its rows would come again, so this fails too."""
+        if delete is not None:
+            delete.result()
+        return self.store.fetch(limit, exclude)
+
     def _shutdown(self) -> None:
+        self._settle(raise_errors=False)
         self._fetcher.shutdown(wait=True)
         self.encoder.close()
         self._drain(timeout=self.cfg.flush_timeout_s)
@@ -485,11 +527,13 @@ class Relay:
         """
         rows = self._take_prefetched()
         if rows is None:
+            self._settle()  # a fetch of our own must not see rows whose delete is queued
             rows = self.store.fetch(self.cfg.batch_size)
         if not rows:
+            self._settle()
             return 0
         self._prefetch = self._fetcher.submit(
-            self.store.fetch, self.cfg.batch_size, [r.id for r in rows]
+            self._fetch_after_delete, self._completing, self.cfg.batch_size, [r.id for r in rows]
         )
         try:
             return self._publish_batch(rows, stop)
@@ -562,10 +606,11 @@ class Relay:
             self._commit(stop)
         ack = time.time()
         self._measure(records, dead, time.perf_counter() - started)
-        self.store.complete([r.id for r in rows], self.name, len(rows) - len(dead), len(dead))
-        self.stats.published += len(rows) - len(dead)
-        self.stats.dead_lettered += len(dead)
-        self.stats.batches += 1
+        # Deleted while the next batch is encoded and sent: the look-ahead already left these
+        # rows out, and every later fetch is queued behind this delete on the same thread.
+        self._completing = self._fetcher.submit(
+            self._complete, [r.id for r in rows], len(rows) - len(dead), len(dead)
+        )
         if self.observer is not None:
             self.observer(rows, ack)
         return len(rows)
