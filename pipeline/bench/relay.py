@@ -128,7 +128,8 @@ def _baseline_latency(
 
 
 def run_relay_bench(
-    settings: Settings, *, events: int, rate: int | None, seconds: float, repeat: int
+    settings: Settings, *, events: int, rate: int | None, seconds: float, repeat: int,
+    vs: str | None = None,
 ) -> dict[str, Any]:
     with local_stack(settings) as s:
         conninfo = database_url(s)
@@ -143,6 +144,11 @@ def run_relay_bench(
                 "broker": settings.kafka.bootstrap_servers is None,
             },
         }
+        if vs == "debezium":
+            from pipeline.bench.versus import run_versus_debezium
+
+            return {**base, "mode": "versus-debezium",
+                    **run_versus_debezium(s, events=events, repeat=repeat)}
         if rate:
             return {**base, "mode": "latency", **_latency(s, rate, seconds, repeat)}
         return {**base, "mode": "throughput", **_throughput(s, conninfo, schema, events, repeat)}

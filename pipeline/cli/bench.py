@@ -53,11 +53,14 @@ def _echo(ctx: Context, result: dict[str, Any], as_json: bool) -> None:
 )
 @click.option("--transactions", type=click.Choice(["auto", "on", "off"]), default=None,
               help="the relay's Kafka transactions [default: kafka.transactions]")
+@click.option("--vs", type=click.Choice(["debezium"]), default=None,
+              help="side by side with Debezium 3.6.1 (embedded engine, pgoutput, outbox "
+                   "EventRouter) on the same server and broker; needs Java 17+ and Maven")
 @click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
 @pass_ctx
 def relay_cmd(
     ctx: Context, events: int, rate: int | None, seconds: float, repeat: int,
-    transactions: str | None, as_json: bool
+    transactions: str | None, vs: str | None, as_json: bool
 ) -> None:
     """Relay throughput (events/s) or latency at a fixed rate, ERP commit → Kafka ack."""
     from pipeline.bench.relay import run_relay_bench
@@ -66,7 +69,8 @@ def relay_cmd(
     if transactions is not None:
         settings = settings.model_copy(update={
             "kafka": settings.kafka.model_copy(update={"transactions": transactions})})
-    result = run_relay_bench(settings, events=events, rate=rate, seconds=seconds, repeat=repeat)
+    result = run_relay_bench(settings, events=events, rate=rate, seconds=seconds, repeat=repeat,
+                             vs=vs)
     result["transactions"] = settings.kafka.transactions
     _echo(ctx, result, as_json)
 

@@ -82,7 +82,7 @@ class OutboxRow:
             except exactjson.JsonError as exc:
                 unreadable = f"its payload cannot be read: {exc}"
         try:
-            got = exactjson.loads(headers_text) if headers_text else {}
+            got = exactjson.loads(headers_text) if headers_text and headers_text != "{}" else {}
             headers = got if isinstance(got, dict) else {}
         except exactjson.JsonError as exc:
             unreadable = unreadable or f"its headers cannot be read: {exc}"

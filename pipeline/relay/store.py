@@ -187,7 +187,9 @@ class RelayStore:
     # -- rows -------------------------------------------------------------------------------
     def fetch(self, limit: int, exclude: list[int] | None = None) -> list[OutboxRow]:
         """The first ``limit`` rows in id order, leaving out ``exclude`` (rows in flight)."""
-        row = self._c().execute(self._fetch, (exclude or [], limit)).fetchone()
+        # the ids as one array literal: psycopg's list dumper costs ~2 µs an element
+        ids = "{" + ",".join(map(str, exclude)) + "}" if exclude else "{}"
+        row = self._c().execute(self._fetch, (ids, limit)).fetchone()
         assert row is not None
         return [OutboxRow.from_stored(*r) for r in orjson.loads(row[0])]
 
