@@ -129,7 +129,7 @@ def _baseline_latency(
 
 def run_relay_bench(
     settings: Settings, *, events: int, rate: int | None, seconds: float, repeat: int,
-    vs: str | None = None,
+    vs: str | None = None, shards: int = 1,
 ) -> dict[str, Any]:
     with local_stack(settings) as s:
         conninfo = database_url(s)
@@ -148,7 +148,7 @@ def run_relay_bench(
             from pipeline.bench.versus import run_versus_debezium
 
             return {**base, "mode": "versus-debezium",
-                    **run_versus_debezium(s, events=events, repeat=repeat)}
+                    **run_versus_debezium(s, events=events, repeat=repeat, shards=shards)}
         if rate:
             return {**base, "mode": "latency", **_latency(s, rate, seconds, repeat)}
         return {**base, "mode": "throughput", **_throughput(s, conninfo, schema, events, repeat)}

@@ -34,18 +34,66 @@ from pipeline.relay.envelope import OutboxRow
 from pipeline.relay.relay import Relay
 
 
-class _Acks:
-    """What the relay's observer saw: rows acknowledged so far and when the last batch was."""
+def _relay_process(settings: Settings, shard: int, count: Any, last: Any, ready: Any,
+                   stop: Any) -> None:
+    """One relay shard, in a process of its own (as deployed: ``pipeline relay --shard N``),
+    reporting acknowledged rows and the last acknowledgement's time through shared memory."""
+    from pipeline.gcpolicy import tune_gc
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = 0.0
-        self.lock = threading.Lock()
+    def observe(rows: list[OutboxRow], ack: float) -> None:
+        with count.get_lock():
+            count.value += len(rows)
+            last.value = max(last.value, ack)
 
-    def __call__(self, rows: list[OutboxRow], ack: float) -> None:
-        with self.lock:
-            self.count += len(rows)
-            self.last = ack
+    relay = Relay(settings, shard, observer=observe)
+    tune_gc()
+    done = threading.Event()
+    t = threading.Thread(target=relay.run, args=(done,), daemon=True)
+    t.start()
+    if relay.ready.wait(120):
+        ready.set()
+    stop.wait()
+    done.set()
+    t.join(60)
+
+
+class RelayProcesses:
+    """``shards`` relay processes over one database (``relay.shards`` = ``shards``)."""
+
+    def __init__(self, settings: Settings, shards: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        s = settings.model_copy(update={"relay": settings.relay.model_copy(
+            update={"shards": shards})})
+        self.count = ctx.Value("q", 0)
+        self.last = ctx.Value("d", 0.0)
+        self.stop = ctx.Event()
+        self.ready = [ctx.Event() for _ in range(shards)]
+        self.procs = [
+            ctx.Process(target=_relay_process, daemon=True,
+                        args=(s, i, self.count, self.last, self.ready[i], self.stop))
+            for i in range(shards)
+        ]
+
+    def __enter__(self) -> RelayProcesses:
+        for proc in self.procs:
+            proc.start()
+        for i, ready in enumerate(self.ready):
+            if not ready.wait(180):
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"relay shard {i} did not become a ready leader in 180 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for proc in self.procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+
+    def cpu_s(self) -> float:
+        return _cpu([p.pid for p in self.procs if p.pid is not None])
 
 
 def _relay_backends(conninfo: str) -> list[int]:
@@ -60,25 +108,25 @@ def _cpu(pids: list[int]) -> float:
 
 
 def _relay_round(
-    url: str, schema: str, events: int, acks: _Acks, *, encoded: bool
+    url: str, schema: str, events: int, relays: RelayProcesses, *, encoded: bool
 ) -> dict[str, Any]:
     from pipeline.bench.relay import _prewrite
 
-    goal = acks.count + events
+    goal = relays.count.value + events
     backends = _relay_backends(url)
-    cpu0, pg0 = time.process_time(), _cpu(backends)
+    cpu0, pg0 = relays.cpu_s(), _cpu(backends)
     with psycopg.connect(url) as conn:
         _prewrite(conn, schema, events, encoded=encoded)  # commits
     committed = time.time()
     deadline = time.monotonic() + 600
-    while acks.count < goal:
+    while relays.count.value < goal:
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"the relay acknowledged {acks.count - goal + events} of {events} events in "
-                "600 s; see its log lines above")
+                f"the relay acknowledged {relays.count.value - goal + events} of {events} "
+                "events in 600 s; see its log lines above")
         time.sleep(0.002)
-    seconds = acks.last - committed
-    cpu, pg = time.process_time() - cpu0, _cpu(backends) - pg0
+    seconds = relays.last.value - committed
+    cpu, pg = relays.cpu_s() - cpu0, _cpu(backends) - pg0
     return {
         "events_per_s": events / seconds,
         "cpu_s_per_1000_events": cpu / events * 1000,
@@ -130,7 +178,17 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
 
 
-def run_versus_debezium(s: Settings, *, events: int, repeat: int) -> dict[str, Any]:
+def _peak_rss_children(relays: RelayProcesses) -> float | None:
+    """The largest relay process's peak resident set, MiB."""
+    from pipeline.bench.debezium import peak_rss_mb
+
+    got = [r for p in relays.procs if p.pid is not None and (r := peak_rss_mb(p.pid))]
+    return round(max(got), 1) if got else None
+
+
+def run_versus_debezium(
+    s: Settings, *, events: int, repeat: int, shards: int = 1
+) -> dict[str, Any]:
     """The side-by-side comparison on the (embedded or configured) server and broker of ``s``;
     ``s.database.url`` must be a superuser's (it makes the three databases)."""
     if not debezium_available():
@@ -138,8 +196,6 @@ def run_versus_debezium(s: Settings, *, events: int, repeat: int) -> dict[str, A
             "bench relay --vs debezium runs Debezium 3.6.1 on Java 17+ (with javac) and fetches "
             "it with Maven: apt-get install openjdk-17-jdk-headless maven"
         )
-    import resource
-
     admin = with_database(database_url(s), "postgres")
     schema = s.database.schema_name
     bootstrap = s.kafka.bootstrap_servers or ""
@@ -154,17 +210,10 @@ def run_versus_debezium(s: Settings, *, events: int, repeat: int) -> dict[str, A
 
         rs = s.model_copy(update={"database": s.database.model_copy(
             update={"url": SecretStr(relay_db)})})
-        acks = _Acks()
-        relay = Relay(rs, observer=acks)
-        stop = threading.Event()
-        thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            if not relay.ready.wait(120):
-                raise RuntimeError("the relay did not become a ready leader in 120 s")
+        with RelayProcesses(rs, shards) as relays:
             # warm-up, as Debezium's: both kinds of rows once, not measured
-            _relay_round(relay_db, schema, events, acks, encoded=True)
-            _relay_round(relay_db, schema, events, acks, encoded=False)
+            _relay_round(relay_db, schema, events, relays, encoded=True)
+            _relay_round(relay_db, schema, events, relays, encoded=False)
             parts = s.topics.partitions
             with DebeziumRun(dflt_db, bootstrap, schema=schema, partitions=parts,
                              topic_prefix=f"{prefix}_dbz_default", poll_interval_ms=None
@@ -177,19 +226,17 @@ def run_versus_debezium(s: Settings, *, events: int, repeat: int) -> dict[str, A
                     "debezium_default": [], "debezium_poll_10ms": []}
                 for _ in range(repeat):
                     rounds["relay_encoded_rows"].append(
-                        _relay_round(relay_db, schema, events, acks, encoded=True))
+                        _relay_round(relay_db, schema, events, relays, encoded=True))
                     rounds["relay_jsonb_rows"].append(
-                        _relay_round(relay_db, schema, events, acks, encoded=False))
+                        _relay_round(relay_db, schema, events, relays, encoded=False))
                     rounds["debezium_default"].append(
                         _debezium_round(dflt, dflt_db, schema, events))
                     rounds["debezium_poll_10ms"].append(
                         _debezium_round(tuned, tuned_db, schema, events))
-        finally:
-            stop.set()
-            thread.join(60)
+            relay_rss = _peak_rss_children(relays)
     out: dict[str, Any] = {name: _summary(runs) for name, runs in rounds.items()}
-    out["relay_encoded_rows"]["peak_rss_mb"] = round(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["relay_encoded_rows"]["peak_rss_mb"] = relay_rss
+    out["relay_shards"] = shards
     tuned_rate = out["debezium_poll_10ms"]["events_per_s"]
     dflt_rate = out["debezium_default"]["events_per_s"]
     for kind in ("relay_encoded_rows", "relay_jsonb_rows"):

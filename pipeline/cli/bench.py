@@ -56,11 +56,13 @@ def _echo(ctx: Context, result: dict[str, Any], as_json: bool) -> None:
 @click.option("--vs", type=click.Choice(["debezium"]), default=None,
               help="side by side with Debezium 3.6.1 (embedded engine, pgoutput, outbox "
                    "EventRouter) on the same server and broker; needs Java 17+ and Maven")
+@click.option("--shards", type=int, default=1, show_default=True,
+              help="with --vs: relay shards, one process each (relay.shards)")
 @click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
 @pass_ctx
 def relay_cmd(
     ctx: Context, events: int, rate: int | None, seconds: float, repeat: int,
-    transactions: str | None, vs: str | None, as_json: bool
+    transactions: str | None, vs: str | None, shards: int, as_json: bool
 ) -> None:
     """Relay throughput (events/s) or latency at a fixed rate, ERP commit → Kafka ack."""
     from pipeline.bench.relay import run_relay_bench
@@ -70,7 +72,7 @@ def relay_cmd(
         settings = settings.model_copy(update={
             "kafka": settings.kafka.model_copy(update={"transactions": transactions})})
     result = run_relay_bench(settings, events=events, rate=rate, seconds=seconds, repeat=repeat,
-                             vs=vs)
+                             vs=vs, shards=shards)
     result["transactions"] = settings.kafka.transactions
     _echo(ctx, result, as_json)
 

@@ -110,6 +110,16 @@ class RelayStats:
 Observer = Callable[[list[OutboxRow], float], None]
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A fetched batch, encoded: its rows in id order, their records, and the rows that cannot
+    be published (to be dead-lettered, or to halt the relay, when the batch's turn comes)."""
+
+    rows: list[OutboxRow]
+    records: list[tuple[OutboxRow, Record]]
+    failed: list[tuple[OutboxRow, BaseException]]
+
+
 class Relay:
     """Publishes one shard's outbox rows. ``run(stop)`` returns when ``stop`` is set."""
 
@@ -145,7 +155,7 @@ class Relay:
         self._claims: ClaimStore | None = None
         self._known_topics: set[str] = set()
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
-        self._prefetch: Future[list[OutboxRow]] | None = None
+        self._prefetch: Future[_Prepared] | None = None
         # the delete of the last published batch, on the fetcher's thread: the next batch is
         # encoded and sent meanwhile
         self._completing: Future[None] | None = None
@@ -299,12 +309,13 @@ class Relay:
 
     def _fetch_after_delete(
         self, delete: Future[None] | None, limit: int, exclude: list[int]
-    ) -> list[OutboxRow]:
+    ) -> _Prepared:
         """The look-ahead fetch, queued behind the previous batch's ``delete`` on the same
-        thread (so done by now): had it failed, its rows would come again, so this fails too."""
+        thread (so done by now): had it failed, its rows would come again, so this fails too.
+        The rows are encoded here too."""
         if delete is not None:
             delete.result()
-        return self.store.fetch(limit, exclude)
+        return self._prepare(self.store.fetch(limit, exclude))
 
     def _shutdown(self) -> None:
         self._settle(raise_errors=False)
@@ -525,28 +536,30 @@ class Relay:
         of this batch excluded): the database's work overlaps the encoding. Order is safe: any
         row the look-ahead sees of an aggregate in this batch has a later version.
         """
-        rows = self._take_prefetched()
-        if rows is None:
+        batch = self._take_prefetched()
+        if batch is None:
             self._settle()  # a fetch of our own must not see rows whose delete is queued
-            rows = self.store.fetch(self.cfg.batch_size)
-        if not rows:
+            batch = self._prepare(self.store.fetch(self.cfg.batch_size))
+        if not batch.rows:
             self._settle()
             return 0
         self._prefetch = self._fetcher.submit(
-            self._fetch_after_delete, self._completing, self.cfg.batch_size, [r.id for r in rows]
+            self._fetch_after_delete, self._completing, self.cfg.batch_size,
+            [r.id for r in batch.rows],
         )
         try:
-            return self._publish_batch(rows, stop)
+            return self._publish_batch(batch, stop)
         except BaseException:
             # The look-ahead assumed this batch would be deleted: it must not outlive it.
             self._discard_prefetch()
             raise
 
-    def _publish_batch(self, rows: list[OutboxRow], stop: threading.Event | None) -> int:
-        self._ensure_topics({r.aggregate_type for r in rows})
+    def _prepare(self, rows: list[OutboxRow]) -> _Prepared:
+        """Encode a batch (no I/O but claim-check stores): on the fetch thread for the
+        look-ahead, so that it overlaps the previous batch's wait for Kafka."""
         topics = self.settings.topics
         records: list[tuple[OutboxRow, Record]] = []
-        dead: list[tuple[OutboxRow, BaseException]] = []
+        failed: list[tuple[OutboxRow, BaseException]] = []
         for row in rows:
             topic = topics.event_topic(row.aggregate_type)
             try:
@@ -562,8 +575,18 @@ class Relay:
                     rec = self._claim_check(row, rec, topic)
                 records.append((row, rec))
             except PermanentError as exc:
-                self._invalid(row, exc)
-                dead.append((row, exc))
+                failed.append((row, exc))
+        return _Prepared(rows, records, failed)
+
+    def _publish_batch(self, batch: _Prepared, stop: threading.Event | None) -> int:
+        rows = batch.rows
+        self._ensure_topics({r.aggregate_type for r in rows})
+        topics = self.settings.topics
+        records = batch.records
+        dead: list[tuple[OutboxRow, BaseException]] = []
+        for row, exc in batch.failed:
+            self._invalid(row, exc)  # halts here (relay.on_invalid: halt) before any send
+            dead.append((row, exc))
         if telemetry.tracing():
             records = [(row, self._traced(row, rec)) for row, rec in records]
         started = time.perf_counter()
@@ -654,7 +677,7 @@ class Relay:
     def _gauges(self) -> list[tuple[float, dict[str, object]]]:
         return [(1.0 if self.is_leader else 0.0, {"shard": self.shard})]
 
-    def _take_prefetched(self) -> list[OutboxRow] | None:
+    def _take_prefetched(self) -> _Prepared | None:
         fut, self._prefetch = self._prefetch, None
         if fut is None:
             return None
