@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,11 +41,13 @@ class TableClaimStore:
         self._conninfo = conninfo
         self._schema = schema
         self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
 
     def _c(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._conninfo, autocommit=True)
-        return self._conn
+        with self._lock:  # the relay's two threads share a store
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            return self._conn
 
     def put(self, event_id: str, body: bytes) -> str:
         ref = str(uuid.uuid4())

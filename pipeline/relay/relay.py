@@ -157,6 +157,7 @@ class Relay:
         self.health_port: int | None = None
         self._producer: Producer | None = None
         self._claims: ClaimStore | None = None
+        self._claims_lock = threading.Lock()
         self._known_topics: set[str] = set()
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"relay-fetch-{shard}")
         self._prefetch: Future[_Prepared] | None = None
@@ -479,9 +480,11 @@ class Relay:
 
     @property
     def claims(self) -> ClaimStore:
-        if self._claims is None:
-            self._claims = claim_store(self.settings)
-        return self._claims
+        # both threads store bodies (encoding on the fetch thread, dead letters on the main)
+        with self._claims_lock:
+            if self._claims is None:
+                self._claims = claim_store(self.settings)
+            return self._claims
 
     def _ensure_topics(self, aggregate_types: set[str]) -> None:
         topics = {self.settings.topics.event_topic(a): a for a in aggregate_types}
