@@ -19,7 +19,15 @@ Typical use (the caller owns the rows, as in ``pipeline bench relay``)::
         committed = time.time()
         figures = run.wait_acked(n, committed_at=committed)
 
-Clocks: the harness reports the last acknowledgement as epoch microseconds (Java's wall clock)
+Latency (``pipeline bench relay --vs debezium --rate R``) asks for each record's own
+acknowledgement instead: :meth:`DebeziumRun.track_acks` before the rows are committed, then
+:meth:`DebeziumRun.ack_times` with their event ids::
+
+    run.track_acks()
+    committed_at = write_rows_at_a_rate()  # {event_id: time.time() at its commit}
+    acks = run.ack_times(committed_at, timeout_s=60)  # {event_id: time.time() of its ack}
+
+Clocks: the harness reports acknowledgements as epoch microseconds (Java's wall clock)
 and ``committed_at`` is the caller's :func:`time.time`; both read CLOCK_REALTIME of this machine.
 CPU comes from ``/proc`` (Linux): the Java process's utime+stime, and PostgreSQL's as the server's
 postmaster plus its children (with the time of children that exited meanwhile, which the
@@ -71,6 +79,7 @@ __all__ = [
     "fetch_debezium",
     "harness_properties",
     "jdbc_target",
+    "parse_ack_lines",
     "properties_text",
 ]
 
@@ -481,7 +490,7 @@ def server_cpu_s(postmaster: int) -> float | None:
     return base + sum(c for c in (proc_cpu_s(p) for p in _children(postmaster)) if c is not None)
 
 
-def _postmaster_of(conn: psycopg.Connection[Any]) -> int | None:
+def postmaster_of(conn: psycopg.Connection[Any]) -> int | None:
     """The postmaster of the server ``conn`` is on, when that server runs on this machine
     (the backend's parent, if it is a postgres process)."""
     row = conn.execute("SELECT pg_backend_pid()").fetchone()
@@ -583,6 +592,9 @@ class DebeziumRun:
         self._has_encoded = False
         self._counters: _Counters | None = None
         self._failed = False
+        self._tracking = False
+        self._tracked_from = 0  # the harness's count of acknowledgements when tracking began
+        self._ack_log: dict[str, float] = {}  # dumped by the harness, not yet asked for
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -754,15 +766,75 @@ class DebeziumRun:
             "cpu_interval_s": round(end.at - start.at, 3),
             "warmup": dict(self.warmup),
             "producer": dict(self.producer),
-            "engine": {
-                "debezium": DEBEZIUM_VERSION,
-                "plugin": "pgoutput",
-                "poll_interval_ms": self.poll_interval_ms,  # None: Debezium's default, 500
-                "payload_column": self.payload_column,
-                "format": "Connect (SourceRecord): key and text as UTF-8, bytes as they are",
-                "topic": self.topic(self.topics_for[0]) if self.topics_for else None,
-            },
+            "engine": self.engine_info(),
         }
+
+    def engine_info(self) -> dict[str, Any]:
+        """What this run's engine is: Debezium's version, plugin, poll interval, payload column,
+        record format and (first) topic."""
+        return {
+            "debezium": DEBEZIUM_VERSION,
+            "plugin": "pgoutput",
+            "poll_interval_ms": self.poll_interval_ms,  # None: Debezium's default, 500
+            "payload_column": self.payload_column,
+            "format": "Connect (SourceRecord): key and text as UTF-8, bytes as they are",
+            "topic": self.topic(self.topics_for[0]) if self.topics_for else None,
+        }
+
+    def track_acks(self) -> None:
+        """From now on the harness keeps each acknowledged record's event id (the outbox row's
+        ``event_id``, which the EventRouter puts in the ``id`` header) with the time Kafka
+        acknowledged it, for :meth:`ack_times`; whatever was kept before is forgotten. Returns
+        once the harness confirmed, so rows committed afterwards are all tracked."""
+        self._send("TRACK")
+        self._tracked_from = int(self._expect("TRACKING", 30,
+                                              "start tracking acknowledgements")[0])
+        self._ack_log.clear()
+        self._tracking = True
+
+    def ack_times(self, event_ids: Iterable[str], timeout_s: float = 60.0) -> dict[str, float]:
+        """``{event_id: time.time() of its Kafka acknowledgement}`` for ``event_ids``, once all
+        of them were acknowledged or ``timeout_s`` passed (then only those acknowledged: compare
+        the lengths). Needs :meth:`track_acks` before the rows were committed. The harness keeps
+        the acknowledgements in memory and writes them to a file only when asked here (every
+        0.1 s while some are missing), so the measured interval carries no extra output; those
+        returned are forgotten, others are kept for a later call. Afterwards the run's count
+        of acknowledgements includes these, so :meth:`wait_acked` goes on working."""
+        if not self._tracking:
+            raise RuntimeError("ack_times() needs track_acks() before the rows were committed")
+        want = set(event_ids)
+        deadline = time.monotonic() + timeout_s
+        # the harness's count first (one line back), so that no dump runs while it is still
+        # publishing the measured rows
+        if want:
+            self._reach(self._tracked_from + len(want), timeout_s)
+        dumps = 0
+        while True:
+            path = self.work_dir / f"acks-{dumps}.txt"
+            dumps += 1
+            self._send(f"DUMP {path}")
+            args = self._expect("DUMPED", 60, "write its acknowledgements")
+            try:
+                text = path.read_text(encoding="utf-8")
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            for event_id, at in parse_ack_lines(text.splitlines()).items():
+                self._ack_log.setdefault(event_id, at)  # a redelivery's later ack is not it
+            self._acked = max(self._acked, int(args[1]))
+            if want.issubset(self._ack_log) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        got = {e: self._ack_log.pop(e) for e in want if e in self._ack_log}
+        self._tracked_from += len(got)
+        return got
+
+    def untrack_acks(self) -> None:
+        """Stop keeping acknowledgements (and forget those kept)."""
+        self._send("UNTRACK")
+        self._expect("UNTRACKED", 30, "stop tracking acknowledgements")
+        self._ack_log.clear()
+        self._tracking = False
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -819,7 +891,7 @@ class DebeziumRun:
                     "drop stale ones (SELECT pg_drop_replication_slot(slot_name) FROM "
                     "pg_replication_slots WHERE NOT active) or raise max_replication_slots"
                 )
-            self._postmaster = _postmaster_of(conn)
+            self._postmaster = postmaster_of(conn)
 
     def _read(self) -> None:
         proc = self._proc
@@ -979,6 +1051,17 @@ class DebeziumRun:
         self.warmup = {"events": done, "rounds": rounds,
                        "last_round_jit_share": round(jit_share, 3)}
 
+    def _reach(self, goal: int, timeout_s: float) -> bool:
+        """Until the harness reports ``goal`` acknowledgements in all, or ``timeout_s`` passed
+        (False; no error: the caller looks at what was acknowledged)."""
+        self._send(f"WAIT {goal}")
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            kind, args = self._next(left, "acknowledge the tracked events")
+            if kind == "REACHED" and int(args[0]) == goal:
+                return True
+        return False
+
     def _await(self, goal: int, timeout_s: float, doing: str) -> float:
         """Until the harness reports ``goal`` acknowledgements in all; the last one's time
         (epoch seconds)."""
@@ -1048,6 +1131,22 @@ class DebeziumRun:
             with contextlib.suppress(psycopg.Error):
                 conn.execute(sql.SQL("DELETE FROM {}.outbox WHERE aggregate_type = %s").format(
                     sql.Identifier(self.schema)), (WARMUP_AGGREGATE,))
+
+
+def parse_ack_lines(lines: Iterable[str]) -> dict[str, float]:
+    """The harness's ``ACK <event_id> <epoch_us>`` lines as ``{event_id: epoch seconds}`` (the
+    :func:`time.time` scale); of an id acknowledged twice (a redelivery) the first time is
+    kept. Blank lines are skipped; anything else is an error (the file is written whole before
+    the harness says DUMPED)."""
+    out: dict[str, float] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != "ACK" or not parts[2].isdigit():
+            raise ValueError(f"not an ACK <event_id> <epoch_us> line: {line[:200]!r}")
+        out.setdefault(parts[1], int(parts[2]) / 1e6)
+    return out
 
 
 def _delta(end: float | None, start: float | None) -> float | None:

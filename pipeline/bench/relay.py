@@ -145,8 +145,12 @@ def run_relay_bench(
             },
         }
         if vs == "debezium":
-            from pipeline.bench.versus import run_versus_debezium
+            from pipeline.bench.versus import run_latency_versus_debezium, run_versus_debezium
 
+            if rate:
+                return {**base, "mode": "latency-versus-debezium",
+                        **run_latency_versus_debezium(s, rate=rate, seconds=seconds,
+                                                      repeat=repeat, shards=shards)}
             return {**base, "mode": "versus-debezium",
                     **run_versus_debezium(s, events=events, repeat=repeat, shards=shards)}
         if rate:

@@ -113,3 +113,58 @@ def test_every_outbox_event_arrives_once_keyed_by_aggregate(
 def test_a_missing_outbox_is_said_plainly(database_url: str, kafka_bootstrap: str) -> None:
     with pytest.raises(RuntimeError, match=r"nosuch\.outbox does not exist: install the outbox"):
         DebeziumRun(database_url, kafka_bootstrap, schema="nosuch").start()
+
+
+def test_each_event_gets_its_acknowledgement_time_and_throughput_still_works(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        install(conn, SCHEMA)
+    with DebeziumRun(database_url, kafka_bootstrap, schema=SCHEMA,
+                     topic_prefix=f"{topic_prefix}_dbz", poll_interval_ms=10, partitions=3,
+                     warmup_events=200, warmup_max_events=200) as run:
+        run.track_acks()
+        committed = _write(database_url, EVENTS)
+        with psycopg.connect(database_url) as conn:
+            ids = [r[0] for r in conn.execute(
+                f"SELECT event_id::text FROM {SCHEMA}.outbox WHERE aggregate_type = 'order'"
+            ).fetchall()]
+        acks = run.ack_times(ids, timeout_s=60)
+        # the throughput protocol goes on after a tracked round
+        run.begin()
+        again = _write(database_url, 100)
+        figures = run.wait_acked(100, committed_at=again, timeout_s=60)
+        run.untrack_acks()
+
+    assert len(ids) == EVENTS
+    assert set(acks) == set(ids), "every committed event's acknowledgement, by its event id"
+    # the commit time is taken after COMMIT returned: an acknowledgement may precede it by
+    # the moment that takes, never by more
+    assert all(committed - 0.05 < t < committed + 60 for t in acks.values())
+    assert figures["events"] == 100 and figures["events_per_s"] > 0
+
+
+def test_latency_versus_debezium_gives_every_written_event_an_ack_time(
+    settings: Any,
+) -> None:
+    from pipeline.bench.versus import run_latency_versus_debezium
+
+    out = run_latency_versus_debezium(
+        settings, rate=100, seconds=3, repeat=1, debezium_default=False,
+        debezium_options={"warmup_events": 200, "warmup_max_events": 200})
+
+    for key in ("rate", "seconds", "relay_shards", "relay", "debezium_poll_10ms",
+                "relay_beats_debezium_p99", "rate_reached", "target", "verdict", "protocol"):
+        assert key in out, key
+    assert "debezium_default" not in out
+    for name in ("relay", "debezium_poll_10ms"):
+        system = out[name]
+        assert system["written"] > 200, (name, system)
+        assert system["acknowledged"] == system["written"], (name, system)
+        assert set(system["latency_ms"]) == {"p50", "p99", "max"}
+        assert 0 < system["latency_ms"]["p50"] <= system["latency_ms"]["p99"] \
+            <= system["latency_ms"]["max"] < 10_000, (name, system)
+        assert len(system["runs"]) == 1 and "achieved_rate" in system["runs"][0]
+    assert out["debezium_poll_10ms"]["engine"]["poll_interval_ms"] == 10
+    assert isinstance(out["relay_beats_debezium_p99"], bool)
+    assert out["verdict"].startswith(("NOT A PASS", "measured at the asked rate"))

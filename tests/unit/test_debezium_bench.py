@@ -223,3 +223,139 @@ def test_a_gone_process_reads_as_none() -> None:
     assert dbz.proc_cpu_s(2**22 + 12345) is None
     assert dbz.peak_rss_mb(2**22 + 12345) is None
     assert dbz.jit_cpu_s(2**22 + 12345) is None
+
+
+# -- per-event acknowledgements (latency) ---------------------------------------------------
+
+
+def test_ack_lines_are_event_ids_with_epoch_seconds() -> None:
+    got = dbz.parse_ack_lines([
+        "ACK 0b6e5c2a-1f0e-4a57-9a43-5f2d3c1e9b01 1700000000123456",
+        "",
+        "ACK 7d1f2a3b-0000-4000-8000-000000000002 1700000000200000",
+        "ACK 0b6e5c2a-1f0e-4a57-9a43-5f2d3c1e9b01 1700000009000000",  # redelivered: first kept
+    ])
+    assert got == {
+        "0b6e5c2a-1f0e-4a57-9a43-5f2d3c1e9b01": pytest.approx(1700000000.123456, abs=1e-6),
+        "7d1f2a3b-0000-4000-8000-000000000002": pytest.approx(1700000000.2, abs=1e-6),
+    }
+
+
+@pytest.mark.parametrize("bad", ["ACK only-an-id", "ACK id 12.5", "NACK id 1", "ACK a b 1"])
+def test_a_malformed_ack_line_is_an_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="not an ACK"):
+        dbz.parse_ack_lines([bad])
+
+
+def test_tracking_and_dump_lines_are_protocol_lines() -> None:
+    run = dbz.DebeziumRun("host=/tmp port=5432", "127.0.0.1:9092", schema="pipeline")
+    run._take("BENCH TRACKING 10201")
+    run._take("BENCH DUMPED 300 10501")
+    run._take("BENCH UNTRACKED")
+    got = [run._lines.get_nowait() for _ in range(3)]
+    assert got == [("TRACKING", ["10201"]), ("DUMPED", ["300", "10501"]), ("UNTRACKED", [])]
+
+
+class _FakeHarness:
+    """The harness's side of TRACK / WAIT / DUMP, answering on the run's line queue: records
+    are acknowledged by ``ack()``; a dump writes the kept ones as the Java harness does."""
+
+    def __init__(self, run: dbz.DebeziumRun, acked: int) -> None:
+        self.run, self.acked = run, acked
+        self.kept: list[tuple[str, int]] = []
+        self.sent: list[str] = []
+
+    def ack(self, event_id: str, micros: int) -> None:
+        self.acked += 1
+        self.kept.append((event_id, micros))
+
+    def __call__(self, line: str) -> None:
+        self.sent.append(line)
+        put = self.run._lines.put
+        if line == "TRACK":
+            self.kept.clear()
+            put(("TRACKING", [str(self.acked)]))
+        elif line.startswith("WAIT "):
+            if self.acked >= int(line[5:]):
+                put(("REACHED", [line[5:], "1"]))
+        elif line.startswith("DUMP "):
+            Path(line[5:]).write_text("".join(f"ACK {e} {t}\n" for e, t in self.kept))
+            put(("DUMPED", [str(len(self.kept)), str(self.acked)]))
+            self.kept.clear()
+
+
+def test_ack_times_dumps_until_every_event_is_there(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run = dbz.DebeziumRun("host=/tmp port=5432", "127.0.0.1:9092", schema="pipeline",
+                          work_dir=tmp_path)
+    run._acked = 500  # the warm-up's
+    fake = _FakeHarness(run, acked=500)
+    monkeypatch.setattr(run, "_send", fake)
+    with pytest.raises(RuntimeError, match="track_acks"):
+        run.ack_times(["a"], timeout_s=1)
+    run.track_acks()
+    fake.ack("a", 1_700_000_000_000_001)
+    fake.ack("b", 1_700_000_000_500_000)
+    fake.ack("x", 1_700_000_000_600_000)  # not asked for this time: kept for later
+    got = run.ack_times(["a", "b"], timeout_s=5)
+    assert got == {"a": pytest.approx(1_700_000_000.000001, abs=1e-6),
+                   "b": pytest.approx(1_700_000_000.5, abs=1e-6)}
+    assert run._acked == 503, "wait_acked's count includes the tracked acknowledgements"
+    assert fake.sent[1] == "WAIT 502"  # the harness's count first, no dump while publishing
+    assert run.ack_times(["x"], timeout_s=5) == {"x": pytest.approx(1_700_000_000.6, abs=1e-6)}
+    # one never acknowledged: what there is, once the timeout passed
+    fake.ack("c", 1_700_000_001_000_000)
+    assert set(run.ack_times(["c", "never"], timeout_s=0.3)) == {"c"}
+    assert not list(tmp_path.glob("acks-*")), "the dump files are removed"
+
+
+def test_latency_figures_of_a_run() -> None:
+    from pipeline.bench.versus import latency_figures
+
+    committed = {f"e{i}": 100.0 + i / 100 for i in range(100)}
+    acks = {e: c + (0.005 if i < 99 else 0.080) for i, (e, c) in enumerate(committed.items())}
+    del acks["e0"]
+    fig = latency_figures(committed, acks, written=100, rate=40, seconds=2.5)
+    assert fig["written"] == 100 and fig["acknowledged"] == 99
+    assert fig["achieved_rate"] == 40.0 and fig["rate_reached"] is True
+    assert fig["p50"] == pytest.approx(5.0, abs=0.01)
+    assert fig["max"] == pytest.approx(80.0, abs=0.01)
+    assert latency_figures(committed, acks, written=100, rate=43, seconds=2.5)[
+        "rate_reached"] is False  # 40/s is below 95 % of 43/s
+
+
+def _run(p99: float, *, reached: bool = True, written: int = 1000,
+         acknowledged: int = 1000) -> dict[str, object]:
+    return {"written": written, "acknowledged": acknowledged, "achieved_rate": 1000.0,
+            "rate_reached": reached, "p50": p99 / 2, "p99": p99, "max": p99 * 2,
+            "cpu_s_per_1000_events": 0.5}
+
+
+def test_latency_summary_takes_medians_and_sums() -> None:
+    from pipeline.bench.versus import latency_summary
+
+    s = latency_summary([_run(10), _run(30, reached=False), _run(12, acknowledged=990)])
+    assert s["written"] == 3000 and s["acknowledged"] == 2990
+    assert s["rate_reached"] is False
+    assert s["latency_ms"] == {"p50": 6.0, "p99": 12.0, "max": 24.0}
+    assert len(s["runs"]) == 3
+
+
+def test_latency_verdict() -> None:
+    from pipeline.bench.versus import latency_summary, latency_verdict
+
+    def systems(relay: dict[str, object], dbz_p99: float = 40.0) -> dict[str, dict[str, object]]:
+        return {"relay": latency_summary([relay]),
+                "debezium_poll_10ms": latency_summary([_run(dbz_p99)])}
+
+    assert latency_verdict(systems(_run(15)), rate=1000, relay_beats=True).startswith("PASS")
+    short = latency_verdict(systems(_run(15, reached=False)), rate=1000, relay_beats=True)
+    assert short.startswith("NOT A PASS") and "relay" in short
+    lost = latency_verdict(systems(_run(15, acknowledged=999)), rate=1000, relay_beats=True)
+    assert lost.startswith("NOT A PASS") and "not acknowledged" in lost
+    slow = latency_verdict(systems(_run(25)), rate=1000, relay_beats=True)
+    assert slow.startswith("NOT A PASS") and "above 20 ms" in slow
+    beaten = latency_verdict(systems(_run(15), dbz_p99=12), rate=1000, relay_beats=False)
+    assert beaten.startswith("NOT A PASS") and "not below Debezium" in beaten
+    low = latency_verdict(systems(_run(15)), rate=100, relay_beats=True)
+    assert low.startswith("measured at the asked rate") and "below the target" in low

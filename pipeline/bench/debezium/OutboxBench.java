@@ -29,15 +29,32 @@
  *   BENCH REACHED <count> <epoch_us> <count> records acknowledged; when the last of them was
  *   BENCH FAILED <message>           the engine or the producer failed; the process exits 2
  *   BENCH STOPPED <count>            stopped cleanly after <count> acknowledgements
+ *   BENCH TRACKING <count>           from now on each acknowledgement is kept with its event id
+ *                                    (<count>: acknowledgements so far)
+ *   BENCH UNTRACKED                  no longer kept
+ *   BENCH DUMPED <n> <count>         <n> kept acknowledgements written to the file (and
+ *                                    forgotten here); <count> acknowledgements in all
  * stdin lines: "WAIT <count>" (report REACHED once <count> records in all are acknowledged),
- * "STOP" (or end of input: stop the engine, close the producer, exit 0).
+ * "TRACK" (keep, from now on, each record's event id with the time of its acknowledgement;
+ * forgets what was kept before), "UNTRACK", "DUMP <path>" (write what was kept since TRACK or the
+ * last DUMP to <path> as lines "ACK <event_id> <epoch_us>", in acknowledgement order), "STOP"
+ * (or end of input: stop the engine, close the producer, exit 0).
+ *
+ * The event id is the record's "id" header, which the EventRouter sets from the outbox row's
+ * event_id column (transforms.outbox.table.field.event.id); the time is read in the producer's
+ * callback for that record (Kafka acknowledged it), as epoch microseconds of the wall clock.
+ * Acknowledgements are kept in memory and written out only on DUMP, so that a latency run's
+ * measured interval carries no extra output.
  */
 
 import java.io.BufferedReader;
+import java.io.BufferedWriter;
 import java.io.FileInputStream;
 import java.io.InputStreamReader;
 import java.io.PrintStream;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.time.Instant;
 import java.util.ArrayList;
 import java.util.List;
@@ -46,6 +63,7 @@ import java.util.Optional;
 import java.util.Properties;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.ConcurrentLinkedQueue;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.ExecutionException;
 import java.util.concurrent.ExecutorService;
@@ -84,6 +102,12 @@ public final class OutboxBench {
     private final AtomicBoolean stopping = new AtomicBoolean();
     private final CountDownLatch finished = new CountDownLatch(1);
     private final Set<String> knownTopics = ConcurrentHashMap.newKeySet();
+    /** One acknowledged record: its event id and when Kafka acknowledged it. */
+    private record Ack(String eventId, long micros) {
+    }
+
+    /** Where acknowledgements are kept while tracking (TRACK ... DUMP); null: not tracking. */
+    private volatile ConcurrentLinkedQueue<Ack> tracked;
 
     private final KafkaProducer<byte[], byte[]> producer;
     private final Admin admin;
@@ -150,16 +174,61 @@ public final class OutboxBench {
         return o.toString().getBytes(StandardCharsets.UTF_8);
     }
 
-    private void acknowledged(RecordMetadata md, Exception error) {
+    private void acknowledged(RecordMetadata md, Exception error, String eventId) {
         if (error != null) {
             failure.compareAndSet(null, "Kafka did not acknowledge a record: " + error);
             return;
         }
         long now = nowMicros();
         lastAckMicros = now;
+        ConcurrentLinkedQueue<Ack> keep = tracked;
+        if (keep != null && eventId != null) {
+            keep.add(new Ack(eventId, now));
+        }
         if (acked.incrementAndGet() == target) {
             reachedMicros.compareAndSet(-1, now);
         }
+    }
+
+    /** The event id the EventRouter put in the record's "id" header (the row's event_id). */
+    private static String eventId(SourceRecord r) {
+        Header id = r.headers().lastWithName("id");
+        if (id == null || id.value() == null) {
+            return null;
+        }
+        Object v = id.value();
+        return v instanceof byte[] b ? new String(b, StandardCharsets.UTF_8) : v.toString();
+    }
+
+    void track() {
+        tracked = new ConcurrentLinkedQueue<>();
+        say("TRACKING " + acked.get());
+    }
+
+    void untrack() {
+        tracked = null;
+        say("UNTRACKED");
+    }
+
+    /** Writes the acknowledgements kept so far as "ACK <event_id> <epoch_us>" lines and forgets
+     * them; tracking goes on. */
+    void dump(String path) {
+        ConcurrentLinkedQueue<Ack> keep = tracked;
+        long n = 0;
+        try (BufferedWriter w = Files.newBufferedWriter(Path.of(path), StandardCharsets.UTF_8)) {
+            if (keep != null) {
+                Ack a;
+                while ((a = keep.poll()) != null) {
+                    w.write("ACK " + a.eventId() + " " + a.micros() + "\n");
+                    n++;
+                }
+            }
+        }
+        catch (java.io.IOException e) {
+            failure.compareAndSet(null, "cannot write the acknowledgements to " + path + ": " + e);
+            return;
+        }
+        say("DUMPED " + n + " " + acked.get());
     }
 
     /** Debezium Server's Kafka sink, in short: send the batch, wait for every acknowledgement,
@@ -188,9 +257,10 @@ public final class OutboxBench {
             for (Header h : r.headers()) {
                 headers.add(new RecordHeader(h.key(), bytes(h.value())));
             }
+            String id = eventId(r);
             sent.add(producer.send(
                     new ProducerRecord<>(r.topic(), null, null, bytes(r.key()), bytes(value), headers),
-                    this::acknowledged));
+                    (md, error) -> acknowledged(md, error, id)));
         }
         for (Future<RecordMetadata> f : sent) {
             try {
@@ -329,6 +399,15 @@ public final class OutboxBench {
             line = line.trim();
             if (line.startsWith("WAIT ")) {
                 b.setTarget(Long.parseLong(line.substring(5).trim()));
+            }
+            else if (line.equals("TRACK")) {
+                b.track();
+            }
+            else if (line.equals("UNTRACK")) {
+                b.untrack();
+            }
+            else if (line.startsWith("DUMP ")) {
+                b.dump(line.substring(5).trim());
             }
             else if (line.equals("STOP")) {
                 break;
