@@ -45,6 +45,11 @@ _BATCH_JSON = (
 _NO_ENCODED = "false"
 
 
+def _int_array(ids: list[int]) -> str:
+    """Ids as one PostgreSQL array literal: psycopg's list dumper costs ~2 µs an element."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
 def leader_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -81,7 +86,7 @@ class RelayStore:
         self._pending_types = sql.SQL(
             "SELECT DISTINCT aggregate_type FROM {}.outbox WHERE {}"
         ).format(s, in_shard)
-        self._delete = sql.SQL("DELETE FROM {}.outbox WHERE id = ANY(%s)").format(s)
+        self._delete = sql.SQL("DELETE FROM {}.outbox WHERE id = ANY(%s::bigint[])").format(s)
         self._existing = sql.SQL("SELECT id FROM {}.outbox WHERE id = ANY(%s)").format(s)
         self._state = sql.SQL(
             "INSERT INTO {}.relay_state AS r (shard, leader, since, last_publish, published, "
@@ -187,9 +192,7 @@ class RelayStore:
     # -- rows -------------------------------------------------------------------------------
     def fetch(self, limit: int, exclude: list[int] | None = None) -> list[OutboxRow]:
         """The first ``limit`` rows in id order, leaving out ``exclude`` (rows in flight)."""
-        # the ids as one array literal: psycopg's list dumper costs ~2 µs an element
-        ids = "{" + ",".join(map(str, exclude)) + "}" if exclude else "{}"
-        row = self._c().execute(self._fetch, (ids, limit)).fetchone()
+        row = self._c().execute(self._fetch, (_int_array(exclude or []), limit)).fetchone()
         assert row is not None
         return [OutboxRow.from_stored(*r) for r in orjson.loads(row[0])]
 
@@ -213,8 +216,13 @@ class RelayStore:
         """Delete published (or dead-lettered) rows and account for them, atomically."""
         conn = self._c()
         with conn.transaction():
+            # Not waiting for the WAL flush: a delete lost to a server crash leaves rows that
+            # are already in Kafka, which the next leader's read-back finds and deletes without
+            # publishing again (decision 4). Waiting would queue the relay's flushes with the
+            # ERP's own commits (each NOTIFYing commit holds a global lock until its flush).
+            conn.execute("SET LOCAL synchronous_commit = off")
             if ids:
-                conn.execute(self._delete, (ids,))
+                conn.execute(self._delete, (_int_array(ids),))
             conn.execute(self._state, (self.shard, leader, published, published, dead_lettered))
 
     def wait(self, timeout: float) -> None:
