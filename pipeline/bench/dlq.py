@@ -4,7 +4,9 @@ N dead letters (realistic: encoded events with the worker's dead-letter headers,
 classes, 2,000 keys) are written to ``<prefix>.bench.dlq``. Measured, each ``repeat`` times:
 
 * ``ls``: read the whole DLQ, filter (one error class) and format the table, as
-  ``pipeline dlq ls --group bench --error TargetRefused`` does (seconds, without process start);
+  ``pipeline dlq ls --group bench --error TargetRefused`` does (the same calls: the group's
+  DLQ, ``GroupDlq.select``, ``table`` joined into the text it writes; seconds, without process
+  start);
 * replay throughput, unthrottled: plan + send every record to the group's first retry tier and
   record them as replayed (events/s).
 
@@ -28,7 +30,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline.bench import scoped
 from pipeline.config import Settings
 from pipeline.dlq import replay as rp
-from pipeline.dlq.records import Filter, select, table
+from pipeline.dlq.records import Filter, table
 from pipeline.dlq.store import GroupDlq
 from pipeline.embedded.stack import local_stack
 from pipeline.kafka.client import admin_config, produce, producer_config
@@ -96,9 +98,12 @@ def run_dlq_bench(settings: Settings, *, records: int, repeat: int) -> dict[str,
         for i in range(repeat):
             started = time.monotonic()
             dlq = GroupDlq(s, "bench")
-            shown = select(dlq.records(), flt)
-            table(shown, dt.datetime.now(dt.UTC))
+            shown = dlq.select(flt)
+            text = "\n".join(table(shown, dt.datetime.now(dt.UTC)))
             ls_runs.append(time.monotonic() - started)
+            refused = len(range(0, records, 4))  # every fourth is a TargetRefused
+            if len(shown) != refused or text.count("\n") != refused:
+                raise RuntimeError(f"ls listed {len(shown)} of {refused} dead letters")
             if len(dlq.records()) != records:
                 raise RuntimeError(f"read {len(dlq.records())} of {records} dead letters")
             base_runs.append(_produce(s, f"{prefix}.baseline.{i}", letters))

@@ -37,9 +37,11 @@ def _filters(fn: F) -> F:
     return fn
 
 
-def _select(ctx: Context, kw: dict[str, Any]) -> list[tuple[Any, list[Any]]]:
-    """(group DLQ, its selected records) per group."""
-    from pipeline.dlq.records import Filter, FilterError, select
+def _select(ctx: Context, kw: dict[str, Any], *, keep_all: bool = False
+            ) -> list[tuple[Any, list[Any]]]:
+    """(group DLQ, its selected records) per group; ``keep_all``: the group's other records
+    are kept too (``records()``), for a replay's plan."""
+    from pipeline.dlq.records import Filter, FilterError
     from pipeline.dlq.store import iter_groups
     from pipeline.errors import UsageError
 
@@ -52,7 +54,9 @@ def _select(ctx: Context, kw: dict[str, Any]) -> list[tuple[Any, list[Any]]]:
     out = []
     left = kw["limit"]
     for dlq in iter_groups(ctx.settings, kw["group"]):
-        picked = select(dlq.records(), flt, left)
+        if keep_all:
+            dlq.records()
+        picked = dlq.select(flt, left)
         out.append((dlq, picked))
         if left is not None:
             left -= len(picked)
@@ -82,20 +86,22 @@ def dlq() -> None:
 @pass_ctx
 def ls_cmd(ctx: Context, /, as_json: bool, **kw: Any) -> None:
     """List dead letters: position, age, original position, key, type, attempts, error."""
-    from pipeline.dlq.records import table
+    from pipeline.dlq.records import summaries, table
 
     now = dt.datetime.now(dt.UTC)
     picked = _select(ctx, kw)
     if as_json:
-        _echo_json([{"group": d.group, **r.summary(now)} for d, rs in picked for r in rs])
+        _echo_json([row for d, rs in picked for row in summaries(rs, now, d.group)])
         return
     width = min(shutil.get_terminal_size((80, 24)).columns, 200)
+    lines: list[str] = []
     for d, rs in picked:
         if len(picked) > 1 or not rs:
-            click.echo(f"# {d.group} ({d.topic}): {len(rs)} record(s)")
+            lines.append(f"# {d.group} ({d.topic}): {len(rs)} record(s)")
         if rs:
-            for line in table(rs, now, width):
-                click.echo(line)
+            lines += table(rs, now, width)
+    if lines:
+        click.echo("\n".join(lines))  # one write: a line per call costs more than the table
 
 
 @dlq.command("show")
@@ -243,7 +249,7 @@ def replay_cmd(ctx: Context, /, dry_run: bool, rate: str | None, again: bool, ye
         per_s = rp.parse_rate(rate)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    ((d, picked),) = _select(ctx, kw)
+    ((d, picked),) = _select(ctx, kw, keep_all=True)
     p = rp.plan(picked, d.records(), d.replayed(), again=again)
     summary = {"group": d.group, "target": d.replay_target, "selected": len(picked),
                "to_send": len(p.send), "followers_added": p.followers_added,
@@ -359,16 +365,16 @@ def edit_cmd(ctx: Context, group: str, position: str, sets: tuple[str, ...],
 def export_cmd(ctx: Context, /, fmt: str, **kw: Any) -> None:
     """Write the selected dead letters to stdout (jsonl: with headers and decoded payload)."""
 
+    from pipeline.dlq.records import summaries
+
     now = dt.datetime.now(dt.UTC)
     picked = _select(ctx, kw)
     if fmt == "csv":
-        fields = ["group", *next(iter([r.summary(now) for _d, rs in picked for r in rs]),
-                                 {"position": None})]
+        rows = [row for d, rs in picked for row in summaries(rs, now, d.group)]
+        fields = [*(rows[0] if rows else {"group": None, "position": None})]
         w = csv.DictWriter(sys.stdout, fieldnames=fields)
         w.writeheader()
-        for d, rs in picked:
-            for r in rs:
-                w.writerow({"group": d.group, **r.summary(now)})
+        w.writerows(rows)
         return
     decoder = _decoder(ctx)
     for d, rs in picked:

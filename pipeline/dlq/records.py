@@ -12,7 +12,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pipeline.errors import UsageError
 from pipeline.kafka import names
@@ -50,11 +50,16 @@ class Position:
         return cls(int(m.group(1)), int(m.group(2)))
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NOWHERE = Position(-1, -1)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
 def _text(v: bytes | None) -> str | None:
     return v.decode("utf-8", "replace") if v is not None else None
 
 
-@dataclass
+@dataclass(slots=True)
 class DlqRecord:
     """One dead letter: its position, time, key, value and headers (last value per name)."""
 
@@ -153,7 +158,7 @@ class DlqRecord:
 
     @property
     def when(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.timestamp_ms / 1000, dt.UTC)
+        return _EPOCH + dt.timedelta(milliseconds=self.timestamp_ms)
 
     def age_s(self, now: dt.datetime) -> float:
         return max(0.0, (now - self.when).total_seconds())
@@ -232,31 +237,148 @@ class Filter:
         return f
 
     def matches(self, r: DlqRecord) -> bool:
+        if not self._matches_headers(r):
+            return False
+        if self.key is not None and r.key_text != self.key:
+            return False
+        if self.since is not None and r.when < self.since:
+            return False
+        return not (self.until is not None and r.when > self.until)
+
+    def _matches_headers(self, r: DlqRecord) -> bool:
+        """What :meth:`matches` asks of the headers (topic, type, error class, --header)."""
         if self.original_topic is not None and r.original_topic != self.original_topic:
             return False
         if self.event_type is not None and r.event_type != self.event_type:
-            return False
-        if self.key is not None and r.key_text != self.key:
             return False
         if self.error is not None:
             want = self.error.lower()
             fqcn = r.error_fqcn.lower()
             if r.error_class.lower() != want and fqcn != want and not fqcn.endswith("." + want):
                 return False
-        if self.since is not None and r.when < self.since:
-            return False
-        if self.until is not None and r.when > self.until:
-            return False
         return all(r.header(name) == value for name, value in self.headers)
+
+    def message_predicate(self) -> Callable[[bytes | None, int], bool] | None:
+        """What :meth:`matches` asks of a record's key and timestamp (ms), as a test on the
+        raw key and timestamp that needs no headers (a record it refuses is not built); None
+        when the filter asks nothing of them."""
+        if self.key is None and self.since is None and self.until is None:
+            return None
+        key_ok = _key_test(self.key)
+        lo = _micros(self.since) if self.since is not None else None
+        hi = _micros(self.until) if self.until is not None else None
+
+        def test(key: bytes | None, ts_ms: int) -> bool:
+            if key_ok is not None and not key_ok(key):
+                return False
+            us = ts_ms * 1000  # DlqRecord.when, exactly
+            return (lo is None or us >= lo) and (hi is None or us <= hi)
+
+        return test
+
+    def headers_predicate(self) -> Callable[[Mapping[str, bytes | None]], bool] | None:
+        """What :meth:`matches` asks of the headers, as a test on a record's headers (name →
+        value; None: a header without a value, which a record reads as empty) that is worked
+        out once per distinct value of the headers it reads (a DLQ holds few error classes,
+        types and topics); None when the filter asks nothing of them."""
+        names_read: list[str] = []
+        if self.original_topic is not None:
+            names_read.append(names.ORIGINAL_TOPIC)
+        if self.event_type is not None:
+            names_read.append(names.CE_TYPE)
+        if self.error is not None:
+            names_read += [names.EXCEPTION_FQCN, names.ERROR_CLASS]
+        names_read += [name for name, _value in self.headers]
+        read = tuple(dict.fromkeys(names_read))
+        if not read:
+            return None
+        blocked = self.error is not None  # a follower's error class: whether it waited
+        memo: dict[Any, bool] = {}
+
+        def worked_out(seen: Any, h: Mapping[str, bytes | None]) -> bool:
+            ok = memo[seen] = self._matches_headers(
+                DlqRecord("", _NOWHERE, 0, None, None, _present(h)))
+            return ok
+
+        # the usual filters (--error, --type, --topic) read one or two headers: tests without
+        # a loop (the test runs once per record)
+        if len(read) == 1 and not blocked:
+            (one,) = read
+
+            def test_one(h: Mapping[str, bytes | None]) -> bool:
+                seen = h.get(one, _ABSENT)
+                ok = memo.get(seen)
+                return worked_out(seen, h) if ok is None else ok
+
+            return test_one
+        if len(read) == 2 and blocked:
+            one, two = read
+            blocked_by = names.BLOCKED_BY
+
+            def test_error(h: Mapping[str, bytes | None]) -> bool:
+                get = h.get
+                seen = (get(one, _ABSENT), get(two, _ABSENT), bool(get(blocked_by)))
+                ok = memo.get(seen)
+                return worked_out(seen, h) if ok is None else ok
+
+            return test_error
+        absent = (_ABSENT,) * len(read)
+
+        def test(h: Mapping[str, bytes | None]) -> bool:
+            seen: Any = tuple(map(h.get, read, absent))
+            if blocked:
+                seen = (seen, bool(h.get(names.BLOCKED_BY)))
+            ok = memo.get(seen)
+            return worked_out(seen, h) if ok is None else ok
+
+        return test
+
+    def predicate(self) -> Callable[[DlqRecord], bool]:
+        """:meth:`matches` as one function, fast over many records."""
+        on_message = self.message_predicate()
+        on_headers = self.headers_predicate()
+
+        def test(r: DlqRecord) -> bool:
+            if on_message is not None and not on_message(r.key, r.timestamp_ms):
+                return False
+            return on_headers is None or on_headers(r.headers)
+
+        return test
+
+
+_ABSENT = object()
+
+
+def _micros(when: dt.datetime) -> int:
+    """Microseconds since the epoch, exactly (``when`` with a zone)."""
+    return (when - _EPOCH) // _MICROSECOND
+
+
+def _key_test(want: str | None) -> Callable[[bytes | None], bool] | None:
+    """``DlqRecord.key_text == want`` on the raw key."""
+    if want is None:
+        return None
+    try:
+        raw = want.encode()
+    except UnicodeEncodeError:  # lone surrogates: no decoded key equals it
+        raw = None
+    if raw is None or "\ufffd" in want:  # a replaced byte may be anywhere: decode to compare
+        return lambda key: (_text(key) or "") == want
+    if not raw:
+        return lambda key: not key
+    return lambda key: key == raw
 
 
 def select(records: Iterable[DlqRecord], flt: Filter, limit: int | None = None
            ) -> list[DlqRecord]:
+    test = flt.predicate()
+    if limit is None:
+        return [r for r in records if test(r)]
     out = []
     for r in records:
-        if flt.matches(r):
+        if test(r):
             out.append(r)
-            if limit is not None and len(out) >= limit:
+            if len(out) >= limit:
                 break
     return out
 
@@ -283,23 +405,165 @@ LS_COLUMNS = ("POS", "AGE", "ORIGINAL", "KEY", "TYPE", "N", "ERROR")
 
 def table(records: Sequence[DlqRecord], now: dt.datetime, width: int = 80) -> list[str]:
     """``pipeline dlq ls`` as lines no wider than ``width`` (the error takes what is left)."""
-    rows = []
-    for r in records:
-        msg = r.error_message.splitlines()[0] if r.error_message else ""
-        rows.append((str(r.position), human_age(r.age_s(now)),
-                     _cut(r.original if r.outbox_row is not None else
-                          f"{(r.original_topic or '?').rsplit('.', 1)[-1]}"
-                          f"[{r.original_partition}]@{r.original_offset}", 18),
-                     _cut(r.key_text, 12), _cut(r.event_type or "?", 20), str(r.attempts),
-                     f"{r.error_class}: {msg}" if msg else r.error_class))
+    rows, errors = _rows(records, now)
     head = LS_COLUMNS
-    widths = [max([len(head[i])] + [len(row[i]) for row in rows]) for i in range(6)]
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 6
+    widths = [max(len(head[i]), max(map(len, columns[i]), default=0)) for i in range(6)]
     used = sum(widths) + 2 * 6
-    out = ["  ".join(h.ljust(w) for h, w in zip(head[:6], widths, strict=True)) + "  " + head[6]]
-    for row in rows:
-        left = "  ".join(c.ljust(w) for c, w in zip(row[:6], widths, strict=True))
-        out.append(left + "  " + _cut(row[6], max(10, width - used)))
+    room = max(10, width - used)
+    cut = room - 1
+    # the six cells padded in one format, then the error cut to the room left
+    fmt = "  ".join(f"%-{w}s" for w in widths) + "  "
+    out = [fmt % head[:6] + head[6]]
+    out += [fmt % row + (e if len(e) <= room else e[:cut] + "…")
+            for row, e in zip(rows, errors, strict=True)]
+    if used + room <= width:  # every line fits
+        return out
     return [line[:width] if len(line) > width else line for line in out]
+
+
+# What many rows share: the original topic and partition, the type, the attempts, the error
+# class (and whether the record is an outbox row: the relay's DLQ, which writes an error class)
+_SHARED = (names.ORIGINAL_TOPIC, names.ORIGINAL_PARTITION, names.CE_TYPE, names.ATTEMPTS,
+           names.EXCEPTION_FQCN, names.ERROR_CLASS)
+_SHARED_ABSENT = (_ABSENT,) * len(_SHARED)
+
+
+def _rows(records: Sequence[DlqRecord], now: dt.datetime
+          ) -> tuple[list[tuple[str, str, str, str, str, str]], list[str]]:
+    """The cells of ``pipeline dlq ls`` rows (the first six, and the errors apart), as
+    :class:`DlqRecord`'s properties give them; what many records share (a topic, a type, an
+    error class, an age, a key) is worked out once."""
+    now_us = _micros(now)
+    shared: dict[tuple[Any, ...], tuple[str | None, str, str, str]] = {}
+    ages: dict[int, str] = {}
+    keys: dict[bytes | None, str] = {}
+    blocked_by, exc_message, err_message = (names.BLOCKED_BY, names.EXCEPTION_MESSAGE,
+                                            names.ERROR_MESSAGE)
+    original_offset, unpack = names.ORIGINAL_OFFSET, _INT64.unpack
+    out = []
+    errors = []
+    for r in records:
+        h = r.headers
+        get = h.get
+        blocked = bool(get(blocked_by))
+        seen = (*map(get, _SHARED, _SHARED_ABSENT), blocked)
+        common = shared.get(seen)
+        if common is None:
+            common = shared[seen] = _shared_cells(r)
+        prefix, kind, attempts, error = common
+        if prefix is None:  # an outbox row
+            original = _cut(r.original, 18)
+        else:
+            raw = get(original_offset)
+            original = f"{prefix}{unpack(raw)[0] if raw is not None and len(raw) == 8 else None}"
+            if len(original) > 18:
+                original = original[:17] + "…"
+        ts = r.timestamp_ms
+        age = ages.get(ts)
+        if age is None:
+            seconds = (now_us - ts * 1000) / 1_000_000  # DlqRecord.age_s, exactly
+            age = ages[ts] = human_age(seconds if seconds > 0.0 else 0.0)
+        key = keys.get(r.key)
+        if key is None:
+            key = keys[r.key] = _cut(r.key.decode("utf-8", "replace") if r.key else "", 12)
+        if blocked and exc_message not in h:
+            message = r.error_message
+        else:
+            raw = get(exc_message) or get(err_message)
+            message = raw.decode("utf-8", "replace") if raw else ""
+        if message:
+            first = message.splitlines()[0]
+            if first:
+                error = f"{error}: {first}"
+        pos = r.position
+        out.append((f"{pos.partition}:{pos.offset}", age, original, key, kind, attempts))
+        errors.append(error)
+    return out, errors
+
+
+def _shared_cells(r: DlqRecord) -> tuple[str | None, str, str, str]:
+    """(what the ORIGINAL cell starts with, or None for an outbox row; the TYPE cell; the N
+    cell; the error class)."""
+    prefix = (None if r.outbox_row is not None else
+              f"{(r.original_topic or '?').rsplit('.', 1)[-1]}[{r.original_partition}]@")
+    return prefix, _cut(r.event_type or "?", 20), str(r.attempts), r.error_class
+
+
+_INT64 = struct.Struct(">q")
+
+
+# What many summaries share (with whether the record waited behind another)
+_SUMMARY_SHARED = (names.ORIGINAL_TOPIC, names.ORIGINAL_PARTITION, names.CE_TYPE,
+                   names.ATTEMPTS, names.EXCEPTION_FQCN, names.ERROR_CLASS,
+                   names.OUTBOX_POSITION)
+_SUMMARY_ABSENT = (_ABSENT,) * len(_SUMMARY_SHARED)
+
+
+def summaries(records: Sequence[DlqRecord], now: dt.datetime, group: str | None = None
+              ) -> list[dict[str, Any]]:
+    """``[r.summary(now) for r in records]`` (each led by ``"group": group`` when given), with
+    what many records share (a topic, a type, an error class, a time) worked out once."""
+    shared: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    times: dict[int, tuple[str, float]] = {}
+    keys: dict[bytes | None, str] = {}
+    blocked_by, exc_message, err_message = (names.BLOCKED_BY, names.EXCEPTION_MESSAGE,
+                                            names.ERROR_MESSAGE)
+    ce_id, edit_of, original_offset, unpack = (names.CE_ID, EDIT_OF, names.ORIGINAL_OFFSET,
+                                               _INT64.unpack)
+    out = []
+    for r in records:
+        h = r.headers
+        get = h.get
+        blocked = get(blocked_by)
+        seen = (*map(get, _SUMMARY_SHARED, _SUMMARY_ABSENT), bool(blocked))
+        common = shared.get(seen)
+        if common is None:
+            common = shared[seen] = (r.original_topic, r.original_partition, r.event_type,
+                                     r.attempts, r.error_class, r.outbox_row)
+        topic, partition, kind, attempts, error, outbox_row = common
+        ts = r.timestamp_ms
+        when = times.get(ts)
+        if when is None:
+            when = times[ts] = (r.when.isoformat(), round(r.age_s(now), 1))
+        key = keys.get(r.key)
+        if key is None:
+            key = keys[r.key] = r.key_text
+        raw = get(original_offset)
+        offset = unpack(raw)[0] if raw is not None and len(raw) == 8 else None
+        if blocked and exc_message not in h:
+            message = r.error_message
+        else:
+            raw = get(exc_message) or get(err_message)
+            message = raw.decode("utf-8", "replace") if raw else ""
+        raw = get(ce_id)
+        event_id = raw.decode("utf-8", "replace") if raw is not None else None
+        edit = r.edit_of if get(edit_of) else None
+        pos = r.position
+        row = {
+            "group": group,
+            "position": f"{pos.partition}:{pos.offset}",
+            "partition": pos.partition,
+            "offset": pos.offset,
+            "timestamp": when[0],
+            "age_s": when[1],
+            "original_topic": topic,
+            "original_partition": partition,
+            "original_offset": offset,
+            "key": key,
+            "event_id": event_id,
+            "event_type": kind,
+            "attempts": attempts,
+            "error_class": error,
+            "error_message": message.splitlines()[0] if message else "",
+            "blocked_by": blocked.decode("utf-8", "replace") if blocked is not None else None,
+            "edit_of": str(edit) if edit else None,
+            "outbox_row": outbox_row,
+        }
+        if group is None:
+            del row["group"]  # the others keep their order
+        out.append(row)
+    return out
 
 
 def stats(records: Sequence[DlqRecord], by: str) -> list[dict[str, Any]]:
@@ -322,6 +586,31 @@ def stats(records: Sequence[DlqRecord], by: str) -> list[dict[str, Any]]:
                     "oldest": min(r.when for r in rs).isoformat(),
                     "newest": max(r.when for r in rs).isoformat()})
     return out
+
+
+def message_headers(msg: Any) -> dict[str, bytes | None]:
+    """A confluent-kafka Message's headers by name (the last value of each; None: no value)."""
+    raw = msg.headers()
+    return dict(raw) if raw else {}
+
+
+def _present(heads: Mapping[str, bytes | None]) -> dict[str, bytes]:
+    """Headers as a record holds them (``heads`` itself when it can): a header without a
+    value reads as empty."""
+    if None in heads.values():
+        return {k: b"" if v is None else v for k, v in heads.items()}
+    return cast("dict[str, bytes]", heads) if type(heads) is dict else dict(
+        cast("Mapping[str, bytes]", heads))
+
+
+def record(msg: Any, topic: str, heads: dict[str, bytes | None] | None = None) -> DlqRecord:
+    """A confluent-kafka Message read from ``topic`` (its headers: a list of (name, bytes or
+    None), or ``heads`` when :func:`message_headers` read them already), as
+    :func:`from_message` reads it, faster."""
+    ts = msg.timestamp()[1]
+    return DlqRecord(topic, Position(msg.partition() or 0, msg.offset() or 0),
+                     ts if ts > 0 else 0, msg.key(), msg.value(),
+                     _present(message_headers(msg) if heads is None else heads))
 
 
 def from_message(msg: Any) -> DlqRecord:
