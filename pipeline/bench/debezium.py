@@ -65,7 +65,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from pipeline.embedded.jvm import cache_root, die_with_parent, java_binary, run_maven, stop_process
+from pipeline.embedded.jvm import cache_root, die_with_parent, fetch_jars, java_binary, stop_process
 
 __all__ = [
     "DEBEZIUM_VERSION",
@@ -159,23 +159,7 @@ def fetch_debezium(*, quiet: bool = True) -> Path:
             "Java 17+: apt-get install openjdk-17-jdk-headless maven (Maven must reach Maven "
             f"Central), or copy a fetched {libs} from another machine"
         )
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    staging = libs.parent / f".libs-{uuid.uuid4().hex[:8]}"
-    try:
-        run_maven(POM, ["dependency:copy-dependencies", f"-DoutputDirectory={staging}",
-                        "-DincludeScope=runtime"], staging / _CONNECTOR_JAR,
-                  f"Debezium {DEBEZIUM_VERSION}", quiet=quiet)
-    except RuntimeError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        staging.rename(libs)
-    except OSError:  # another process won the race (or a partial folder is in the way)
-        if not (libs / _MAIN_JAR).is_file():
-            shutil.rmtree(libs, ignore_errors=True)
-            staging.rename(libs)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
+    fetch_jars(POM, libs, _CONNECTOR_JAR, f"Debezium {DEBEZIUM_VERSION}", quiet=quiet)
     return libs
 
 

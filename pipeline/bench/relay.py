@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Producer
 
+from pipeline.bench.erp_load import RATE_REACHED_MIN, latency_figures, percentile, simulate_at
 from pipeline.config import Settings
 from pipeline.db import database_url
 from pipeline.embedded.stack import local_stack
@@ -31,17 +32,9 @@ from pipeline.relay.envelope import OutboxRow
 from pipeline.relay.relay import Relay
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Encoder
-from pipeline.simulator.erp import ErpSimulator, SimulatorConfig
 from pipeline.simulator.payloads import payload_for
 
 AGGREGATES = 500
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def _prewrite(conn: psycopg.Connection[Any], schema: str, n: int, *, encoded: bool) -> int:
@@ -121,8 +114,8 @@ def _baseline_latency(
         p.poll(0)
     p.flush(30)
     return {
-        "p50": round(_percentile(lat, 0.50), 2),
-        "p99": round(_percentile(lat, 0.99), 2),
+        "p50": round(percentile(lat, 0.50), 2),
+        "p99": round(percentile(lat, 0.99), 2),
         "max": round(max(lat) if lat else float("nan"), 2),
     }
 
@@ -241,44 +234,7 @@ def _throughput(
     }
 
 
-# a latency figure taken below this share of the asked rate is not a pass: it was measured
-# under less load than asked
-RATE_REACHED_MIN = 0.95
-
-
-# ERP writer processes per 500 events/s asked: one interpreter commits ~700/s on this kind of
-# machine (each commit is two round trips, and a round trip costs ~60 µs of CPU in psycopg)
-_RATE_PER_PROCESS = 500
-
-
-def _simulate(
-    conninfo: str, schema: str, rate: float, seconds: float, index: int, out: Any
-) -> None:
-    """Part of the ERP, in a process of its own (as in production: the relay does not share the
-    ERP's interpreter); sends back each event's commit wall time."""
-    sim = ErpSimulator(
-        conninfo,
-        schema,
-        SimulatorConfig(
-            writers=2, rate=rate, rollback_ratio=0.0, late_commit_ratio=0.0, track_latency=True,
-            seed=42 + index,
-        ),
-    )
-    sim._order_seq = index * 10_000_000  # orders of their own: SO-10000001… in the second
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(stop,), daemon=True)
-    t.start()
-    time.sleep(seconds)
-    stop.set()
-    t.join(10)
-    out.send((sim.stats.written, dict(sim.stats.committed_at)))
-    out.close()
-
-
 def _latency(s: Settings, rate: int, seconds: float, repeat: int) -> dict[str, Any]:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process with librdkafka threads
     runs = []
     for _ in range(repeat):
         acks: dict[str, float] = {}
@@ -296,48 +252,19 @@ def _latency(s: Settings, rate: int, seconds: float, repeat: int) -> dict[str, A
         if not relay.ready.wait(120):
             stop_relay.set()
             raise RuntimeError("the relay did not become a ready leader in 120 s")
-        n_proc = max(1, -(-rate // _RATE_PER_PROCESS))
-        pipes, sims = [], []
-        for i in range(n_proc):
-            receive, send = ctx.Pipe(duplex=False)
-            sim = ctx.Process(
-                target=_simulate,
-                args=(database_url(s), s.database.schema_name, rate / n_proc, seconds, i, send),
-                daemon=True,
-            )
-            sim.start()
-            send.close()
-            pipes.append(receive)
-            sims.append(sim)
-        written, committed_at = 0, {}
-        for receive, sim in zip(pipes, sims, strict=True):
-            if not receive.poll(seconds + 120):
-                for other in sims:
-                    other.kill()
-                stop_relay.set()
-                raise RuntimeError("an ERP simulator process sent no figures")
-            n, times = receive.recv()
-            written += n
-            committed_at.update(times)
-            sim.join(30)
+        try:
+            written, committed_at = simulate_at(database_url(s), s.database.schema_name, rate,
+                                                seconds)
+        except BaseException:
+            stop_relay.set()
+            raise
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(acks) < written:
             time.sleep(0.05)
         stop_relay.set()
         rt.join(30)
-        lat = [(acks[e] - c) * 1000 for e, c in committed_at.items() if e in acks]
-        reached = written / seconds
-        runs.append(
-            {
-                "written": written,
-                "acknowledged": len(lat),
-                "achieved_rate": round(reached, 1),
-                "rate_reached": reached >= RATE_REACHED_MIN * rate,
-                "p50": round(_percentile(lat, 0.50), 2),
-                "p99": round(_percentile(lat, 0.99), 2),
-                "max": round(max(lat) if lat else float("nan"), 2),
-            }
-        )
+        runs.append(latency_figures(committed_at, acks, written=written, rate=rate,
+                                    seconds=seconds))
     med = {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "max")}
     reached_all = all(r["rate_reached"] for r in runs)
     return {

@@ -43,6 +43,7 @@ from pipeline.bench.debezium import (
     proc_cpu_s,
     server_cpu_s,
 )
+from pipeline.bench.erp_load import latency_figures, simulate_at
 from pipeline.config import Settings
 from pipeline.db import database_url
 from pipeline.embedded.postgres import scratch_database, with_database
@@ -363,62 +364,6 @@ def _java_cpu_s(run: DebeziumRun) -> float | None:
     return proc_cpu_s(run.pid) if run.pid is not None else None
 
 
-def _simulate_at(url: str, schema: str, rate: float, seconds: float
-                 ) -> tuple[int, dict[str, float]]:
-    """The ERP simulator writing ``rate`` events/s for ``seconds`` into ``url``, one process
-    per 500 events/s asked (as ``pipeline bench relay --rate``); events written and each one's
-    commit time (``time.time()``)."""
-    import multiprocessing
-
-    from pipeline.bench.relay import _RATE_PER_PROCESS, _simulate
-
-    ctx = multiprocessing.get_context("spawn")
-    n_proc = max(1, -(-int(rate) // _RATE_PER_PROCESS))
-    pipes, sims = [], []
-    for i in range(n_proc):
-        receive, send = ctx.Pipe(duplex=False)
-        sim = ctx.Process(target=_simulate, args=(url, schema, rate / n_proc, seconds, i, send),
-                          daemon=True)
-        sim.start()
-        send.close()
-        pipes.append(receive)
-        sims.append(sim)
-    written, committed_at = 0, {}
-    try:
-        for receive, sim in zip(pipes, sims, strict=True):
-            if not receive.poll(seconds + 120):
-                raise RuntimeError("an ERP simulator process sent no figures")
-            n, times = receive.recv()
-            written += n
-            committed_at.update(times)
-            sim.join(30)
-    finally:
-        for sim in sims:
-            if sim.is_alive():
-                sim.kill()
-    return written, committed_at
-
-
-def latency_figures(committed_at: dict[str, float], acks: dict[str, float], *, written: int,
-                    rate: float, seconds: float) -> dict[str, Any]:
-    """One run's figures: commit -> acknowledgement in ms over the events acknowledged
-    (``acknowledged`` of ``written``), the rate the writers reached and whether it is within
-    ``RATE_REACHED_MIN`` of the asked one."""
-    from pipeline.bench.relay import RATE_REACHED_MIN, _percentile
-
-    lat = [(acks[e] - c) * 1000 for e, c in committed_at.items() if e in acks]
-    reached = written / seconds
-    return {
-        "written": written,
-        "acknowledged": len(lat),
-        "achieved_rate": round(reached, 1),
-        "rate_reached": reached >= RATE_REACHED_MIN * rate,
-        "p50": round(_percentile(lat, 0.50), 2),
-        "p99": round(_percentile(lat, 0.99), 2),
-        "max": round(max(lat) if lat else float("nan"), 2),
-    }
-
-
 def _latency_round(system: _Acknowledger, cpu: Callable[[], float | None], url: str,
                    schema: str, rate: float, seconds: float, postmaster: int | None
                    ) -> dict[str, Any]:
@@ -430,7 +375,7 @@ def _latency_round(system: _Acknowledger, cpu: Callable[[], float | None], url: 
 
     system.track_acks()
     cpu0, pg0 = cpu(), server()
-    written, committed_at = _simulate_at(url, schema, rate, seconds)
+    written, committed_at = simulate_at(url, schema, rate, seconds)
     acks = system.ack_times(committed_at, ACK_TIMEOUT_S)
     cpu1, pg1 = cpu(), server()
     out = latency_figures(committed_at, acks, written=written, rate=rate, seconds=seconds)
@@ -471,7 +416,7 @@ def latency_verdict(systems: dict[str, dict[str, Any]], *, rate: int,
     (its latency is a lighter load's), when some written event was not acknowledged, or, at
     the target's rate, when the relay's p99 is above ``TARGET_P99_MS`` or not below tuned
     Debezium's; PASS when it meets the issue's target; else (a lower rate) what was measured."""
-    from pipeline.bench.relay import RATE_REACHED_MIN
+    from pipeline.bench.erp_load import RATE_REACHED_MIN
 
     short = [name for name, sys in systems.items() if not sys["rate_reached"]]
     if short:

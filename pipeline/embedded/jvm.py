@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import uuid
 from functools import cache
 from pathlib import Path
 
@@ -55,6 +56,31 @@ def run_maven(pom: Path, args: list[str], produces: Path, what: str, *, quiet: b
     if done.returncode != 0 or not produces.exists():
         tail = ((done.stdout or "")[-2000:] + (done.stderr or "")[-2000:]) if quiet else ""
         raise RuntimeError(f"mvn could not fetch {what}: {tail.strip()}")
+
+
+def fetch_jars(pom: Path, libs: Path, marker: str, what: str, *, quiet: bool) -> Path:
+    """``pom``'s runtime jars copied by Maven into ``libs`` (idempotent: done when ``marker``,
+    a jar's file name, is there). Resolved into a staging folder renamed into place, so an
+    interrupted download is never mistaken for a complete one."""
+    if (libs / marker).is_file():
+        return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    staging = libs.parent / f".libs-{uuid.uuid4().hex[:8]}"
+    try:
+        run_maven(pom, ["dependency:copy-dependencies", f"-DoutputDirectory={staging}",
+                        "-DincludeScope=runtime"], staging / marker, what, quiet=quiet)
+    except RuntimeError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        staging.rename(libs)
+    except OSError:  # another process won the race (or a partial folder is in the way)
+        if not (libs / marker).is_file():
+            shutil.rmtree(libs, ignore_errors=True)
+            staging.rename(libs)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+    return libs
 
 
 def _load_prctl() -> object | None:

@@ -33,8 +33,8 @@ from typing import IO, Any
 from pipeline.embedded.jvm import (
     cache_root,
     die_with_parent,
+    fetch_jars,
     java_binary,
-    run_maven,
     stop_process,
 )
 
@@ -58,23 +58,7 @@ def kafka_available() -> bool:
 
 def fetch_kafka(*, quiet: bool = True) -> Path:
     """Resolve the Kafka jars from Maven Central into the cache (idempotent); their folder."""
-    libs = kafka_libs()
-    if (libs / _MAIN_JAR).is_file():
-        return libs
-    staging = libs.parent / f".libs-{uuid.uuid4().hex[:8]}"
-    try:
-        run_maven(POM, ["dependency:copy-dependencies", f"-DoutputDirectory={staging}",
-                        "-DincludeScope=runtime"], staging / _MAIN_JAR,
-                  f"Apache Kafka {KAFKA_VERSION}", quiet=quiet)
-    except RuntimeError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        staging.rename(libs)
-    except OSError:  # another process won the race: keep its copy
-        shutil.rmtree(staging, ignore_errors=True)
-    return libs
+    return fetch_jars(POM, kafka_libs(), _MAIN_JAR, f"Apache Kafka {KAFKA_VERSION}", quiet=quiet)
 
 
 def broker_kind(choice: str | None = None) -> str:

@@ -310,7 +310,7 @@ def test_ack_times_dumps_until_every_event_is_there(tmp_path: Path,
 
 
 def test_latency_figures_of_a_run() -> None:
-    from pipeline.bench.versus import latency_figures
+    from pipeline.bench.erp_load import latency_figures
 
     committed = {f"e{i}": 100.0 + i / 100 for i in range(100)}
     acks = {e: c + (0.005 if i < 99 else 0.080) for i, (e, c) in enumerate(committed.items())}
