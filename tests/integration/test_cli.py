@@ -142,10 +142,15 @@ def test_bad_environment_value_exits_2_naming_the_field() -> None:
 def test_outbox_install_twice(db_env: dict[str, str], database_url: str) -> None:
     r = cli(["outbox", "install"], db_env)
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip().splitlines() == [
+    applied = r.stdout.strip().splitlines()
+    assert applied[:4] == [
         "applied migration 0001_outbox to schema pipeline",
         "applied migration 0002_inbox to schema pipeline",
         "applied migration 0003_capture_keys to schema pipeline",
+        "applied migration 0004_encoded_payload to schema pipeline",
+    ]
+    assert applied == [
+        f"applied migration {m.version:04d}_{m.name} to schema pipeline" for m in migrations()
     ]
     r = cli(["outbox", "install"], db_env)
     assert r.exit_code == 0, r.output
