@@ -8,20 +8,18 @@ import contextlib
 import gc
 import json
 import operator
-import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaException, Message
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
 from pipeline.dlq.records import DlqRecord, Filter, Position, record, select
-from pipeline.errors import BrokerUnavailable, UsageError
+from pipeline.errors import UsageError
 from pipeline.kafka import names
-from pipeline.kafka.client import admin_config, consumer_config, wrap_kafka_error
-from pipeline.kafka.tail import _watermarks, read_to_end
+from pipeline.kafka.client import admin_config, wrap_kafka_error
+from pipeline.kafka.tail import read_batches_to_end, read_to_end
 from pipeline.kafka.topics import TopicSpec, apply_topics
 
 _SUFFIX = names.DLQ_SUFFIX
@@ -220,91 +218,12 @@ _BATCH = 10_000
 
 def read_batches(settings: Settings, topic: str, *, timeout_s: float, purpose: str,
                  settle_s: float = 0.3) -> Iterator[list[Message]]:
-    """The records of ``topic`` up to its end, in batches (a list per consume call), as
-    :func:`pipeline.kafka.tail.read_to_end` reads them, and its end the same way: every
-    partition read up to the high watermark seen at the start (or its position there: the
-    last offsets may be transaction markers). No wait after that on a broker whose watermarks
-    are exact: what is already fetched is taken, and only when a partition turned out to
-    hold records past its watermark (a broker whose watermark lies low, e.g. tansu after a
-    batched produce) are fetches made until one of ``settle_s`` brings nothing. Raises
-    BrokerUnavailable when the broker cannot be reached or the end is not reached within
-    ``timeout_s``. A missing topic reads as empty."""
-    consumer = Consumer(consumer_config(
-        settings, f"pipeline-{purpose}-{uuid.uuid4().hex[:8]}", **_READ_CONFIG))
-    request = settings.kafka.request_timeout_s
-    try:
-        try:
-            md = consumer.list_topics(topic, timeout=request)
-        except KafkaException as exc:
-            raise wrap_kafka_error(exc, f"reading topic metadata ({purpose})", consumer) from exc
-        tmd = md.topics.get(topic)
-        if tmd is None or tmd.error is not None:
-            return
-        lookups_until = time.monotonic() + timeout_s
-        assignment: list[TopicPartition] = []
-        ends: dict[int, int] = {}
-        highs: dict[int, int] = {}
-        for p in sorted(tmd.partitions):
-            lo, hi = _watermarks(consumer, topic, p, request, lookups_until)
-            # every partition is assigned, even one that looks empty: its watermark may lie
-            assignment.append(TopicPartition(topic, p, lo))
-            highs[p] = hi
-            if lo < hi:
-                ends[p] = hi
-        if not assignment:
-            return
-        past = False  # a record at or past its partition's watermark: the watermark lied
-        consumer.assign(assignment)
-        deadline = time.monotonic() + timeout_s
-        while ends:
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(
-                    f"{purpose}: {len(ends)} partition(s) not read to their end in "
-                    f"{timeout_s:.0f}s, e.g. {[(topic, p) for p in sorted(ends)][:3]}"
-                )
-            batch = consumer.consume(_BATCH, timeout=0.1)
-            if batch:
-                yield batch
-                # the last record of each partition in the batch
-                last: dict[int, int] = {}
-                for m in reversed(batch):
-                    p = m.partition() or 0
-                    if p not in last and m.error() is None:
-                        last[p] = m.offset() or 0
-                        if len(last) == len(highs):
-                            break
-                for p, off in last.items():
-                    if off >= highs.get(p, 0):
-                        past = True
-                    if p in ends and off >= ends[p] - 1:
-                        del ends[p]
-            if ends:
-                # the last offsets may hold no record for us: a transaction's commit marker,
-                # or records of an aborted one; the position moves past them
-                for tp_pos in consumer.position([TopicPartition(topic, p) for p in ends]):
-                    p = int(tp_pos.partition)
-                    if tp_pos.offset is not None and tp_pos.offset >= ends[p]:
-                        del ends[p]
-        # what was fetched with the last records (the rest of their batch) is taken now
-        while True:
-            batch = consumer.consume(_BATCH, timeout=0)
-            if not batch:
-                break
-            yield batch
-            past = past or any(m.error() is None and (m.offset() or 0) >= highs.get(
-                m.partition() or 0, 0) for m in batch)
-        if not past:
-            return
-        # Past a watermark: what a lying watermark hid comes now. Fetch until a fetch of
-        # settle_s brings nothing, bounded so that steady writers cannot keep us here.
-        settle_until = time.monotonic() + max(2.0, 5 * settle_s)
-        while time.monotonic() < settle_until:
-            batch = consumer.consume(_BATCH, timeout=settle_s)
-            if not batch:
-                return
-            yield batch
-    finally:
-        consumer.close()
+    """The records of ``topic`` up to its end, in batches, with no settling wait on a broker
+    whose watermarks are exact (:func:`pipeline.kafka.tail.read_batches_to_end`). A missing
+    topic reads as empty."""
+    return read_batches_to_end(settings, [topic], timeout_s=timeout_s, purpose=purpose,
+                               settle_s=settle_s, settle_always=False, batch_size=_BATCH,
+                               consumer_overrides=_READ_CONFIG)
 
 
 def iter_groups(settings: Settings, group: str | None) -> Iterator[GroupDlq]:

@@ -8,6 +8,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -30,8 +31,7 @@ def read_to_end(
     """Yield the records of ``topics`` (all, or the ``last`` N of each partition, extended back
     to the first record at or after ``since_ms`` when given) up to their end. Missing topics are
     skipped; ``partitions`` reads only those partition numbers. Raises BrokerUnavailable when
-    the broker cannot be reached or the end is not reached
-    within ``timeout_s``.
+    the broker cannot be reached or the end is not reached within ``timeout_s``.
 
     The end is where both rules hold: every partition read up to the high watermark seen at the
     start (its position there: the last offsets may be transaction markers), *and* then a
@@ -40,11 +40,41 @@ def read_to_end(
     low (tansu reports a batch's base offset + 1 after a batched produce) is still read to its
     real end. Records written meanwhile may be yielded too: callers take "at least what was
     there"."""
+    for batch in read_batches_to_end(settings, topics, last=last, since_ms=since_ms,
+                                     timeout_s=timeout_s, purpose=purpose, settle_s=settle_s,
+                                     partitions=partitions):
+        for msg in batch:
+            if msg.error() is None:
+                yield msg
+
+
+_READ_CONFIG: dict[str, Any] = {"enable.auto.offset.store": False, "fetch.wait.max.ms": 50}
+
+
+def read_batches_to_end(
+    settings: Settings,
+    topics: list[str],
+    *,
+    last: int | None = None,
+    since_ms: int | None = None,
+    timeout_s: float = 60.0,
+    purpose: str = "read",
+    settle_s: float = 0.3,
+    partitions: set[int] | None = None,
+    settle_always: bool = True,
+    batch_size: int = 5000,
+    consumer_overrides: dict[str, Any] | None = None,
+) -> Iterator[list[Message]]:
+    """:func:`read_to_end`'s records a consume call's batch at a time (error events included:
+    the caller skips them). With ``settle_always`` false the settling fetch is made only when a
+    partition turned out to hold records past its watermark (the watermark lied); on a broker
+    whose watermarks are exact the read then ends as soon as what was fetched is taken — for
+    listings read by people (``dlq ls``), not for the relay's read-back."""
     consumer = Consumer(
         consumer_config(
             settings,
             f"pipeline-{purpose}-{uuid.uuid4().hex[:8]}",
-            **{"enable.auto.offset.store": False, "fetch.wait.max.ms": 50},
+            **{**_READ_CONFIG, **(consumer_overrides or {})},
         )
     )
     request = settings.kafka.request_timeout_s
@@ -55,12 +85,13 @@ def read_to_end(
             raise wrap_kafka_error(exc, f"reading topic metadata ({purpose})", consumer) from exc
         assignment: list[TopicPartition] = []
         ends: dict[tuple[str, int], int] = {}
+        highs: dict[tuple[str, int], int] = {}
         lookups_until = time.monotonic() + timeout_s
         for topic in topics:
             tmd = md.topics.get(topic)
             if tmd is None or tmd.error is not None:
                 continue
-            for p in tmd.partitions:
+            for p in sorted(tmd.partitions):
                 if partitions is not None and p not in partitions:
                     continue
                 lo, hi = _watermarks(consumer, topic, p, request, lookups_until)
@@ -71,10 +102,12 @@ def read_to_end(
                     )
                 # every partition is assigned, even one that looks empty: its watermark may lie
                 assignment.append(TopicPartition(topic, p, start))
+                highs[(topic, p)] = hi
                 if start < hi:
                     ends[(topic, p)] = hi
         if not assignment:
             return
+        past = False  # a record at or past its partition's watermark: the watermark lied
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout_s
         while ends:
@@ -83,13 +116,10 @@ def read_to_end(
                     f"{purpose}: {len(ends)} partition(s) not read to their end in "
                     f"{timeout_s:.0f}s, e.g. {sorted(ends)[:3]}"
                 )
-            for msg in consumer.consume(5000, timeout=0.1):
-                if msg.error() is not None:
-                    continue
-                tp = (str(msg.topic()), int(msg.partition() or 0))
-                yield msg
-                if tp in ends and (msg.offset() or 0) >= ends[tp] - 1:
-                    del ends[tp]
+            batch = consumer.consume(batch_size, timeout=0.1)
+            if batch:
+                yield batch
+                past = _mark_read(batch, ends, highs) or past
             if ends:
                 # the last offsets may hold no record for us: a transaction's commit marker,
                 # or records of an aborted one; the position moves past them
@@ -97,16 +127,46 @@ def read_to_end(
                     key = (str(tp_pos.topic), int(tp_pos.partition))
                     if tp_pos.offset is not None and tp_pos.offset >= ends[key]:
                         del ends[key]
+        if not settle_always:
+            # what was fetched with the last records (the rest of their batch) is taken now
+            while batch := consumer.consume(batch_size, timeout=0):
+                yield batch
+                past = _mark_read(batch, ends, highs) or past
+            if not past:
+                return
         # Past every watermark: what a lying watermark hid comes now. Fetch until a fetch of
         # settle_s brings nothing, bounded so that steady writers cannot keep us here.
         settle_until = time.monotonic() + max(2.0, 5 * settle_s)
         while time.monotonic() < settle_until:
-            batch = [m for m in consumer.consume(5000, timeout=settle_s) if m.error() is None]
-            if not batch:
+            batch = consumer.consume(batch_size, timeout=settle_s)
+            if not any(m.error() is None for m in batch):
                 return
-            yield from batch
+            yield batch
     finally:
         consumer.close()
+
+
+def _mark_read(batch: list[Message], ends: dict[tuple[str, int], int],
+               highs: dict[tuple[str, int], int]) -> bool:
+    """Partitions whose end the batch reached leave ``ends``; True when a record lies at or
+    past its partition's watermark (the watermark lied low)."""
+    past = False
+    seen: set[tuple[str, int]] = set()
+    for m in reversed(batch):  # the last record of each partition in the batch
+        if m.error() is not None:
+            continue
+        tp = (str(m.topic()), int(m.partition() or 0))
+        if tp in seen:
+            continue
+        seen.add(tp)
+        off = m.offset() or 0
+        if off >= highs.get(tp, 0):
+            past = True
+        if tp in ends and off >= ends[tp] - 1:
+            del ends[tp]
+        if len(seen) == len(highs):
+            break
+    return past
 
 
 # A partition just created, or whose leader just moved, answers these until metadata settles.
