@@ -123,4 +123,60 @@ def claim_store(settings: Settings) -> ClaimStore:
         if cc.path is None:
             raise ConfigError("relay.claim_check.store is dir but relay.claim_check.path is unset")
         return DirClaimStore(cc.path)
-    return TableClaimStore(database_url(settings), settings.database.schema_name)
+    url = database_url(settings)
+    from pipeline.mariadb import is_mariadb_url
+
+    if is_mariadb_url(url):
+        return MariaDbClaimStore(url, settings.database.schema_name)
+    return TableClaimStore(url, settings.database.schema_name)
+
+
+class MariaDbClaimStore:
+    """Bodies in ``<schema>.claim_check`` on MariaDB / MySQL (the ``table`` store there)."""
+
+    name = "table"
+
+    def __init__(self, url: str, schema: str) -> None:
+        from pipeline.outbox.mariadb import q
+
+        self._url = url
+        self._table = f"{q(schema)}.claim_check"
+        self._schema = schema
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def _run(self, query: str, args: tuple[Any, ...]) -> Any:
+        from pipeline import mariadb
+
+        with self._lock:  # PyMySQL connections are not thread-safe
+            for attempt in (1, 2):
+                if self._conn is None:
+                    self._conn = mariadb.connect(self._url)
+                try:
+                    with self._conn.cursor() as cur:
+                        cur.execute(query, args)
+                        return cur.fetchone()
+                except mariadb.LOST:
+                    self._conn = None  # reconnect once: the store is used rarely
+                    if attempt == 2:
+                        raise
+        return None
+
+    def put(self, event_id: str, body: bytes) -> str:
+        ref = str(uuid.uuid4())
+        self._run(f"INSERT INTO {self._table} (ref, event_id, body, created_at) "
+                  "VALUES (%s, %s, %s, utc_timestamp(6))", (ref, event_id, body))
+        return ref
+
+    def get(self, ref: str) -> bytes:
+        row = self._run(f"SELECT body FROM {self._table} WHERE ref = %s", (ref,))
+        if row is None:
+            raise DecodeError(
+                f"claim-check reference {ref} not found in {self._schema}.claim_check")
+        return bytes(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

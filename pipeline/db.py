@@ -1,5 +1,6 @@
-"""PostgreSQL connections: the one place that turns configuration into psycopg connections and
-psycopg's connection failures into :class:`~pipeline.errors.DatabaseUnavailable`."""
+"""ERP database connections: the one place that turns configuration into connections (psycopg
+for PostgreSQL, PyMySQL for a ``mysql://`` URL: :mod:`pipeline.mariadb`) and their connection
+failures into :class:`~pipeline.errors.DatabaseUnavailable`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,23 @@ def database_url(settings: Settings) -> str:
     return settings.database.url.get_secret_value()
 
 
+def is_mariadb(settings: Settings) -> bool:
+    from pipeline.mariadb import is_mariadb_url
+
+    return settings.database.url is not None and is_mariadb_url(
+        settings.database.url.get_secret_value())
+
+
 def connect(
     settings: Settings, *, autocommit: bool = True, **kwargs: Any
-) -> psycopg.Connection[Any]:
+) -> Any:
+    """A psycopg connection, or a PyMySQL one (multi-statement, UTC) for a ``mysql://`` URL."""
     url = database_url(settings)
+    if is_mariadb(settings):
+        from pipeline import mariadb
+
+        return mariadb.connect(url, autocommit=autocommit, multi_statements=True,
+                               connect_timeout=settings.database.connect_timeout_s)
     try:
         return psycopg.connect(
             url,

@@ -23,7 +23,8 @@ from pipeline.config import Settings, load_config
 from pipeline.embedded.broker import EmbeddedBroker
 from pipeline.embedded.postgres import EmbeddedPostgres, admin_url, scratch_database
 
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.relay", "tests.fixtures.registry"]
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.relay", "tests.fixtures.registry",
+                  "tests.fixtures.mariadb"]
 
 
 @pytest.fixture(autouse=True)

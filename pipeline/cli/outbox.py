@@ -7,7 +7,8 @@ import json
 import click
 
 from pipeline.cli import Context, pass_ctx
-from pipeline.db import connect
+from pipeline.db import connect, is_mariadb
+from pipeline.outbox import mariadb as mariadb_outbox
 from pipeline.outbox.capture import EVENTS, CaptureSpec, drop_capture, install_capture
 from pipeline.outbox.migrations import install
 from pipeline.outbox.status import outbox_status
@@ -25,7 +26,8 @@ def install_cmd(ctx: Context) -> None:
     """Create or upgrade the outbox schema (idempotent, versioned migrations)."""
     schema = ctx.settings.database.schema_name
     with connect(ctx.settings) as conn:
-        applied = install(conn, schema)
+        applied = (mariadb_outbox.install(conn, schema) if is_mariadb(ctx.settings)
+                   else install(conn, schema))
     if applied:
         for m in applied:
             click.echo(f"applied migration {m.version:04d}_{m.name} to schema {schema}")
@@ -79,9 +81,9 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
               "primary key]")
 @click.option(
     "--events",
-    default=",".join(EVENTS),
-    show_default=True,
-    help="comma-separated subset of insert,update,delete",
+    default=None,
+    help="comma-separated subset of insert,update,delete,truncate [default: all; MariaDB: "
+    "insert,update,delete (it fires no TRUNCATE trigger)]",
 )
 @click.option(
     "--event-type-prefix",
@@ -94,15 +96,18 @@ def capture_cmd(
     table: str,
     aggregate_type: str | None,
     key_column: str | None,
-    events: str,
+    events: str | None,
     event_type_prefix: str | None,
     drop: bool,
 ) -> None:
     """Install a trigger that turns an ERP table's row changes into outbox events."""
     schema = ctx.settings.database.schema_name
+    on_mariadb = is_mariadb(ctx.settings)
     with connect(ctx.settings) as conn:
         if drop:
-            if drop_capture(conn, table):
+            dropped = (mariadb_outbox.drop_capture(conn, table) if on_mariadb
+                       else drop_capture(conn, table))
+            if dropped:
                 click.echo(f"capture trigger on {table} removed")
             else:
                 click.echo(f"no capture trigger on {table}; nothing to remove")
@@ -113,11 +118,16 @@ def capture_cmd(
             table=table,
             aggregate_type=aggregate_type,
             key_columns=tuple(c.strip() for c in (key_column or "").split(",") if c.strip()),
-            events=tuple(e.strip().lower() for e in events.split(",") if e.strip()),
+            events=tuple(e.strip().lower() for e in events.split(",") if e.strip())
+            if events is not None else tuple(e for e in EVENTS
+                                             if not (on_mariadb and e == "truncate")),
             event_type_prefix=event_type_prefix,
         )
-        got = install_capture(conn, spec, schema, Catalogue.load(ctx.settings.schemas.path))
-    binary = f", bytea as base64: {', '.join(got.bytea_columns)}" if got.bytea_columns else ""
+        catalogue = Catalogue.load(ctx.settings.schemas.path)
+        got = (mariadb_outbox.install_capture(conn, spec, schema, catalogue) if on_mariadb
+               else install_capture(conn, spec, schema, catalogue))
+    kind = "binary" if on_mariadb else "bytea"
+    binary = f", {kind} as base64: {', '.join(got.bytea_columns)}" if got.bytea_columns else ""
     click.echo(
         f"capturing {', '.join(spec.events)} on {table} as {', '.join(spec.event_types())} "
         f"(aggregate {aggregate_type}, key {', '.join(got.key_columns)}{binary}) → topic "

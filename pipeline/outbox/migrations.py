@@ -1,6 +1,7 @@
 """Versioned, idempotent installation of the outbox schema (``pipeline outbox install``).
 
-Migrations are the numbered ``migrations/NNNN_name.sql`` files beside this module; applied ones
+Migrations are the numbered ``migrations/NNNN_name.sql`` files beside this module (MariaDB's in
+``migrations_mariadb/``, installed by :mod:`pipeline.outbox.mariadb`); applied ones
 are recorded in ``<schema>.schema_migrations``. Installing takes a transaction-level advisory lock,
 so concurrent installers (several relays starting at once) apply each migration exactly once.
 """
@@ -26,9 +27,11 @@ class Migration:
     text: str
 
 
-def migrations() -> list[Migration]:
+def migrations(folder: str = "migrations") -> list[Migration]:
+    """The packaged migrations in version order: ``migrations`` (PostgreSQL) or
+    ``migrations_mariadb``."""
     found = []
-    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+    for entry in resources.files(__package__).joinpath(folder).iterdir():
         m = _FILE.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))

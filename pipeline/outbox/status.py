@@ -38,7 +38,12 @@ class OutboxStatus:
         return d
 
 
-def outbox_status(conn: psycopg.Connection[Any], schema: str) -> OutboxStatus:
+def outbox_status(conn: Any, schema: str) -> OutboxStatus:
+    """From a psycopg connection, or a PyMySQL one (``pipeline.outbox.mariadb``)."""
+    if not isinstance(conn, psycopg.Connection):
+        from pipeline.outbox import mariadb
+
+        return mariadb.outbox_status(conn, schema)
     from pipeline.outbox.migrations import installed_version
 
     version = installed_version(conn, schema)
@@ -83,6 +88,11 @@ class BacklogProbe:
             if time.monotonic() - self._at < self.every_s:
                 return
             self._at = time.monotonic()
+            from pipeline.mariadb import is_mariadb_url
+
+            if is_mariadb_url(self.url):
+                self._refresh_mariadb()
+                return
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
                     row = conn.execute(
@@ -95,6 +105,17 @@ class BacklogProbe:
                 return  # keep the last figures; the relay's own log says what is wrong
             if row is not None:
                 self._rows, self._age = float(row[0]), float(row[1])
+
+    def _refresh_mariadb(self) -> None:
+        from pipeline import mariadb
+        from pipeline.errors import DatabaseUnavailable
+        from pipeline.outbox.mariadb import backlog
+
+        try:
+            with mariadb.connect(self.url, connect_timeout=3) as conn:
+                self._rows, self._age = backlog(conn, self.schema)
+        except (DatabaseUnavailable, mariadb.Error):
+            return  # keep the last figures; the relay's own log says what is wrong
 
     def rows(self) -> list[tuple[float, dict[str, Any]]]:
         self._refresh()

@@ -65,16 +65,19 @@ class OutboxRow:
         payload_text: str | None,
         headers_text: str | None,
         occurred_at: str,
-        encoded_b64: str | None = None,
+        encoded_b64: str | bytes | None = None,
     ) -> OutboxRow:
         """A row as the relay fetches it: payload and headers as their stored text, read here
         with exact numbers; a row that cannot be read is kept, to be dead-lettered whole. A row
-        its writer encoded comes as those bytes (base64) instead of its payload text."""
+        its writer encoded comes as those bytes (base64 text from PostgreSQL's JSON batch, raw
+        bytes from MariaDB) instead of its payload text."""
         payload: Any = None
         headers: dict[str, Any] = {}
         unreadable = None
         encoded = None
-        if encoded_b64 is not None:
+        if isinstance(encoded_b64, bytes):
+            encoded = encoded_b64
+        elif encoded_b64 is not None:
             encoded = base64.b64decode(encoded_b64)
         else:
             try:

@@ -66,7 +66,7 @@ from pipeline.relay.envelope import (
     dead_letter_record,
     dead_letter_stub,
 )
-from pipeline.relay.store import RelayStore, leader_name
+from pipeline.relay.store import leader_name, relay_store
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Encoder
 from pipeline.worker.health import HealthServer
@@ -147,7 +147,7 @@ class Relay:
         self.observer = observer
         self.name = leader_name()
         self.stats = RelayStats()
-        self.store = RelayStore(
+        self.store = relay_store(
             database_url(settings), settings.database.schema_name, shard, settings.relay.shards,
             writer_fingerprints=self.encoder.writer_fingerprints(),
         )

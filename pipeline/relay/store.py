@@ -229,3 +229,16 @@ class RelayStore:
         """Block until a NOTIFY arrives or ``timeout`` passes (the poll backstop)."""
         for _ in self._c().notifies(timeout=timeout, stop_after=1):
             pass
+
+
+def relay_store(url: str, schema: str, shard: int, shards: int,
+                writer_fingerprints: dict[str, bytes] | None = None) -> Any:
+    """The store for the ERP database ``url`` names: :class:`RelayStore` for PostgreSQL,
+    :class:`pipeline.relay.store_mariadb.MariaDbRelayStore` for ``mysql://``."""
+    from pipeline.mariadb import is_mariadb_url
+
+    if is_mariadb_url(url):
+        from pipeline.relay.store_mariadb import MariaDbRelayStore
+
+        return MariaDbRelayStore(url, schema, shard, shards, writer_fingerprints)
+    return RelayStore(url, schema, shard, shards, writer_fingerprints)
