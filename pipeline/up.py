@@ -103,6 +103,14 @@ def preflight(settings: Settings, components: list[str]) -> list[str]:
     needs_db = any(c in ("simulator", "relay") for c in components) or any(
         settings.workers[c].connector.startswith("connectors.bi.postgres")
         for c in components if c in settings.workers)
+    from pipeline.db import is_mariadb
+
+    if is_mariadb(settings):
+        return [
+            "pipeline up runs on PostgreSQL only (its simulator, drain check and BI demo speak "
+            "PostgreSQL): with a MariaDB ERP (database.url mysql://…) run `pipeline outbox "
+            "install`, `pipeline relay` and `pipeline worker <name>` instead"
+        ]
     if needs_db:
         import psycopg
 

@@ -94,7 +94,7 @@ def read_batches_to_end(
             for p in sorted(tmd.partitions):
                 if partitions is not None and p not in partitions:
                     continue
-                lo, hi = _watermarks(consumer, topic, p, request, lookups_until)
+                lo, hi = watermarks(consumer, topic, p, request, lookups_until)
                 start = lo if last is None else max(lo, hi - last)
                 if since_ms is not None and start > lo:
                     start = max(
@@ -180,9 +180,11 @@ _SETTLING = {
 }
 
 
-def _watermarks(
+def watermarks(
     consumer: Consumer, topic: str, partition: int, request_s: float, deadline: float
 ) -> tuple[int, int]:
+    """A partition's (low, high) watermarks, riding out a leadership still settling (a topic
+    just created, a leader just moved) until ``deadline`` (monotonic)."""
     delay = 0.05
     while True:
         try:

@@ -106,21 +106,30 @@ def validate_spec(conn: psycopg.Connection[Any], spec: CaptureSpec, catalogue: C
                 (spec.table,),
             ).fetchall()
         )
-        if not keys:
-            raise ConfigError(
-                f"table {spec.table} has no primary key: name its key with --key-column "
-                "(one column, or several comma-separated, all NOT NULL)"
-            )
-    missing = [k for k in keys if k not in cols]
+    check_keys(spec, spec.table, keys, {c: not nn for c, (nn, _t) in cols.items()}, catalogue)
+    binary = tuple(sorted(c for c, (_nn, t) in cols.items() if t == "bytea"))
+    return Resolved(keys, binary)
+
+
+def check_keys(spec: CaptureSpec, table: str, keys: tuple[str, ...],
+               nullable: dict[str, bool], catalogue: Catalogue) -> None:
+    """The refusals both databases share: no key, a key column missing or nullable, event
+    types that collide with the catalogue. ``nullable``: every column of the table."""
+    if not keys:
+        raise ConfigError(
+            f"table {table} has no primary key: name its key with --key-column "
+            "(one column, or several comma-separated, all NOT NULL)"
+        )
+    missing = [k for k in keys if k not in nullable]
     if missing:
         raise ConfigError(
-            f"table {spec.table} has no column(s) {', '.join(map(repr, missing))} "
-            f"(columns: {', '.join(sorted(cols))})"
+            f"table {table} has no column(s) {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(sorted(nullable))})"
         )
-    nullable = [k for k in keys if not cols[k][0]]
-    if nullable:
+    can_be_null = [k for k in keys if nullable[k]]
+    if can_be_null:
         raise ConfigError(
-            f"key column(s) {', '.join(nullable)} of {spec.table} can be NULL: a row without a "
+            f"key column(s) {', '.join(can_be_null)} of {table} can be NULL: a row without a "
             "key cannot be an event, and the trigger would have to fail the ERP's write. Make "
             "them NOT NULL, or capture by the primary key (leave --key-column out)"
         )
@@ -129,10 +138,8 @@ def validate_spec(conn: psycopg.Connection[Any], spec: CaptureSpec, catalogue: C
         raise ConfigError(
             f"event type(s) {', '.join(clash)} already have a dedicated schema whose fields a "
             "captured row would not match; choose another --event-type-prefix "
-            f"(default is the table name, {spec.table.split('.')[-1]!r})"
+            f"(default is the table name, {table.split('.')[-1]!r})"
         )
-    binary = tuple(sorted(c for c, (_nn, t) in cols.items() if t == "bytea"))
-    return Resolved(keys, binary)
 
 
 def install_capture(

@@ -64,15 +64,8 @@ def emit(
     :class:`~pipeline.errors.PayloadError` for a payload that does not match its schema. The
     caller commits (or rolls back) as part of its own transaction.
     """
-    encoded = None
-    if validate:
-        encoder = _encoder_of(catalogue) if catalogue is not None else _encoder(None)
-        # validating is encoding: the bytes are kept, so the relay moves them as they are
-        value = encoder.encode(event_type, payload, topic="").value
-        if _takes_encoded(conn, schema):
-            encoded = value
-    carrier: dict[str, str] = dict(headers or {})
-    propagate.inject(carrier)
+    value, carrier = validated(event_type, payload, headers, catalogue, validate)
+    encoded = value if value is not None and _takes_encoded(conn, schema) else None
     row = conn.execute(
         sql.SQL(
             "SELECT {}.outbox_emit(%s, %s, %s, %s, %s, %s, %s)"
@@ -90,6 +83,20 @@ def emit(
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def validated(event_type: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None,
+              catalogue: Catalogue | None, validate: bool) -> tuple[bytes | None, dict[str, str]]:
+    """(the Avro bytes, or None without ``validate``; the headers with the current trace
+    context): what every database's ``emit()`` writes beside the payload. Validating is
+    encoding: the bytes are kept, so the relay moves them as they are."""
+    value = None
+    if validate:
+        encoder = _encoder_of(catalogue) if catalogue is not None else _encoder(None)
+        value = encoder.encode(event_type, payload, topic="").value
+    carrier: dict[str, str] = dict(headers or {})
+    propagate.inject(carrier)
+    return value, carrier
 
 
 _TAKES_ENCODED: dict[tuple[str, str, str, str], bool] = {}

@@ -21,10 +21,15 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry import propagate
-
 from pipeline.errors import ConfigError
-from pipeline.outbox.capture import _AGGREGATE, _PREFIX, EVENTS, CaptureSpec, Resolved
+from pipeline.outbox.capture import (
+    _AGGREGATE,
+    _PREFIX,
+    EVENTS,
+    CaptureSpec,
+    Resolved,
+    check_keys,
+)
 from pipeline.outbox.migrations import _SCHEMA, Migration, migrations
 from pipeline.outbox.status import OutboxStatus, ShardState
 from pipeline.schemas.catalogue import Catalogue
@@ -157,14 +162,9 @@ def emit(
 ) -> int:
     """Insert one event in the caller's transaction; returns its aggregate version. Validates
     (and encodes) the payload first like :func:`pipeline.outbox.emit.emit`."""
-    from pipeline.outbox.emit import _dumps, _encoder, _encoder_of
+    from pipeline.outbox.emit import _dumps, validated
 
-    encoded = None
-    if validate:
-        encoder = _encoder_of(catalogue) if catalogue is not None else _encoder(None)
-        encoded = encoder.encode(event_type, payload, topic="").value
-    carrier: dict[str, str] = dict(headers or {})
-    propagate.inject(carrier)
+    encoded, carrier = validated(event_type, payload, headers, catalogue, validate)
     with conn.cursor() as cur:
         cur.execute(
             f"CALL {q(schema)}.outbox_emit(%s, %s, %s, %s, %s, %s, %s)",
@@ -251,32 +251,7 @@ def validate_spec(conn: Conn, spec: CaptureSpec, catalogue: Catalogue,
                 "ORDER BY ordinal_position", (db, table),
             )
             keys = tuple(str(r[0]) for r in cur.fetchall())
-    if not keys:
-        raise ConfigError(
-            f"table {db}.{table} has no primary key: name its key with --key-column "
-            "(one column, or several comma-separated, all NOT NULL)"
-        )
-    by_name = {c: (t, nullable) for c, t, nullable in cols}
-    missing = [k for k in keys if k not in by_name]
-    if missing:
-        raise ConfigError(
-            f"table {db}.{table} has no column(s) {', '.join(map(repr, missing))} "
-            f"(columns: {', '.join(sorted(by_name))})"
-        )
-    nullable = [k for k in keys if by_name[k][1]]
-    if nullable:
-        raise ConfigError(
-            f"key column(s) {', '.join(nullable)} of {db}.{table} can be NULL: a row without a "
-            "key cannot be an event, and the trigger would have to fail the ERP's write. Make "
-            "them NOT NULL, or capture by the primary key (leave --key-column out)"
-        )
-    clash = [t for t in spec.event_types() if catalogue.has(t)]
-    if clash:
-        raise ConfigError(
-            f"event type(s) {', '.join(clash)} already have a dedicated schema whose fields a "
-            f"captured row would not match; choose another --event-type-prefix (default is "
-            f"the table name, {table!r})"
-        )
+    check_keys(spec, f"{db}.{table}", tuple(keys), {c: n for c, _t, n in cols}, catalogue)
     binary = tuple(sorted(c for c, t, _n in cols if t in _BINARY))
     return db, table, [(c, t) for c, t, _n in cols], Resolved(tuple(keys), binary)
 

@@ -41,6 +41,7 @@ from pipeline.errors import ConfigError, PipelineError, TransientError
 from pipeline.kafka import names
 from pipeline.kafka.client import consumer_config, membership_config
 from pipeline.kafka.forward import Forwarder, Source
+from pipeline.kafka.tail import watermarks
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
 from pipeline.worker import routing
 from pipeline.worker.connector import Event, load_connector
@@ -519,13 +520,14 @@ class SinkWorker(GroupRuntime):
     def _high_watermarks(self) -> dict[TP, int]:
         assert self._consumer is not None
         ends: dict[TP, int] = {}
-        md = self._consumer.list_topics(timeout=self.settings.kafka.request_timeout_s)
+        request = self.settings.kafka.request_timeout_s
+        md = self._consumer.list_topics(timeout=request)
+        # a topic just created may not have its leaders settled yet: ride that out
+        until = time.monotonic() + max(30.0, request)
         for topic in self.topics:
             t = md.topics.get(topic)
             for pid in t.partitions if t is not None else {}:
-                _lo, hi = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, pid), timeout=self.settings.kafka.request_timeout_s
-                )
+                _lo, hi = watermarks(self._consumer, topic, pid, request, until)
                 ends[(topic, pid)] = hi
         return ends
 

@@ -157,3 +157,11 @@ def test_bad_url_parameter_is_a_config_error(maria: MariaDbErp) -> None:
         "PIPELINE_DATABASE__URL": maria.url.split("?")[0] + "?sslmode=require"})
     assert r.exit_code == 2, r.output
     assert "unknown parameter(s) sslmode for MariaDB" in r.stderr
+
+
+def test_pipeline_up_says_it_needs_postgresql(maria: MariaDbErp) -> None:
+    from pipeline.up import preflight
+
+    problems = preflight(maria.settings("127.0.0.1:1", "t"), ["relay"])
+    assert problems and "pipeline up runs on PostgreSQL only" in problems[0]
+    assert "run `pipeline outbox install`, `pipeline relay`" in problems[0]

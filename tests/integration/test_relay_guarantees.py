@@ -36,6 +36,7 @@ from pipeline.simulator.payloads import EVENT_TYPES, payload_for
 from tests.conftest import make_settings
 from tests.fixtures.kafka import read_all
 from tests.fixtures.relay import (
+    InterleavedWriters,
     _url,
     assert_exactly_once_in_order,
     outbox_count,
@@ -97,74 +98,21 @@ class Writer(threading.Thread):
 # -- 1. interleaved writers ----------------------------------------------------------------------
 def test_interleaved_writers_late_commits_and_rollbacks(installed: Settings, read_topic):
     url = _url(installed)
-    orders = [f"SO-{i:06d}" for i in range(20)]
-    committed: list[str] = []
-    rolled_back: list[str] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    late_commits = [0]
-    start = threading.Barrier(9)
-
-    def writer(idx: int) -> None:
-        rng = random.Random(1000 + idx)
-        deadline = time.monotonic() + 40
-        try:
-            with psycopg.connect(url) as conn:
-                start.wait(10)
-                for _ in range(25):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"writer {idx} too slow")
-                    # locks on aggregate_versions are taken in key order: no deadlocks
-                    aggs = sorted(rng.sample(orders, rng.randint(1, 4)))
-                    ids = []
-                    for agg in aggs:
-                        for _ in range(rng.randint(1, 2)):
-                            et = rng.choice(ORDER_EVENT_TYPES)
-                            eid = str(uuid.uuid4())
-                            emit(conn, "order", agg, et,
-                                 payload_for(et, rng, aggregate_id=agg,
-                                             now=dt.datetime.now(dt.UTC)),
-                                 event_id=eid)
-                            ids.append(eid)
-                    roll = rng.random()
-                    if roll < 0.2:
-                        if rng.random() < 0.5:
-                            time.sleep(rng.uniform(0.05, 0.3))
-                        conn.rollback()
-                        with lock:
-                            rolled_back.extend(ids)
-                    else:
-                        if roll < 0.45:  # a late commit: others commit higher ids meanwhile
-                            time.sleep(rng.uniform(0.2, 0.5))
-                            with lock:
-                                late_commits[0] += 1
-                        conn.commit()
-                        with lock:
-                            committed.extend(ids)
-                    time.sleep(rng.uniform(0, 0.02))
-        except BaseException as exc:
-            with lock:
-                errors.append(exc)
-
+    writers = InterleavedWriters(
+        lambda: psycopg.connect(url),
+        lambda conn, agg, et, payload, eid: emit(conn, "order", agg, et, payload, event_id=eid))
     relay = Relay(installed)
     stop = threading.Event()
     relay_thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
     relay_thread.start()
-    writers = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(8)]
     try:
-        for w in writers:
-            w.start()
-        start.wait(10)
-        for w in writers:
-            w.join(45)
-        assert not any(w.is_alive() for w in writers), "writers did not finish in time"
-        assert not errors, f"writer failed: {errors[0]!r}"
-        assert late_commits[0] >= 5 and rolled_back, "the scenario lacks late commits/rollbacks"
+        writers.run()
         wait_for(lambda: outbox_count(url) == 0, 30, "the relay to drain the outbox")
     finally:
         stop.set()
         relay_thread.join(30)
     assert not relay_thread.is_alive()
+    committed, rolled_back = writers.committed, writers.rolled_back
 
     recs = read_topic(f"{installed.topics.prefix}.order", expect=len(committed), timeout_s=30)
     assert_exactly_once_in_order(recs, expected_ids=set(committed),
