@@ -37,7 +37,8 @@ class _Model(BaseModel):
 class DatabaseConfig(_Model):
     url: SecretStr | None = Field(
         default=None,
-        description="libpq URL of the ERP database; unset = embedded PostgreSQL",
+        description="the ERP database: a libpq URL (PostgreSQL), or mysql://user:pw@host:3306/db"
+        " (MariaDB / MySQL); unset = embedded PostgreSQL",
     )
     schema_name: str = Field(
         default="pipeline",
