@@ -75,7 +75,11 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
 
 
 @outbox.command("capture")
-@click.option("--table", required=True, help="ERP table, e.g. sale_order or public.sale_order")
+@click.option("--table", help="ERP table, e.g. sale_order or public.sale_order")
+@click.option("--profile", "profile_name", help="instead of --table: the ERP's own tables as "
+              "the catalogue's typed events (built: odoo)")
+@click.option("--erp-schema", default="public", show_default=True,
+              help="with --profile: the PostgreSQL schema of the ERP's tables")
 @click.option("--aggregate-type", help="aggregate type (topic <prefix>.<type>)")
 @click.option("--key-column", help="key column(s), comma-separated, NOT NULL [default: the "
               "primary key]")
@@ -93,16 +97,24 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def capture_cmd(
     ctx: Context,
-    table: str,
+    table: str | None,
+    profile_name: str | None,
+    erp_schema: str,
     aggregate_type: str | None,
     key_column: str | None,
     events: str | None,
     event_type_prefix: str | None,
     drop: bool,
 ) -> None:
-    """Install a trigger that turns an ERP table's row changes into outbox events."""
+    """Install a trigger that turns an ERP table's row changes into outbox events, or with
+    --profile the triggers that turn an ERP's own tables into the catalogue's typed events."""
     schema = ctx.settings.database.schema_name
     on_mariadb = is_mariadb(ctx.settings)
+    if profile_name is not None:
+        _capture_profile(ctx, profile_name, erp_schema, drop, on_mariadb)
+        return
+    if not table:
+        raise click.UsageError("--table is required (or --profile)")
     with connect(ctx.settings) as conn:
         if drop:
             dropped = (mariadb_outbox.drop_capture(conn, table) if on_mariadb
@@ -133,6 +145,28 @@ def capture_cmd(
         f"(aggregate {aggregate_type}, key {', '.join(got.key_columns)}{binary}) → topic "
         f"{ctx.settings.topics.event_topic(aggregate_type)}"
     )
+
+
+def _capture_profile(ctx: Context, name: str, erp_schema: str, drop: bool,
+                     on_mariadb: bool) -> None:
+    from pipeline.outbox import profiles
+
+    if on_mariadb:
+        raise click.UsageError(
+            f"--profile {name} on MariaDB is not built yet (profiles run on PostgreSQL); "
+            "capture the tables with --table instead")
+    with connect(ctx.settings) as conn:
+        if drop:
+            gone = profiles.drop(conn, name, erp_schema)
+            click.echo(f"profile {name}: triggers removed" if gone
+                       else f"profile {name}: no triggers installed; nothing to remove")
+            return
+        prof = profiles.install(conn, name, ctx.settings.database.schema_name, erp_schema)
+    tables = ", ".join(f"{erp_schema}.{t}" for _n, t, _c, _f in prof.triggers)
+    topics = ", ".join(ctx.settings.topics.event_topic(a)
+                       for a in sorted({e.split(".")[0] for e in prof.events}))
+    click.echo(f"profile {name} ({prof.erp}): capturing {tables} as {', '.join(prof.events)} "
+               f"→ {topics}")
 
 
 COMMANDS = [outbox]

@@ -1,0 +1,87 @@
+-- Capture profile "odoo" (pipeline outbox capture --profile odoo): Odoo 17/18's sales orders as
+-- the catalogue's typed events. {schema} is the outbox schema; {erp} the schema of Odoo's tables.
+--
+-- A deferred constraint trigger: it runs at COMMIT of the ERP's transaction, once per changed
+-- order row, when every line Odoo wrote in that transaction is there to be assembled. NEW/OLD
+-- are the row as that statement left it; the order's lines are read as they are at commit.
+--   state into 'sale' (Odoo's "Sales Order")         -> order.created, with its lines
+--   into 'sale' again (after a reset to quotation)   -> order.status_changed ... -> CONFIRMED
+--   'sale' -> 'cancel'                               -> order.cancelled
+--   'cancel' -> 'draft' of an order confirmed before -> order.status_changed CANCELLED -> DRAFT
+-- Quotations (draft, sent) are not orders yet: they emit nothing. Odoo stores UTC datetimes
+-- without a zone; they are sent as UTC.
+CREATE OR REPLACE FUNCTION {schema}.odoo_sale_order() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    before  text := CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END;
+    after   text := NEW.state;
+    payload jsonb;
+    lines   jsonb;
+BEGIN
+    IF before IS NOT DISTINCT FROM after THEN
+        RETURN NULL;
+    END IF;
+    IF after = 'sale' AND EXISTS (
+            SELECT 1 FROM {schema}.aggregate_versions
+             WHERE aggregate_type = 'order' AND aggregate_id = NEW.name) THEN
+        -- confirmed again after a reset to quotation: the order exists downstream already
+        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.status_changed',
+            jsonb_build_object('order_id', NEW.name,
+                               'from_status', CASE WHEN before = 'cancel' THEN 'CANCELLED'
+                                                   ELSE 'DRAFT' END,
+                               'to_status', 'CONFIRMED',
+                               'changed_at', to_char(now() AT TIME ZONE 'UTC',
+                                                     'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+            jsonb_build_object('erp_profile', 'odoo', 'erp_record', 'sale.order,' || NEW.id));
+    ELSIF after = 'sale' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'line_no', l.n,
+                   'sku', coalesce(l.default_code, 'product.product:' || l.product_id),
+                   -- the catalogue's qty is an integer: a whole quantity goes as one; a
+                   -- fractional one (kg, hours) as it is, which the relay dead-letters with
+                   -- the field named, never failing Odoo's write
+                   'qty', CASE WHEN l.product_uom_qty = trunc(l.product_uom_qty)
+                               THEN to_jsonb(l.product_uom_qty::bigint)
+                               ELSE to_jsonb(l.product_uom_qty) END,
+                   'unit_price', l.price_unit::text) ORDER BY l.n), '[]'::jsonb)
+          INTO lines
+          FROM (SELECT row_number() OVER (ORDER BY sl.sequence, sl.id) AS n, sl.product_id,
+                       sl.product_uom_qty, sl.price_unit, pp.default_code
+                  FROM {erp}.sale_order_line sl
+                  LEFT JOIN {erp}.product_product pp ON pp.id = sl.product_id
+                 WHERE sl.order_id = NEW.id AND sl.display_type IS NULL) l;
+        SELECT jsonb_build_object(
+                   'order_id', NEW.name,
+                   'customer', coalesce(nullif(p.ref, ''), 'res.partner:' || NEW.partner_id),
+                   'lines', lines,
+                   'currency', c.name,
+                   'total', NEW.amount_total::text,
+                   'created_at', to_char(coalesce(NEW.date_order, now() AT TIME ZONE 'UTC'),
+                                         'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+                   'note', nullif(NEW.note::text, ''))
+          INTO payload
+          FROM (SELECT 1) one
+          LEFT JOIN {erp}.res_partner p ON p.id = NEW.partner_id
+          LEFT JOIN {erp}.res_currency c ON c.id = NEW.currency_id;
+        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.created', payload,
+                                     jsonb_build_object('erp_profile', 'odoo',
+                                                        'erp_record', 'sale.order,' || NEW.id));
+    ELSIF before = 'sale' AND after = 'cancel' THEN
+        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.cancelled',
+            jsonb_build_object('order_id', NEW.name, 'reason', 'cancelled in Odoo',
+                               'cancelled_at', to_char(now() AT TIME ZONE 'UTC',
+                                                       'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+            jsonb_build_object('erp_profile', 'odoo', 'erp_record', 'sale.order,' || NEW.id));
+    ELSIF before = 'cancel' AND after = 'draft' AND EXISTS (
+            SELECT 1 FROM {schema}.aggregate_versions
+             WHERE aggregate_type = 'order' AND aggregate_id = NEW.name) THEN
+        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.status_changed',
+            jsonb_build_object('order_id', NEW.name, 'from_status', 'CANCELLED',
+                               'to_status', 'DRAFT',
+                               'changed_at', to_char(now() AT TIME ZONE 'UTC',
+                                                     'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+            jsonb_build_object('erp_profile', 'odoo', 'erp_record', 'sale.order,' || NEW.id));
+    END IF;
+    RETURN NULL;
+END
+$fn$;
