@@ -25,8 +25,13 @@ ODOO_TABLES = """
 CREATE TABLE res_currency (id serial PRIMARY KEY, name varchar NOT NULL, symbol varchar NOT NULL,
     rounding numeric, decimal_places int4, active bool, create_date timestamp,
     write_date timestamp);
-CREATE TABLE res_partner (id serial PRIMARY KEY, name varchar, ref varchar, company_id int4,
-    active bool, create_date timestamp, write_date timestamp);
+CREATE TABLE res_country (id serial PRIMARY KEY, name jsonb NOT NULL, code varchar(2) NOT NULL);
+CREATE TABLE res_company (id serial PRIMARY KEY, name varchar NOT NULL,
+    currency_id int4 NOT NULL REFERENCES res_currency(id));
+CREATE TABLE res_partner (id serial PRIMARY KEY, name varchar, ref varchar, email varchar,
+    country_id int4 REFERENCES res_country(id), customer_rank int4, supplier_rank int4,
+    company_id int4 REFERENCES res_company(id), active bool, create_date timestamp,
+    write_date timestamp);
 CREATE TABLE product_template (id serial PRIMARY KEY, name jsonb NOT NULL, list_price numeric,
     active bool);
 CREATE TABLE product_product (id serial PRIMARY KEY,
@@ -45,7 +50,10 @@ CREATE TABLE sale_order_line (id serial PRIMARY KEY,
     product_uom_qty numeric NOT NULL, price_unit numeric NOT NULL, price_subtotal numeric,
     create_date timestamp, write_date timestamp);
 INSERT INTO res_currency (name, symbol) VALUES ('EUR', '€');
-INSERT INTO res_partner (name, ref) VALUES ('Azure Interior', 'CUST-0042'), ('No Ref', NULL);
+INSERT INTO res_country (name, code) VALUES ('{"en_US": "Belgium"}', 'BE');
+INSERT INTO res_company (name, currency_id) VALUES ('YourCompany', 1);
+INSERT INTO res_partner (name, ref, customer_rank) VALUES ('Azure Interior', 'CUST-0042', 1),
+    ('No Ref', NULL, 1);
 INSERT INTO product_template (name, list_price) VALUES ('{"en_US": "Desk"}', 450.0),
     ('{"en_US": "Chair"}', 120.5);
 INSERT INTO product_product (product_tmpl_id, default_code) VALUES (1, 'FURN_0001'), (2, NULL);
@@ -94,8 +102,9 @@ def _events(url: str) -> list[tuple[str, int, str, dict]]:
 def test_an_odoo_order_lifecycle_emits_typed_events(odoo: str) -> None:
     r = cli(["outbox", "capture", "--profile", "odoo"], odoo)
     assert r.exit_code == 0, r.output
-    assert "profile odoo (Odoo 17/18 (sale module)): capturing public.sale_order as " \
-        "order.created, order.cancelled, order.status_changed" in r.stdout
+    assert "profile odoo (Odoo 17/18 (sale module)): capturing public.sale_order, " \
+        "public.res_partner as order.created, order.cancelled, order.status_changed, " \
+        "customer.upserted" in r.stdout
     with psycopg.connect(odoo) as c:
         oid = _quotation(c, "S00001")
         c.commit()
@@ -158,6 +167,37 @@ def test_the_total_keeps_its_digits_and_a_scale_too_fine_is_refused_by_the_relay
         Encoder(Catalogue.load(None)).encode(event_type, payload, topic="")
     payload["total"] = str(Decimal("1672.46"))
     Encoder(Catalogue.load(None)).encode(event_type, payload, topic="")
+
+
+def test_a_customer_written_in_several_statements_is_one_upsert(odoo: str) -> None:
+    assert cli(["outbox", "capture", "--profile", "odoo"], odoo).exit_code == 0
+    with psycopg.connect(odoo) as c:
+        # what res.partner create() + the rank bump of a first sale order look like
+        row = c.execute("INSERT INTO res_partner (name, email, country_id, company_id, "
+                        "customer_rank, write_date) VALUES ('Deco Addict', 'deco@example.com', "
+                        "1, 1, 0, now()) RETURNING id").fetchone()
+        assert row is not None
+        c.execute("UPDATE res_partner SET customer_rank = 1 WHERE id = %s", row)
+        c.execute("UPDATE res_partner SET ref = 'CUST-0077', write_date = now() WHERE id = %s",
+                  row)
+        c.commit()
+        # a vendor (not a customer) emits nothing
+        c.execute("INSERT INTO res_partner (name, customer_rank, supplier_rank) "
+                  "VALUES ('Wood Corner', 0, 1)")
+        c.commit()
+        c.execute("UPDATE res_partner SET email = 'sales@deco.example' WHERE id = %s", row)
+        c.commit()
+    events = _events(odoo)
+    assert [(a, v, t) for a, v, t, _p in events] == [
+        ("CUST-0077", 1, "customer.upserted"), ("CUST-0077", 2, "customer.upserted")]
+    first = events[0][3]
+    assert first == {**first, "customer_id": "CUST-0077", "name": "Deco Addict",
+                     "email": "deco@example.com", "country": "BE", "currency": "EUR",
+                     "credit_limit": None}
+    assert events[1][3]["email"] == "sales@deco.example"
+    encoder = Encoder(Catalogue.load(None))
+    for _a, _v, event_type, payload in events:
+        encoder.encode(event_type, payload, topic="")
 
 
 @pytest.mark.parametrize(("change", "message"), [

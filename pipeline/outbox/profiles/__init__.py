@@ -5,10 +5,11 @@ A profile names the tables and columns its triggers read; installing checks ever
 first and refuses, naming the missing table or column and the event that needs it, before any
 trigger exists (an ERP of another version must not get a trigger that fails its writes).
 
-Built: ``odoo`` for Odoo 17/18 sales orders (``sale_order`` with ``sale_order_line``,
+Built: ``odoo`` for Odoo 17/18: sales orders (``sale_order`` with ``sale_order_line``,
 ``product_product``, ``res_partner``, ``res_currency``) → ``order.created`` (lines assembled at
-commit), ``order.cancelled``, ``order.status_changed``. Not built yet: Odoo's pickings, stock
-reservations, invoices, payments, partners, and the ``erpnext`` profile.
+commit), ``order.cancelled``, ``order.status_changed``; customers (``res_partner`` with
+``customer_rank`` > 0) → ``customer.upserted``. Not built yet: Odoo's pickings, stock
+reservations, invoices and payments, and the ``erpnext`` profile.
 """
 
 from __future__ import annotations
@@ -44,11 +45,19 @@ PROFILES = {
             "sale_order_line": (("id", "order_id", "sequence", "display_type", "product_id",
                                  "product_uom_qty", "price_unit"), "order.created's lines"),
             "product_product": (("id", "default_code"), "order.created's line sku"),
-            "res_partner": (("id", "ref"), "order.created's customer"),
-            "res_currency": (("id", "name"), "order.created's currency"),
+            "res_partner": (("id", "ref", "name", "email", "country_id", "customer_rank",
+                             "company_id", "write_date"),
+                            "order.created's customer and customer.upserted"),
+            "res_currency": (("id", "name"), "order.created's and customer.upserted's currency"),
+            "res_country": (("id", "code"), "customer.upserted's country"),
+            "res_company": (("id", "currency_id"), "customer.upserted's currency"),
         },
-        triggers=(("pipeline_odoo_sale_order", "sale_order", ("state",), "odoo_sale_order"),),
-        events=("order.created", "order.cancelled", "order.status_changed"),
+        triggers=(
+            ("pipeline_odoo_sale_order", "sale_order", ("state",), "odoo_sale_order"),
+            ("pipeline_odoo_res_partner", "res_partner", (), "odoo_res_partner"),
+        ),
+        events=("order.created", "order.cancelled", "order.status_changed",
+                "customer.upserted"),
     ),
 }
 
@@ -106,11 +115,12 @@ def install(conn: psycopg.Connection[Any], name: str, schema: str,
             target = sql.Identifier(erp_schema, table)
             conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
                 sql.Identifier(trigger), target))
+            of = (sql.SQL(" OF ") + sql.SQL(", ").join(map(sql.Identifier, columns))
+                  if columns else sql.SQL(""))
             conn.execute(sql.SQL(
-                "CREATE CONSTRAINT TRIGGER {} AFTER INSERT OR UPDATE OF {} ON {} "
+                "CREATE CONSTRAINT TRIGGER {} AFTER INSERT OR UPDATE{} ON {} "
                 "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {}()"
-            ).format(sql.Identifier(trigger), sql.SQL(", ").join(map(sql.Identifier, columns)),
-                     target, sql.Identifier(schema, function)))
+            ).format(sql.Identifier(trigger), of, target, sql.Identifier(schema, function)))
     return prof
 
 

@@ -85,3 +85,46 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+
+-- res_partner: a customer (customer_rank > 0) created or changed -> customer.upserted, once per
+-- transaction and partner (Odoo's ORM writes a partner in several statements): the first
+-- deferred event of the transaction marks the partner (a transaction-local setting) and emits
+-- the row as it is at commit; the later ones see the mark and emit nothing.
+CREATE OR REPLACE FUNCTION {schema}.odoo_res_partner() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    mark    text := 'pipeline_odoo.partner_' || NEW.id;
+    p       record;
+    key     text;
+BEGIN
+    IF coalesce(current_setting(mark, true), '') = '1' THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.id, r.name, r.email, r.ref, r.customer_rank, r.write_date, co.code AS country,
+           cur.name AS currency
+      INTO p
+      FROM {erp}.res_partner r
+      LEFT JOIN {erp}.res_country co ON co.id = r.country_id
+      LEFT JOIN {erp}.res_company cmp ON cmp.id = coalesce(r.company_id,
+                (SELECT min(id) FROM {erp}.res_company))
+      LEFT JOIN {erp}.res_currency cur ON cur.id = cmp.currency_id
+     WHERE r.id = NEW.id;
+    IF NOT FOUND OR coalesce(p.customer_rank, 0) <= 0 THEN
+        RETURN NULL;  -- deleted meanwhile, or not a customer (a vendor, a contact)
+    END IF;
+    PERFORM set_config(mark, '1', true);
+    key := coalesce(nullif(p.ref, ''), 'res.partner:' || p.id);
+    PERFORM {schema}.outbox_emit('customer', key, 'customer.upserted',
+        jsonb_build_object(
+            'customer_id', key,
+            'name', coalesce(p.name, ''),
+            'email', nullif(p.email, ''),
+            'country', coalesce(p.country, ''),
+            'credit_limit', NULL,
+            'currency', coalesce(p.currency, ''),
+            'updated_at', to_char(coalesce(p.write_date, now() AT TIME ZONE 'UTC'),
+                                  'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+        jsonb_build_object('erp_profile', 'odoo', 'erp_record', 'res.partner,' || p.id));
+    RETURN NULL;
+END
+$fn$;
