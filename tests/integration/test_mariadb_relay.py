@@ -25,18 +25,18 @@ import pytest
 from pipeline import mariadb
 from pipeline.outbox import mariadb as outbox
 from pipeline.relay.relay import Relay
-from pipeline.simulator.payloads import EVENT_TYPES, payload_for
+from pipeline.simulator.payloads import payload_for
 from tests.fixtures.mariadb import MariaDbErp
 from tests.fixtures.relay import (
     InterleavedWriters,
     RelayProcs,
+    SteadyWriter,
     assert_exactly_once_in_order,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
-ORDER_EVENT_TYPES = tuple(t for t in EVENT_TYPES if t != "customer.upserted")
 
 
 def _emit_backlog(maria: MariaDbErp, total: int, keys: int) -> set[str]:
@@ -58,52 +58,14 @@ def _emit_backlog(maria: MariaDbErp, total: int, keys: int) -> set[str]:
     return ids
 
 
-class Writer(threading.Thread):
-    """Emits ``total`` events over ``keys`` in transactions of ``per_txn``; records the
-    committed event ids."""
-
-    def __init__(self, maria: MariaDbErp, keys: list[str], total: int, per_txn: int,
-                 pause_s: float, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.maria, self.keys, self.total = maria, keys, total
-        self.per_txn, self.pause_s = per_txn, pause_s
-        self.rng = random.Random(seed)
-        self.deadline = time.monotonic() + 60
-        self.committed: list[str] = []
-        self.written = 0
-        self.error: BaseException | None = None
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with self.maria.admin(autocommit=False) as c:
-                while self.written < self.total and not self.stop_flag.is_set():
-                    if time.monotonic() > self.deadline:
-                        raise TimeoutError(f"writer wrote only {self.written}/{self.total}")
-                    ids = []
-                    for key in sorted(self.rng.choice(self.keys)
-                                      for _ in range(min(self.per_txn,
-                                                         self.total - self.written))):
-                        et = self.rng.choice(ORDER_EVENT_TYPES)
-                        eid = str(uuid.uuid4())
-                        outbox.emit(c, "order", key, et,
-                                    payload_for(et, self.rng, aggregate_id=key,
-                                                now=dt.datetime.now(dt.UTC)),
-                                    event_id=eid, schema=self.maria.schema)
-                        ids.append(eid)
-                    c.commit()
-                    self.committed.extend(ids)
-                    self.written += len(ids)
-                    time.sleep(self.pause_s)
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def finish(self) -> set[str]:
-        self.join(60)
-        assert not self.is_alive(), "writer did not finish"
-        if self.error is not None:
-            raise self.error
-        return set(self.committed)
+def Writer(maria: MariaDbErp, keys: list[str], total: int, per_txn: int,
+           pause_s: float, seed: int) -> SteadyWriter:
+    """A steady writer through ``CALL outbox_emit`` on MariaDB."""
+    return SteadyWriter(
+        lambda: maria.admin(autocommit=False),
+        lambda conn, key, et, payload, eid: outbox.emit(conn, "order", key, et, payload,
+                                                        event_id=eid, schema=maria.schema),
+        keys, total, per_txn, pause_s, seed)
 
 
 def _procs(maria: MariaDbErp, kafka_bootstrap: str, prefix: str, tmp_path: Path,
@@ -307,3 +269,35 @@ def test_payload_numbers_are_kept_exact(maria: MariaDbErp) -> None:
                     "NULL, NULL, NULL)", (text,))
         cur.execute(f"SELECT payload FROM {maria.schema}.outbox")
         assert cur.fetchone()[0] == text
+
+
+# -- 5. two shards, each with a leader and a standby, while the ERP writes ---------------------
+@pytest.mark.slow
+def test_two_shards_with_standbys_split_the_load_exactly_once(
+        maria: MariaDbErp, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path,
+        read_topic: Any):
+    maria.install()
+    backlog = _emit_backlog(maria, 3000, 60)
+    procs = _procs(maria, kafka_bootstrap, topic_prefix, tmp_path, PIPELINE_RELAY__SHARDS="2",
+                   PIPELINE_RELAY__BATCH_SIZE="300")
+    writer = Writer(maria, [f"SO-{i}" for i in range(60)], total=1200, per_txn=12,
+                    pause_s=0.02, seed=9)
+    started = []
+    try:
+        for shard in (0, 1, 0, 1):  # a leader and a standby per shard
+            started.append(procs.start_args(f"s{shard}", ["--shard", str(shard)]))
+        writer.start()
+        committed = writer.finish() | backlog
+        wait_for(lambda: maria.outbox_count() == 0, 60, "both shards to drain the outbox",
+                 on_timeout=lambda: "\n".join(procs.log_of(p)[-1500:] for p in started))
+        leaders = maria.scalar(f"SELECT count(DISTINCT leader) FROM {maria.schema}.relay_state")
+        assert leaders == 2, "each shard has its own leader"
+        for p in started:
+            assert p.poll() is None, procs.log_of(p)[-3000:]
+            assert procs.stop(p) == 0, procs.log_of(p)[-3000:]
+    finally:
+        writer.stop_flag.set()
+        writer.join(60)
+        procs.close()
+    recs = read_topic(f"{topic_prefix}.order", expect=len(committed), timeout_s=60)
+    assert_exactly_once_in_order(recs, expected_ids=committed)

@@ -22,7 +22,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -32,11 +31,12 @@ from pipeline.config import Settings
 from pipeline.outbox import emit
 from pipeline.outbox.migrations import install
 from pipeline.relay.relay import Relay
-from pipeline.simulator.payloads import EVENT_TYPES, payload_for
+from pipeline.simulator.payloads import payload_for
 from tests.conftest import make_settings
 from tests.fixtures.kafka import read_all
 from tests.fixtures.relay import (
     InterleavedWriters,
+    SteadyWriter,
     _url,
     assert_exactly_once_in_order,
     outbox_count,
@@ -46,53 +46,15 @@ from tests.fixtures.relay import (
 
 pytestmark = pytest.mark.integration
 
-ORDER_EVENT_TYPES = tuple(t for t in EVENT_TYPES if t != "customer.upserted")
 
 
-class Writer(threading.Thread):
-    """Emits ``total`` events over ``keys`` in transactions of ``per_txn``, pausing between
-    transactions; records the committed event ids."""
-
-    def __init__(self, url: str, keys: list[str], total: int, per_txn: int, pause_s: float,
-                 seed: int = 1, deadline_s: float = 40.0) -> None:
-        super().__init__(daemon=True)
-        self.url, self.keys, self.total = url, keys, total
-        self.per_txn, self.pause_s = per_txn, pause_s
-        self.rng = random.Random(seed)
-        self.deadline = time.monotonic() + deadline_s
-        self.committed: list[str] = []
-        self.written = 0
-        self.error: BaseException | None = None
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        try:
-            now = dt.datetime.now(dt.UTC)
-            with psycopg.connect(self.url) as conn:
-                while self.written < self.total and not self.stop_flag.is_set():
-                    if time.monotonic() > self.deadline:
-                        raise TimeoutError(f"writer wrote only {self.written}/{self.total}")
-                    ids = []
-                    for _ in range(min(self.per_txn, self.total - self.written)):
-                        key = self.rng.choice(self.keys)
-                        et = self.rng.choice(ORDER_EVENT_TYPES)
-                        eid = str(uuid.uuid4())
-                        emit(conn, "order", key, et,
-                             payload_for(et, self.rng, aggregate_id=key, now=now), event_id=eid)
-                        ids.append(eid)
-                    conn.commit()
-                    self.committed.extend(ids)
-                    self.written += len(ids)
-                    time.sleep(self.pause_s)
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def finish(self, timeout_s: float = 45.0) -> set[str]:
-        self.join(timeout_s)
-        assert not self.is_alive(), "writer did not finish"
-        if self.error is not None:
-            raise self.error
-        return set(self.committed)
+def Writer(url: str, keys: list[str], total: int, per_txn: int, pause_s: float,
+           seed: int = 1, deadline_s: float = 60.0) -> SteadyWriter:
+    """A steady writer through ``emit()`` on PostgreSQL."""
+    return SteadyWriter(
+        lambda: psycopg.connect(url),
+        lambda conn, key, et, payload, eid: emit(conn, "order", key, et, payload, event_id=eid),
+        keys, total, per_txn, pause_s, seed, deadline_s)
 
 
 # -- 1. interleaved writers ----------------------------------------------------------------------
