@@ -137,6 +137,11 @@ def run_relay_bench(
                 "broker": settings.kafka.bootstrap_servers is None,
             },
         }
+        if vs == "mariadb":
+            from pipeline.bench.mariadb import run_versus_mariadb
+
+            return {**base, "mode": "versus-mariadb",
+                    **run_versus_mariadb(s, events=events, repeat=repeat)}
         if vs == "debezium":
             from pipeline.bench.versus import run_latency_versus_debezium, run_versus_debezium
 

@@ -19,9 +19,20 @@ pytestmark = pytest.mark.integration
     ["relay", "--events", "4000", "--repeat", "1"],
     ["relay", "--events", "4000", "--repeat", "1", "--transactions", "off"],
     ["dlq", "--records", "300", "--repeat", "1"],
+    ["relay", "--vs", "mariadb", "--events", "4000", "--repeat", "1"],
 ])
 def test_bench_prints_json_with_the_broker(args: list[str], tmp_path: Path, database_url: str,
                                            kafka_bootstrap: str, topic_prefix: str) -> None:
+    if "mariadb" in args:
+        from pipeline.embedded.mariadb import mariadb_available
+
+        if not mariadb_available():
+            import os
+
+            why = "MariaDB is not installed here (no mariadbd): `make mariadb` installs it"
+            if os.environ.get("PIPELINE_TEST_REQUIRE_MARIADB"):
+                pytest.fail(why)
+            pytest.skip(why)
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"database": {"url": database_url},
                                       "kafka": {"bootstrap_servers": kafka_bootstrap},
@@ -30,7 +41,11 @@ def test_bench_prints_json_with_the_broker(args: list[str], tmp_path: Path, data
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["broker_kind"] == "configured"
-    if args[0] == "relay":
+    if "mariadb" in args:
+        assert out["mode"] == "versus-mariadb"
+        assert out["postgresql"]["events_per_s"] > 0 and out["mariadb"]["events_per_s"] > 0
+        assert out["mariadb_vs_postgresql"] > 0
+    elif args[0] == "relay":
         assert out["events_per_s"] > 0
         assert out["transactions"] == ("off" if "off" in args else "auto")
     else:
