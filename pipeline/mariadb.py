@@ -43,15 +43,19 @@ def connect_args(url: str) -> dict[str, Any]:
         args["unix_socket"] = q.pop("unix_socket")
     else:
         args["host"] = u.hostname or "127.0.0.1"
-        args["port"] = u.port or 3306
     unknown = sorted(set(q) - {"connect_timeout"})
     if unknown:
         raise ConfigError(
             f"database.url: unknown parameter(s) {', '.join(unknown)} for MariaDB "
             "(known: unix_socket, connect_timeout)"
         )
-    if "connect_timeout" in q:
-        args["connect_timeout"] = int(q["connect_timeout"])
+    try:
+        if "connect_timeout" in q:
+            args["connect_timeout"] = int(q["connect_timeout"])
+        if "unix_socket" not in args:
+            args["port"] = u.port or 3306
+    except ValueError as exc:
+        raise ConfigError(f"database.url: {exc} (port and connect_timeout are numbers)") from None
     return args
 
 
@@ -63,20 +67,29 @@ def describe(url: str) -> str:
 
 
 def connect(url: str, *, autocommit: bool = True, connect_timeout: float = 5.0,
-            multi_statements: bool = False) -> pymysql.connections.Connection[Any]:
+            multi_statements: bool = False, read_timeout: float | None = None,
+            write_timeout: float | None = None,
+            session_wait_timeout_s: int | None = None) -> pymysql.connections.Connection[Any]:
     """A connection in UTC (``time_zone = '+00:00'``: the outbox's datetimes are UTC) and READ
     COMMITTED (each statement of the relay sees every commit so far)."""
     args = connect_args(url)
     args.setdefault("connect_timeout", max(1, int(connect_timeout)))
     if multi_statements:
         args["client_flag"] = pymysql.constants.CLIENT.MULTI_STATEMENTS
+    settings = "time_zone = '+00:00'"
+    if session_wait_timeout_s is not None:
+        settings += f", wait_timeout = {int(session_wait_timeout_s)}"
     try:
-        conn = pymysql.connect(autocommit=autocommit,
-                               init_command="SET time_zone = '+00:00'", **args)
-        with conn.cursor() as cur:
-            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        conn = pymysql.connect(autocommit=autocommit, init_command=f"SET {settings}",
+                               read_timeout=read_timeout, write_timeout=write_timeout, **args)
     except pymysql.err.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to {describe(url)}: {message(exc)}") from exc
+    try:
+        with conn.cursor() as cur:  # this form works on MariaDB and MySQL alike
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -88,7 +101,22 @@ def message(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# Errors that mean the connection is gone (or never was): the operation may succeed on a new
-# one. Anything else (a syntax error, a missing table) is a bug or a setup mistake.
+# Errors that mean the connection is gone (or never was), or a transient conflict: the
+# operation may succeed on a new connection. PyMySQL raises OperationalError for most server
+# errors too (an unknown column, access denied, a CHECK failed): those are a bug or a setup
+# mistake, and retrying them would hide it.
 LOST = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
 Error = pymysql.err.Error
+# 1053 server shutdown, 1077 normal shutdown, 1152/1158-1161 aborted or broken packets, 1205
+# lock wait timeout, 1213 deadlock, 1927 connection killed, 4031 disconnected for inactivity;
+# 2000-2999 are the client's own (2003 cannot connect, 2006 gone away, 2013 lost, ...)
+_LOST_CODES = {1053, 1077, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 4031}
+
+
+def is_lost(exc: BaseException) -> bool:
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return True
+    if not isinstance(exc, pymysql.err.OperationalError):
+        return False
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+    return code in _LOST_CODES or 2000 <= code < 3000 or code == 0

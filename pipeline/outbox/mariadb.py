@@ -164,6 +164,12 @@ def emit(
     (and encodes) the payload first like :func:`pipeline.outbox.emit.emit`."""
     from pipeline.outbox.emit import _dumps, validated
 
+    if conn.get_autocommit():
+        # every statement of a CALLed procedure would commit on its own: the counter row's lock
+        # would be gone before the event is inserted, and with it the order of versions
+        raise ConfigError(
+            "pipeline.outbox.mariadb.emit() needs the connection in a transaction "
+            "(autocommit off): it writes the event in the caller's transaction")
     encoded, carrier = validated(event_type, payload, headers, catalogue, validate)
     with conn.cursor() as cur:
         cur.execute(
@@ -202,8 +208,14 @@ def _split(table: str, conn: Conn) -> tuple[str, str]:
 
 
 def trigger_names(table: str) -> list[str]:
-    base = "pipeline_capture_" + table.split(".")[-1].replace(" ", "_").lower()
-    return [f"{base[:60]}_{suffix}" for suffix in _TRIGGER_OF.values()]  # names: 64 at most
+    """Three trigger names for the table: readable, and unique per table name (a hash of the
+    exact name: "tabSales Order" and "tabSales_Order" must not share triggers); 64 at most."""
+    import hashlib
+
+    name = table.split(".")[-1]
+    tag = hashlib.sha1(name.encode()).hexdigest()[:8]
+    base = "pipeline_capture_" + name.replace(" ", "_").lower()
+    return [f"{base[:50]}_{tag}_{suffix}" for suffix in _TRIGGER_OF.values()]
 
 
 def validate_spec(conn: Conn, spec: CaptureSpec, catalogue: Catalogue,
@@ -282,8 +294,11 @@ def install_capture(conn: Conn, spec: CaptureSpec, schema: str, catalogue: Catal
     target = f"{q(db)}.{q(table)}"
     names = dict(zip(_TRIGGER_OF, trigger_names(table), strict=True))
     with conn.cursor() as cur:
-        for name in names.values():
-            cur.execute(f"DROP TRIGGER IF EXISTS {q(db)}.{q(name)}")
+        # each requested trigger is replaced in one statement (MariaDB's DDL commits at once: a
+        # DROP then CREATE would leave ERP writes uncaptured in between); others are dropped
+        for event, name in names.items():
+            if event not in spec.events:
+                cur.execute(f"DROP TRIGGER IF EXISTS {q(db)}.{q(name)}")
         for event in spec.events:
             img = "OLD" if event == "delete" else "NEW"
             new_row = "NULL" if event == "delete" else _row_json("NEW", cols, binary)
@@ -303,7 +318,8 @@ def install_capture(conn: Conn, spec: CaptureSpec, schema: str, catalogue: Catal
             else:
                 body = f"BEGIN {call}; END"
             cur.execute(
-                f"CREATE TRIGGER {q(db)}.{q(names[event])} AFTER {event.upper()} ON {target} "
+                f"CREATE OR REPLACE TRIGGER {q(db)}.{q(names[event])} AFTER {event.upper()} "
+                f"ON {target} "
                 f"FOR EACH ROW {body}"
             )
     return got

@@ -17,6 +17,7 @@ store, so every call holds a lock.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,15 +49,20 @@ class MariaDbRelayStore:
         self.conn: Any = None
         self._lock = threading.RLock()
         self._fingerprints = dict(writer_fingerprints or {})
-        self.lock_key = f"{schema}:relay:{shard}/{shards}"[:64]
+        key = f"{schema}:relay:{shard}/{shards}"
+        # GET_LOCK names are 64 characters at most: a long schema name must not cut the shard off
+        self.lock_key = key if len(key) <= 64 else (
+            "pipeline:relay:" + hashlib.sha1(key.encode()).hexdigest())
         t = q(schema)
         self._in_shard = (
             "true" if shards == 1 else f"mod(crc32(aggregate_id), {int(shards)}) = {int(shard)}"
         )
         if self._fingerprints:
+            # event types as hex literals: a name with a quote, a backslash or a % (the
+            # catalogue's folder names) can neither break the SQL nor PyMySQL's formatting
             whens = " ".join(
-                f"WHEN '{et}' THEN x'{fp.hex()}'" for et, fp in sorted(self._fingerprints.items())
-                if "'" not in et
+                f"WHEN convert(x'{et.encode().hex()}' USING utf8mb4) THEN x'{fp.hex()}'"
+                for et, fp in sorted(self._fingerprints.items())
             )
             passes = (f"(encoded IS NOT NULL AND substring(encoded, 3, 8) = "
                       f"CASE event_type {whens} END)")
@@ -91,7 +97,9 @@ class MariaDbRelayStore:
             try:
                 with self.conn.cursor() as cur:
                     yield cur
-            except mariadb.LOST as exc:
+            except mariadb.Error as exc:
+                if not mariadb.is_lost(exc):
+                    raise  # a setup mistake or a bug: say so, do not retry it forever
                 raise DatabaseUnavailable(
                     f"MariaDB connection lost: {mariadb.message(exc)}") from exc
 
@@ -103,7 +111,10 @@ class MariaDbRelayStore:
     def connect(self) -> None:
         self.close()
         with self._lock:
-            self.conn = mariadb.connect(self.url)
+            # a dead network must not hang the relay (and its lock) forever: reads and writes
+            # time out, and the server drops the session (so the lock) a minute after silence
+            self.conn = mariadb.connect(self.url, read_timeout=30, write_timeout=30,
+                                        session_wait_timeout_s=60)
 
     def close(self) -> None:
         with self._lock:
@@ -166,7 +177,7 @@ class MariaDbRelayStore:
                 cur.execute("COMMIT")
             except BaseException:
                 if self.conn is not None and self.conn.open:
-                    with suppress(*mariadb.LOST):
+                    with suppress(mariadb.Error):
                         cur.execute("ROLLBACK")
                 raise
 

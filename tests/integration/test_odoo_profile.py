@@ -106,6 +106,9 @@ def test_an_odoo_order_lifecycle_emits_typed_events(odoo: str) -> None:
         "public.res_partner as order.created, order.cancelled, order.status_changed, " \
         "customer.upserted" in r.stdout
     with psycopg.connect(odoo) as c:
+        # Odoo's cursors run REPEATABLE READ: the triggers run at that commit
+        c.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        c.commit()
         oid = _quotation(c, "S00001")
         c.commit()
         c.execute("UPDATE sale_order SET state = 'sent' WHERE id = %s", (oid,))
@@ -114,14 +117,21 @@ def test_an_odoo_order_lifecycle_emits_typed_events(odoo: str) -> None:
         # action_confirm: state, the confirmation date and write_date, in several statements
         c.execute("UPDATE sale_order SET state = 'sale', date_order = now() WHERE id = %s",
                   (oid,))
-        c.execute("UPDATE sale_order SET locked = false, write_date = now() WHERE id = %s",
-                  (oid,))
+        # the totals recomputed after the state change, in the same transaction
+        c.execute("UPDATE sale_order SET locked = false, amount_total = 1700.00, "
+                  "write_date = now() WHERE id = %s", (oid,))
         c.commit()
         c.execute("UPDATE sale_order SET state = 'cancel' WHERE id = %s", (oid,))
         c.commit()
         c.execute("UPDATE sale_order SET state = 'draft' WHERE id = %s", (oid,))
         c.commit()
         c.execute("UPDATE sale_order SET state = 'sale' WHERE id = %s", (oid,))
+        c.commit()
+        c.execute("UPDATE sale_order SET state = 'cancel' WHERE id = %s", (oid,))
+        c.commit()
+        c.execute("UPDATE sale_order SET state = 'draft' WHERE id = %s", (oid,))
+        c.commit()
+        c.execute("UPDATE sale_order SET state = 'cancel' WHERE id = %s", (oid,))  # from draft
         c.commit()
         # a confirmation rolled back leaves nothing
         other = _quotation(c, "S00002", partner=2)
@@ -134,10 +144,14 @@ def test_an_odoo_order_lifecycle_emits_typed_events(odoo: str) -> None:
         ("S00001", 2, "order.cancelled"),
         ("S00001", 3, "order.status_changed"),
         ("S00001", 4, "order.status_changed"),
+        ("S00001", 5, "order.cancelled"),
+        ("S00001", 6, "order.status_changed"),
+        ("S00001", 7, "order.cancelled"),
     ]
     created = events[0][3]
     assert created["order_id"] == "S00001" and created["customer"] == "CUST-0042"
-    assert created["currency"] == "EUR" and created["total"] == "1672.46"
+    assert created["currency"] == "EUR"
+    assert created["total"] == "1700.00", "the header as it is at commit"
     assert created["note"] == "<p>Deliver to dock B</p>"
     assert created["lines"] == [
         {"line_no": 1, "sku": "FURN_0001", "qty": 2, "unit_price": "450.10"},

@@ -45,8 +45,27 @@ def test_trigger_sql_pieces() -> None:
         "json_array(cast(OLD.`a` AS char), cast(OLD.`b` AS char))"
     assert _row_json("NEW", [("id", "int"), ("img", "blob")], {"img"}) == \
         "json_object('id', NEW.`id`, 'img', to_base64(NEW.`img`))"
-    assert trigger_names("erp.tabSales Order") == [
-        "pipeline_capture_tabsales_order_ins", "pipeline_capture_tabsales_order_upd",
-        "pipeline_capture_tabsales_order_del"]
+    names = trigger_names("erp.tabSales Order")
+    assert [n.rsplit("_", 2)[0] for n in names] == ["pipeline_capture_tabsales_order"] * 3
+    assert [n[-4:] for n in names] == ["_ins", "_upd", "_del"]
+    assert set(names).isdisjoint(trigger_names("tabSales_Order")), "one table's triggers each"
     long = trigger_names("t" * 100)
     assert all(len(n) <= 64 for n in long) and len(set(long)) == 3
+
+
+def test_lost_connections_are_told_from_setup_mistakes() -> None:
+    import pymysql
+
+    from pipeline.mariadb import is_lost
+
+    assert is_lost(pymysql.err.OperationalError(2013, "Lost connection to server"))
+    assert is_lost(pymysql.err.OperationalError(1927, "Connection was killed"))
+    assert is_lost(pymysql.err.InterfaceError(0, ""))
+    assert not is_lost(pymysql.err.OperationalError(1054, "Unknown column 'x'"))
+    assert not is_lost(pymysql.err.OperationalError(1142, "command denied"))
+    assert not is_lost(pymysql.err.ProgrammingError(1064, "syntax"))
+
+
+def test_bad_port_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="port and connect_timeout are numbers"):
+        connect_args("mysql://u@h:notaport/d")

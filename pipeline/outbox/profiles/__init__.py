@@ -14,6 +14,7 @@ reservations, invoices and payments, and the ``erpnext`` profile.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -22,6 +23,8 @@ import psycopg
 from psycopg import sql
 
 from pipeline.errors import ConfigError
+
+_SCHEMA = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ def install(conn: psycopg.Connection[Any], name: str, schema: str,
             erp_schema: str = "public") -> Profile:
     """Check the ERP's tables, then create the profile's function and triggers, atomically."""
     prof = profile(name)
+    if not _SCHEMA.match(erp_schema):
+        raise ConfigError(f"--erp-schema {erp_schema!r} is not a schema name (letters, digits, _)")
     fn = conn.execute("SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
                       "WHERE n.nspname = %s AND p.proname = 'outbox_emit'", (schema,)).fetchone()
     if fn is None:

@@ -6,12 +6,14 @@
 -- are the row as that statement left it; the order's lines are read as they are at commit.
 --   state into 'sale' (Odoo's "Sales Order")         -> order.created, with its lines
 --   into 'sale' again (after a reset to quotation)   -> order.status_changed ... -> CONFIRMED
---   'sale' -> 'cancel'                               -> order.cancelled
+--   'sale' -> 'cancel', or any cancel of an order    -> order.cancelled
+--   confirmed before (reset, then cancelled again)
 --   'cancel' -> 'draft' of an order confirmed before -> order.status_changed CANCELLED -> DRAFT
 -- Quotations (draft, sent) are not orders yet: they emit nothing. Odoo stores UTC datetimes
--- without a zone; they are sent as UTC.
+-- without a zone; they are sent as UTC. SECURITY DEFINER: Odoo's own database role needs no
+-- right on the outbox (the functions run as the role that installed the profile).
 CREATE OR REPLACE FUNCTION {schema}.odoo_sale_order() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     before  text := CASE WHEN TG_OP = 'UPDATE' THEN OLD.state END;
     after   text := NEW.state;
@@ -41,8 +43,9 @@ BEGIN
                    -- fractional one (kg, hours) as it is, which the relay dead-letters with
                    -- the field named, never failing Odoo's write
                    'qty', CASE WHEN l.product_uom_qty = trunc(l.product_uom_qty)
+                                    AND abs(l.product_uom_qty) < 9e18
                                THEN to_jsonb(l.product_uom_qty::bigint)
-                               ELSE to_jsonb(l.product_uom_qty) END,
+                               ELSE to_jsonb(l.product_uom_qty::text) END,
                    'unit_price', l.price_unit::text) ORDER BY l.n), '[]'::jsonb)
           INTO lines
           FROM (SELECT row_number() OVER (ORDER BY sl.sequence, sl.id) AS n, sl.product_id,
@@ -50,23 +53,30 @@ BEGIN
                   FROM {erp}.sale_order_line sl
                   LEFT JOIN {erp}.product_product pp ON pp.id = sl.product_id
                  WHERE sl.order_id = NEW.id AND sl.display_type IS NULL) l;
+        -- the header as it is at commit (Odoo recomputes totals after the state change)
         SELECT jsonb_build_object(
-                   'order_id', NEW.name,
-                   'customer', coalesce(nullif(p.ref, ''), 'res.partner:' || NEW.partner_id),
+                   'order_id', o.name,
+                   'customer', coalesce(nullif(p.ref, ''), 'res.partner:' || o.partner_id),
                    'lines', lines,
                    'currency', c.name,
-                   'total', NEW.amount_total::text,
-                   'created_at', to_char(coalesce(NEW.date_order, now() AT TIME ZONE 'UTC'),
+                   'total', o.amount_total::text,
+                   'created_at', to_char(coalesce(o.date_order, now() AT TIME ZONE 'UTC'),
                                          'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
-                   'note', nullif(NEW.note::text, ''))
+                   'note', nullif(o.note::text, ''))
           INTO payload
-          FROM (SELECT 1) one
-          LEFT JOIN {erp}.res_partner p ON p.id = NEW.partner_id
-          LEFT JOIN {erp}.res_currency c ON c.id = NEW.currency_id;
+          FROM {erp}.sale_order o
+          LEFT JOIN {erp}.res_partner p ON p.id = o.partner_id
+          LEFT JOIN {erp}.res_currency c ON c.id = o.currency_id
+         WHERE o.id = NEW.id;
+        IF payload IS NULL THEN
+            RETURN NULL;  -- deleted later in the same transaction: nothing was confirmed
+        END IF;
         PERFORM {schema}.outbox_emit('order', NEW.name, 'order.created', payload,
                                      jsonb_build_object('erp_profile', 'odoo',
                                                         'erp_record', 'sale.order,' || NEW.id));
-    ELSIF before = 'sale' AND after = 'cancel' THEN
+    ELSIF after = 'cancel' AND (before = 'sale' OR EXISTS (
+            SELECT 1 FROM {schema}.aggregate_versions
+             WHERE aggregate_type = 'order' AND aggregate_id = NEW.name)) THEN
         PERFORM {schema}.outbox_emit('order', NEW.name, 'order.cancelled',
             jsonb_build_object('order_id', NEW.name, 'reason', 'cancelled in Odoo',
                                'cancelled_at', to_char(now() AT TIME ZONE 'UTC',
@@ -91,7 +101,7 @@ $fn$;
 -- deferred event of the transaction marks the partner (a transaction-local setting) and emits
 -- the row as it is at commit; the later ones see the mark and emit nothing.
 CREATE OR REPLACE FUNCTION {schema}.odoo_res_partner() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     mark    text := 'pipeline_odoo.partner_' || NEW.id;
     p       record;
