@@ -140,13 +140,13 @@ def test_an_odoo_order_lifecycle_emits_typed_events(odoo: str) -> None:
         c.rollback()
     events = _events(odoo)
     assert [(a, v, t) for a, v, t, _p in events] == [
-        ("S00001", 1, "order.created"),
-        ("S00001", 2, "order.cancelled"),
-        ("S00001", 3, "order.status_changed"),
-        ("S00001", 4, "order.status_changed"),
-        ("S00001", 5, "order.cancelled"),
-        ("S00001", 6, "order.status_changed"),
-        ("S00001", 7, "order.cancelled"),
+        (f"sale.order:{oid}", 1, "order.created"),
+        (f"sale.order:{oid}", 2, "order.cancelled"),
+        (f"sale.order:{oid}", 3, "order.status_changed"),
+        (f"sale.order:{oid}", 4, "order.status_changed"),
+        (f"sale.order:{oid}", 5, "order.cancelled"),
+        (f"sale.order:{oid}", 6, "order.status_changed"),
+        (f"sale.order:{oid}", 7, "order.cancelled"),
     ]
     created = events[0][3]
     assert created["order_id"] == "S00001" and created["customer"] == "CUST-0042"
@@ -202,8 +202,9 @@ def test_a_customer_written_in_several_statements_is_one_upsert(odoo: str) -> No
         c.execute("UPDATE res_partner SET email = 'sales@deco.example' WHERE id = %s", row)
         c.commit()
     events = _events(odoo)
+    key = f"res.partner:{row[0]}"  # the record, whatever its ref: set in the first transaction
     assert [(a, v, t) for a, v, t, _p in events] == [
-        ("CUST-0077", 1, "customer.upserted"), ("CUST-0077", 2, "customer.upserted")]
+        (key, 1, "customer.upserted"), (key, 2, "customer.upserted")]
     first = events[0][3]
     assert first == {**first, "customer_id": "CUST-0077", "name": "Deco Addict",
                      "email": "deco@example.com", "country": "BE", "currency": "EUR",

@@ -9,6 +9,10 @@
 --   'sale' -> 'cancel', or any cancel of an order    -> order.cancelled
 --   confirmed before (reset, then cancelled again)
 --   'cancel' -> 'draft' of an order confirmed before -> order.status_changed CANCELLED -> DRAFT
+-- The aggregate (the Kafka key) is the record, 'sale.order:<id>' / 'res.partner:<id>': stable
+-- when a name or ref changes, and never shared by two records (two companies' S00001, two
+-- partners with one ref), which under Odoo's REPEATABLE READ would make one COMMIT fail on the
+-- shared version counter. The payloads carry the readable name and ref.
 -- Quotations (draft, sent) are not orders yet: they emit nothing. Odoo stores UTC datetimes
 -- without a zone; they are sent as UTC. SECURITY DEFINER: Odoo's own database role needs no
 -- right on the outbox (the functions run as the role that installed the profile).
@@ -25,9 +29,9 @@ BEGIN
     END IF;
     IF after = 'sale' AND EXISTS (
             SELECT 1 FROM {schema}.aggregate_versions
-             WHERE aggregate_type = 'order' AND aggregate_id = NEW.name) THEN
+             WHERE aggregate_type = 'order' AND aggregate_id = 'sale.order:' || NEW.id) THEN
         -- confirmed again after a reset to quotation: the order exists downstream already
-        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.status_changed',
+        PERFORM {schema}.outbox_emit('order', 'sale.order:' || NEW.id, 'order.status_changed',
             jsonb_build_object('order_id', NEW.name,
                                'from_status', CASE WHEN before = 'cancel' THEN 'CANCELLED'
                                                    ELSE 'DRAFT' END,
@@ -71,21 +75,21 @@ BEGIN
         IF payload IS NULL THEN
             RETURN NULL;  -- deleted later in the same transaction: nothing was confirmed
         END IF;
-        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.created', payload,
+        PERFORM {schema}.outbox_emit('order', 'sale.order:' || NEW.id, 'order.created', payload,
                                      jsonb_build_object('erp_profile', 'odoo',
                                                         'erp_record', 'sale.order,' || NEW.id));
     ELSIF after = 'cancel' AND (before = 'sale' OR EXISTS (
             SELECT 1 FROM {schema}.aggregate_versions
-             WHERE aggregate_type = 'order' AND aggregate_id = NEW.name)) THEN
-        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.cancelled',
+             WHERE aggregate_type = 'order' AND aggregate_id = 'sale.order:' || NEW.id)) THEN
+        PERFORM {schema}.outbox_emit('order', 'sale.order:' || NEW.id, 'order.cancelled',
             jsonb_build_object('order_id', NEW.name, 'reason', 'cancelled in Odoo',
                                'cancelled_at', to_char(now() AT TIME ZONE 'UTC',
                                                        'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
             jsonb_build_object('erp_profile', 'odoo', 'erp_record', 'sale.order,' || NEW.id));
     ELSIF before = 'cancel' AND after = 'draft' AND EXISTS (
             SELECT 1 FROM {schema}.aggregate_versions
-             WHERE aggregate_type = 'order' AND aggregate_id = NEW.name) THEN
-        PERFORM {schema}.outbox_emit('order', NEW.name, 'order.status_changed',
+             WHERE aggregate_type = 'order' AND aggregate_id = 'sale.order:' || NEW.id) THEN
+        PERFORM {schema}.outbox_emit('order', 'sale.order:' || NEW.id, 'order.status_changed',
             jsonb_build_object('order_id', NEW.name, 'from_status', 'CANCELLED',
                                'to_status', 'DRAFT',
                                'changed_at', to_char(now() AT TIME ZONE 'UTC',
@@ -124,7 +128,7 @@ BEGIN
     END IF;
     PERFORM set_config(mark, '1', true);
     key := coalesce(nullif(p.ref, ''), 'res.partner:' || p.id);
-    PERFORM {schema}.outbox_emit('customer', key, 'customer.upserted',
+    PERFORM {schema}.outbox_emit('customer', 'res.partner:' || p.id, 'customer.upserted',
         jsonb_build_object(
             'customer_id', key,
             'name', coalesce(p.name, ''),
