@@ -24,15 +24,9 @@ pytestmark = pytest.mark.integration
 def test_bench_prints_json_with_the_broker(args: list[str], tmp_path: Path, database_url: str,
                                            kafka_bootstrap: str, topic_prefix: str) -> None:
     if "mariadb" in args:
-        from pipeline.embedded.mariadb import mariadb_available
+        from tests.fixtures.mariadb import require_mariadb
 
-        if not mariadb_available():
-            import os
-
-            why = "MariaDB is not installed here (no mariadbd): `make mariadb` installs it"
-            if os.environ.get("PIPELINE_TEST_REQUIRE_MARIADB"):
-                pytest.fail(why)
-            pytest.skip(why)
+        require_mariadb()
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"database": {"url": database_url},
                                       "kafka": {"bootstrap_servers": kafka_bootstrap},
