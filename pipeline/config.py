@@ -184,6 +184,16 @@ class RelayConfig(_Model):
     shards: int = Field(
         default=1, ge=1, le=1024, description="aggregates split by hash of id; one leader each"
     )
+    engine: Literal["poll", "wal"] = Field(
+        default="poll",
+        description="poll: read the outbox table; wal: read a logical replication slot per "
+        "shard (PostgreSQL, wal_level=logical; outbox_emit then writes WAL messages, no rows)",
+    )
+    wal_slot_prefix: str | None = Field(
+        default=None, pattern=r"^[a-z0-9_]{1,48}$",
+        description="relay.engine wal: slot names <prefix>_<shard>of<shards> (default: "
+        "<database>_<schema>)",
+    )
     batch_size: int = Field(default=2000, ge=1, le=100_000, description="rows per publish batch")
     poll_interval_s: float = Field(default=1.0, gt=0, description="backstop when no NOTIFY")
     lock_retry_s: float = Field(default=1.0, gt=0, description="standby's leadership check")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ def reachable(url: str) -> bool:
 
 # Logical decoding for capture engines reading the WAL (and Debezium in ``bench relay --vs
 # debezium``): pgserver's default ``replica`` level has none.
-_SERVER_OPTIONS = "-c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10"
+_SERVER_OPTIONS = "-c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=20"
 
 
 class EmbeddedPostgres:
@@ -127,7 +128,18 @@ def create_database(admin: str, prefix: str = "pipeline") -> str:
 
 
 def drop_database(admin: str, name: str) -> None:
+    """Drop ``name`` and its logical replication slots (the WAL engine's, Debezium's), which
+    would refuse the drop and keep holding WAL."""
     with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                     "AND pid <> pg_backend_pid()", (name,))
+        for _ in range(50):
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM "
+                             "pg_replication_slots WHERE database = %s", (name,))
+                break
+            except psycopg.errors.ObjectInUse:  # a terminated backend not gone yet
+                time.sleep(0.1)
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )

@@ -150,6 +150,7 @@ class Relay:
         self.store = relay_store(
             database_url(settings), settings.database.schema_name, shard, settings.relay.shards,
             writer_fingerprints=self.encoder.writer_fingerprints(),
+            engine=settings.relay.engine, slot_prefix=settings.relay.wal_slot_prefix,
         )
         self.is_leader = False
         # set once a leader has finished its start (topics, producer, read-back) and publishes
@@ -251,6 +252,8 @@ class Relay:
                 self.cfg.shards,
                 extra={"shard": self.shard, "leader": self.name},
             )
+            # the engine the outbox is written for is the one this relay runs
+            self.store.check_engine()
             # before our first heartbeat overwrites it: when the previous leader was last seen
             previous_activity_ms = self.store.last_activity_ms()
             self.store.complete([], self.name, 0, 0)
@@ -529,14 +532,13 @@ class Relay:
             timeout_s=self.settings.kafka.request_timeout_s,
             since_ms=since_ms,
         )
-        published = self.store.existing(sorted(positions))
+        published = self.store.forget_published(positions, self.name)
         if published:
-            self.store.complete(published, self.name, 0, 0)
-            self.stats.skipped_duplicates += len(published)
+            self.stats.skipped_duplicates += published
             log.warning(
                 "relay found %d outbox rows already in Kafka (acknowledged before the "
                 "last stop but not deleted): removed without publishing again",
-                len(published),
+                published,
                 extra={"shard": self.shard},
             )
 

@@ -17,7 +17,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from pipeline.errors import DatabaseUnavailable
+from pipeline.errors import ConfigError, DatabaseUnavailable
 from pipeline.relay.envelope import OutboxRow
 
 log = logging.getLogger("pipeline.relay")
@@ -54,7 +54,25 @@ def leader_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class RelayStore:
+class ReadBackRows:
+    """What every table-polling store does with the relay's read-back (decision 4)."""
+
+    def existing(self, ids: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
+        raise NotImplementedError
+
+    def forget_published(self, positions: set[int], leader: str) -> int:
+        """The read-back found ``positions`` in Kafka: delete the rows still here (acknowledged
+        before the last stop, not deleted) without publishing them again; returns how many."""
+        published = self.existing(sorted(positions))
+        if published:
+            self.complete(published, leader, 0, 0)
+        return len(published)
+
+
+class RelayStore(ReadBackRows):
     def __init__(
         self,
         conninfo: str,
@@ -212,6 +230,23 @@ class RelayStore:
             return []
         return [r[0] for r in self._c().execute(self._existing, (ids,)).fetchall()]
 
+    def check_engine(self) -> None:
+        """On leadership: refuse to poll an outbox whose events go to the WAL engine's slots
+        (a polling relay would never see them)."""
+        from pipeline.outbox.engine import current_engine, slot_states
+
+        conn = self._c()
+        slots = slot_states(conn, self.schema)
+        if current_engine(conn, self.schema)[0] == "wal" or slots:
+            names = ", ".join(s.slot_name for s in slots) or "none left"
+            raise ConfigError(
+                f"the outbox in schema {self.schema} is read by the WAL engine (replication "
+                f"slots {names}): events are written as WAL messages, which this polling relay "
+                "(relay.engine: poll) would never see. Run the relay with relay.engine: wal, or "
+                "switch back first with `pipeline outbox engine poll` (it waits until the slots "
+                "are drained, then drops them)"
+            )
+
     def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
         """Delete published (or dead-lettered) rows and account for them, atomically."""
         conn = self._c()
@@ -232,13 +267,24 @@ class RelayStore:
 
 
 def relay_store(url: str, schema: str, shard: int, shards: int,
-                writer_fingerprints: dict[str, bytes] | None = None) -> Any:
-    """The store for the ERP database ``url`` names: :class:`RelayStore` for PostgreSQL,
+                writer_fingerprints: dict[str, bytes] | None = None, *, engine: str = "poll",
+                slot_prefix: str | None = None) -> Any:
+    """The store for the ERP database ``url`` names and the engine: :class:`RelayStore` for
+    PostgreSQL (polling), :class:`pipeline.relay.store_wal.WalRelayStore` for its WAL engine,
     :class:`pipeline.relay.store_mariadb.MariaDbRelayStore` for ``mysql://``."""
     from pipeline.mariadb import is_mariadb_url
 
     if is_mariadb_url(url):
+        if engine != "poll":
+            raise ConfigError(
+                f"relay.engine: {engine} reads PostgreSQL's WAL; on MariaDB / MySQL the relay "
+                "polls the outbox table (relay.engine: poll)"
+            )
         from pipeline.relay.store_mariadb import MariaDbRelayStore
 
         return MariaDbRelayStore(url, schema, shard, shards, writer_fingerprints)
+    if engine == "wal":
+        from pipeline.relay.store_wal import WalRelayStore
+
+        return WalRelayStore(url, schema, shard, shards, writer_fingerprints, slot_prefix)
     return RelayStore(url, schema, shard, shards, writer_fingerprints)

@@ -30,6 +30,7 @@ from pipeline import mariadb
 from pipeline.errors import DatabaseUnavailable
 from pipeline.outbox.mariadb import q
 from pipeline.relay.envelope import OutboxRow
+from pipeline.relay.store import ReadBackRows
 
 _IDLE_POLL_S = 0.05
 T = TypeVar("T")
@@ -39,7 +40,7 @@ def _ints(ids: list[int]) -> str:
     return ",".join(str(int(i)) for i in ids)
 
 
-class MariaDbRelayStore:
+class MariaDbRelayStore(ReadBackRows):
     def __init__(self, url: str, schema: str, shard: int, shards: int,
                  writer_fingerprints: dict[str, bytes] | None = None) -> None:
         self.url = url
@@ -157,6 +158,9 @@ class MariaDbRelayStore:
             cur.execute(f"SELECT DISTINCT aggregate_type FROM {q(self.schema)}.outbox "
                         f"WHERE {self._in_shard}")
             return [str(r[0]) for r in cur.fetchall()]
+
+    def check_engine(self) -> None:
+        """One engine on MariaDB: the table is polled."""
 
     def existing(self, ids: list[int]) -> list[int]:
         if not ids:
