@@ -329,6 +329,10 @@ class StatusConfig(_Model):
     require_leader: bool = Field(
         default=True, description="every relay shard must have a leader with a fresh heartbeat"
     )
+    max_slot_retained_bytes: int | None = Field(
+        default=1024**3, ge=0,
+        description="WAL a WAL-engine replication slot may hold back (unset = no limit)",
+    )
 
 
 class SchemasConfig(_Model):

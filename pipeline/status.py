@@ -280,6 +280,18 @@ def problems(settings: Settings, st: Status) -> list[str]:
         if c.max_backlog_rows is not None and ob["backlog_rows"] > c.max_backlog_rows:
             out.append(f"outbox: {ob['backlog_rows']} rows not published "
                        f"(status.max_backlog_rows {c.max_backlog_rows})")
+        for slot in ob.get("slots", []):
+            if not slot["exists"]:
+                out.append(f"relay: replication slot {slot['slot_name']} of shard "
+                           f"{slot['shard']} is missing (dropped outside the pipeline?): "
+                           "outbox_emit writes rows until its relay makes it again")
+            elif (c.max_slot_retained_bytes is not None
+                  and (slot["retained_bytes"] or 0) > c.max_slot_retained_bytes):
+                out.append(f"relay: replication slot {slot['slot_name']} holds back "
+                           f"{_mib(slot['retained_bytes'])} of WAL, {_mib(slot['lag_bytes'])} "
+                           f"not yet read (status.max_slot_retained_bytes "
+                           f"{_mib(c.max_slot_retained_bytes)}): start or fix the relay of "
+                           f"shard {slot['shard']}; docs/operations.md#walslotretainingwal")
         if c.require_leader:
             fresh = {s["shard"] for s in ob["shards"] if s["heartbeat_age_s"] < 30}
             missing = [k for k in range(settings.relay.shards) if k not in fresh]
@@ -307,6 +319,10 @@ def problems(settings: Settings, st: Status) -> list[str]:
     return out
 
 
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1024 / 1024:.1f} MiB"
+
+
 def render(st: Status) -> list[str]:
     """The one-screen text form."""
     lines = [f"pipeline status at {st.at}: " + ("OK" if st.healthy else "ATTENTION")]
@@ -318,11 +334,18 @@ def render(st: Status) -> list[str]:
     else:
         age = ob.get("oldest_unpublished_age_s")
         rate = f", publishing {st.publish_rate_per_s:.0f}/s" if st.publish_rate_per_s else ""
+        engine = " (engine wal: events in the WAL are not rows)" \
+            if ob.get("engine") == "wal" else ""
         lines.append(f"outbox   backlog {ob['backlog_rows']} rows, oldest "
-                     f"{'-' if age is None else f'{age:.1f}s'}{rate}")
+                     f"{'-' if age is None else f'{age:.1f}s'}{rate}{engine}")
         for s in ob["shards"]:
             lines.append(f"  shard {s['shard']}: leader {s['leader']}, heartbeat "
                          f"{s['heartbeat_age_s']:.0f}s ago, published {s['published']}")
+        for slot in ob.get("slots", []):
+            state = ("MISSING" if not slot["exists"] else
+                     f"retained {_mib(slot['retained_bytes'])}, lag {_mib(slot['lag_bytes'])}"
+                     f"{', active' if slot['active'] else ''}")
+            lines.append(f"  wal slot {slot['slot_name']} (shard {slot['shard']}): {state}")
     if ob is not None and ob.get("dlq_depth"):
         newest = ob.get("dlq_newest") or {}
         lines.append(f"  outbox dlq: {ob['dlq_depth']} rows, newest "

@@ -327,6 +327,10 @@ class Metrics:
             ("pipeline.outbox.backlog", "{row}", "Outbox rows not yet published"),
             ("pipeline.outbox.oldest_age", "s", "Age of the oldest unpublished outbox row"),
             ("pipeline.relay.leader", "1", "1 when this relay process leads its shard"),
+            ("pipeline.relay.wal.retained", "By", "WAL the server keeps for a WAL-engine slot "
+                                                  "(from its restart_lsn)"),
+            ("pipeline.relay.wal.lag", "By", "WAL written since a WAL-engine slot's confirmed "
+                                             "position (not yet read by its relay)"),
             ("pipeline.parked_keys", "{key}", "Keys waiting behind a retried or dead-lettered "
                                               "event (strict ordering)"),
             ("pipeline.stalled_keys", "{key}", "Keys whose head event has waited longer than "

@@ -1,4 +1,4 @@
-"""``pipeline outbox install | status | capture``."""
+"""``pipeline outbox install | status | capture | engine``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pipeline.cli import Context, pass_ctx
 from pipeline.db import connect, is_mariadb
 from pipeline.outbox import mariadb as mariadb_outbox
 from pipeline.outbox.capture import EVENTS, CaptureSpec, drop_capture, install_capture
+from pipeline.outbox.engine import SlotState
 from pipeline.outbox.migrations import install
 from pipeline.outbox.status import outbox_status
 from pipeline.schemas.catalogue import Catalogue
@@ -62,6 +63,10 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
     click.echo(f"schema            {schema} (migration {st.installed_version:04d})")
     click.echo(f"backlog rows      {st.backlog_rows}")
     click.echo(f"oldest unpublished {_age(st.oldest_unpublished_age_s)}")
+    click.echo(f"engine            {st.engine}"
+               + (" (outbox_emit writes WAL messages)" if st.engine == "wal" else ""))
+    for slot in st.slots:
+        click.echo(_slot_line(slot))
     if not st.shards:
         click.echo("leaders           none yet (no relay has run)")
     for s in st.shards:
@@ -170,3 +175,77 @@ def _capture_profile(ctx: Context, name: str, erp_schema: str, drop: bool,
 
 
 COMMANDS = [outbox]
+
+
+def _slot_line(slot: SlotState) -> str:
+    if not slot.exists:
+        return (f"wal slot {slot.slot_name} (shard {slot.shard}/{slot.shards}): MISSING; "
+                "outbox_emit writes rows until its relay makes it again")
+    mib = 1024 * 1024
+    # wal_status other than reserved: max_slot_wal_keep_size is about to, or did, cut it off
+    status = f", WAL {slot.wal_status}" if slot.wal_status not in (None, "reserved") else ""
+    return (f"wal slot {slot.slot_name} (shard {slot.shard}/{slot.shards}): retained "
+            f"{(slot.retained_bytes or 0) / mib:.1f} MiB, lag {(slot.lag_bytes or 0) / mib:.1f} "
+            f"MiB{', active' if slot.active else ''}{status}")
+
+
+@outbox.command("engine")
+@click.argument("switch_to", required=False, type=click.Choice(["poll", "wal"]))
+@click.option("--wait", "wait_s", default=60.0, show_default=True,
+              help="poll: seconds to wait for the WAL relays to drain the slots")
+@click.option("--force", is_flag=True,
+              help="poll: drop the slots even if they still hold events (those are lost)")
+@pass_ctx
+def engine_cmd(ctx: Context, switch_to: str | None, wait_s: float, force: bool) -> None:
+    """Show or switch what the outbox is written for: poll (rows) or wal (WAL messages).
+
+    \b
+    pipeline outbox engine        what outbox_emit writes, and each slot's WAL
+    pipeline outbox engine wal    make every shard's slot (relay.shards), then write messages
+    pipeline outbox engine poll   write rows again now; drop the slots once drained
+
+    The WAL relay (relay.engine: wal) switches to wal by itself on first start; after
+    `engine poll` it does not, until `engine wal`."""
+    from pipeline.outbox import engine
+
+    settings = ctx.settings
+    schema = settings.database.schema_name
+    if is_mariadb(settings):
+        if switch_to == "wal":
+            raise click.ClickException(
+                "the WAL engine reads PostgreSQL's WAL; on MariaDB / MySQL the outbox table "
+                "is polled (relay.engine: poll)")
+        click.echo("engine poll (MariaDB / MySQL: the outbox table is polled)")
+        return
+    with connect(settings) as conn:
+        conn.autocommit = True
+        if switch_to == "wal":
+            names = engine.slot_names(conn, schema, settings.relay.shards,
+                                      settings.relay.wal_slot_prefix)
+            engine.switch_to_wal(conn, schema, names)
+            click.echo(f"outbox_emit now writes WAL messages into slot(s) {', '.join(names)}; "
+                       "run the relays with relay.engine: wal")
+        elif switch_to == "poll":
+            def progress(held: dict[str, int]) -> None:
+                click.echo("waiting for the WAL relays to publish: " + ", ".join(
+                    f"{n} event(s) in {slot}" for slot, n in sorted(held.items())), err=True)
+
+            held = engine.switch_to_poll(conn, schema, wait_s=wait_s, progress=progress,
+                                         force=force)
+            if held and not force:
+                raise click.ClickException(
+                    "outbox_emit writes rows again, but slot(s) still hold events the WAL "
+                    "relays have not published: " + ", ".join(
+                        f"{slot}: {n}" for slot, n in sorted(held.items()))
+                    + ". Keep the relays (relay.engine: wal) running and run this again; "
+                    "--force drops the slots and loses those events")
+            if held:
+                click.echo("dropped the slots with events still in them (--force): " + ", ".join(
+                    f"{slot}: {n} lost" for slot, n in sorted(held.items())), err=True)
+            click.echo("outbox_emit writes rows; the slots are dropped. Run the relays with "
+                       "relay.engine: poll")
+        mode, pinned = engine.current_engine(conn, schema)
+        click.echo(f"engine {mode}" + (" (chosen with `pipeline outbox engine poll`)"
+                                       if pinned and mode == "poll" else ""))
+        for slot in engine.slot_states(conn, schema):
+            click.echo(_slot_line(slot))

@@ -206,25 +206,38 @@ def switch_to_wal(conn: psycopg.Connection[Any], schema: str, names: list[str]) 
     return boundary
 
 
-def pending_messages(conn: psycopg.Connection[Any], schema: str, slot: str) -> int:
-    """Outbox events written as messages that ``slot`` still holds (not yet confirmed by its
-    relay), counted in the first ``_PEEK_ROWS`` rows of it."""
+def pending_messages(conn: psycopg.Connection[Any], schema: str, st: SlotState) -> int:
+    """Outbox events of the slot's shard written as messages that it still holds (not yet
+    confirmed by its relay), counted in the first ``_PEEK_ROWS`` rows of it."""
     from pipeline.relay.pgoutput import Decoder
 
     rows = conn.execute(
         "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, "
         "%s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-        (slot, _PEEK_ROWS, publication(schema)),
+        (st.slot_name, _PEEK_ROWS, publication(schema)),
     ).fetchall()
-    return sum(sum(1 for ev in t.events if not ev.from_table)
-               for t in Decoder(schema).transactions(rows))
+    ids = [ev.aggregate_id for t in Decoder(schema).transactions(rows) for ev in t.events
+           if not ev.from_table]
+    if st.shards == 1 or not ids:
+        return len(ids)
+    shard_of = dict(shards_of(conn, set(ids), st.shards))
+    return sum(1 for a in ids if shard_of[a] == st.shard)
+
+
+def shards_of(conn: psycopg.Connection[Any], ids: set[str], shards: int) -> list[tuple[str, int]]:
+    """The relay shard of each aggregate id: the polling relay's hash, computed by the server."""
+    return [(str(a), int(k)) for a, k in conn.execute(
+        "SELECT a, mod(hashtextextended(a, 0) & 9223372036854775807, %s) "
+        "FROM unnest(%s::text[]) a", (shards, list(ids))).fetchall()]
 
 
 def switch_to_poll(conn: psycopg.Connection[Any], schema: str, *, wait_s: float,
-                   progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
+                   progress: Callable[[dict[str, int]], None] | None = None,
+                   force: bool = False) -> dict[str, int]:
     """Make outbox_emit write rows (at once), wait up to ``wait_s`` until no slot holds an
     event as a message (the WAL relays publish them meanwhile), then drop the slots. Returns
-    the messages still held per slot: empty when the switch is complete."""
+    the messages still held per slot: empty when the switch is complete; with ``force`` the
+    slots are dropped anyway and the figures are the events lost."""
     s = sql.Identifier(schema)
     if not has_wal_tables(conn, schema):
         return {}
@@ -236,7 +249,7 @@ def switch_to_poll(conn: psycopg.Connection[Any], schema: str, *, wait_s: float,
         held: dict[str, int] = {}
         for st in slot_states(conn, schema):
             if st.exists:
-                n = pending_messages(conn, schema, st.slot_name)
+                n = pending_messages(conn, schema, st)
                 if n:
                     held[st.slot_name] = n
         if not held:
@@ -244,15 +257,24 @@ def switch_to_poll(conn: psycopg.Connection[Any], schema: str, *, wait_s: float,
         if progress is not None:
             progress(held)
         if time.monotonic() >= deadline:
-            return held
+            if not force:
+                return held
+            break
         time.sleep(1.0)
     for st in slot_states(conn, schema):
         if st.exists:
-            try:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (st.slot_name,))
-            except psycopg.errors.ObjectInUse:
-                time.sleep(0.5)  # a relay's peek holds it for a moment
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (st.slot_name,))
+            _drop_slot(conn, st.slot_name)
     with conn.transaction():
         conn.execute(sql.SQL("DELETE FROM {}.wal_slots").format(s))
-    return {}
+    return held
+
+
+def _drop_slot(conn: psycopg.Connection[Any], name: str) -> None:
+    for attempt in range(50):
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            return
+        except psycopg.errors.ObjectInUse:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)  # a relay's peek holds it for a moment

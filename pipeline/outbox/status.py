@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from pipeline.outbox.engine import SlotState, current_engine, slot_states
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class OutboxStatus:
     backlog_rows: int
     oldest_unpublished_age_s: float | None
     shards: list[ShardState]
+    # what outbox_emit writes for (relay.engine), and the WAL engine's replication slots
+    engine: str = "poll"
+    slots: list[SlotState] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,7 +72,8 @@ def outbox_status(conn: Any, schema: str) -> OutboxStatus:
             ).format(s)
         ).fetchall()
     ]
-    return OutboxStatus(version, int(row[0]), None if row[1] is None else float(row[1]), shards)
+    return OutboxStatus(version, int(row[0]), None if row[1] is None else float(row[1]), shards,
+                        current_engine(conn, schema)[0], slot_states(conn, schema))
 
 
 class BacklogProbe:
@@ -81,6 +87,7 @@ class BacklogProbe:
         self._at = 0.0
         self._rows = 0.0
         self._age = 0.0
+        self._slots: list[SlotState] = []
         self._lock = threading.Lock()
 
     def _refresh(self) -> None:
@@ -101,10 +108,12 @@ class BacklogProbe:
                             "min(occurred_at)), 0) FROM {}.outbox"
                         ).format(sql.Identifier(self.schema))
                     ).fetchone()
+                    slots = slot_states(conn, self.schema)
             except psycopg.Error:
                 return  # keep the last figures; the relay's own log says what is wrong
             if row is not None:
                 self._rows, self._age = float(row[0]), float(row[1])
+            self._slots = slots
 
     def _refresh_mariadb(self) -> None:
         from pipeline import mariadb
@@ -124,3 +133,15 @@ class BacklogProbe:
     def oldest_age(self) -> list[tuple[float, dict[str, Any]]]:
         self._refresh()
         return [(self._age, {})]
+
+    def slot_retained_bytes(self) -> list[tuple[float, dict[str, Any]]]:
+        """WAL the server keeps for each WAL-engine slot (relay.engine: wal)."""
+        self._refresh()
+        return [(float(s.retained_bytes or 0), {"slot": s.slot_name, "shard": s.shard})
+                for s in self._slots if s.exists]
+
+    def slot_lag_bytes(self) -> list[tuple[float, dict[str, Any]]]:
+        """WAL written since each slot's confirmed position: what its relay has not read."""
+        self._refresh()
+        return [(float(s.lag_bytes or 0), {"slot": s.slot_name, "shard": s.shard})
+                for s in self._slots if s.exists]

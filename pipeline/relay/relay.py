@@ -189,6 +189,8 @@ class Relay:
             m.observe("pipeline.relay.leader", self._gauges),
             m.observe("pipeline.outbox.backlog", backlog.rows),
             m.observe("pipeline.outbox.oldest_age", backlog.oldest_age),
+            m.observe("pipeline.relay.wal.retained", backlog.slot_retained_bytes),
+            m.observe("pipeline.relay.wal.lag", backlog.slot_lag_bytes),
         ]
         health = self._health_server()
         try:

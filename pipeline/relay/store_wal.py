@@ -260,10 +260,7 @@ class WalRelayStore(RelayStore):
 
     def _shards_of(self, ids: set[str]) -> dict[str, int]:
         """The shard of each aggregate id, by the same hash as the polling relay's."""
-        got = self._c().execute(
-            "SELECT a, mod(hashtextextended(a, 0) & 9223372036854775807, %s) "
-            "FROM unnest(%s::text[]) a", (self.shards, list(ids))).fetchall()
-        return {str(a): int(k) for a, k in got}
+        return dict(engine.shards_of(self._c(), ids, self.shards))
 
     def _row(self, ev: WalEvent) -> OutboxRow:
         fp = self._fingerprints.get(ev.event_type)

@@ -344,3 +344,44 @@ def test_a_role_without_replication_gets_the_grant_it_needs(installed: Settings,
             conn.execute("ALTER TABLE pipeline.outbox OWNER TO CURRENT_USER")
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+# -- 10. the CLI ---------------------------------------------------------------------------------
+def test_engine_cli_switches_shows_slots_and_refuses_to_lose_events(installed: Settings):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    url = _url(installed)
+    env = {"PIPELINE_DATABASE__URL": url, "PIPELINE_RELAY__SHARDS": "2"}
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(main, ["--config", os.devnull, "outbox", *args], env=env,
+                                  catch_exceptions=False)
+
+    r = cli("engine")
+    assert r.exit_code == 0 and "engine poll" in r.output and "wal slot" not in r.output
+    r = cli("engine", "wal")
+    assert r.exit_code == 0, r.output
+    assert "engine wal" in r.output
+    assert r.output.count("wal slot ") == 2 and "(shard 1/2)" in r.output
+    with psycopg.connect(url) as conn:  # messages now, which no relay reads
+        emit(conn, "order", "SO-1", "order.status_changed",
+             {"order_id": "x", "from_status": "DRAFT", "to_status": "CONFIRMED",
+              "changed_at": "2026-12-02T10:00:00+00:00"})
+        conn.commit()
+    assert outbox_count(url) == 0
+    r = cli("status")
+    assert r.exit_code == 0 and "engine            wal" in r.output
+    assert "retained" in r.output and "lag" in r.output
+    r = cli("engine", "poll", "--wait", "1")
+    assert r.exit_code == 1
+    assert "still hold events" in r.output and ": 1" in r.output and "--force" in r.output
+    with psycopg.connect(url, autocommit=True) as conn:  # rows already, the slots kept
+        assert current_engine(conn, "pipeline") == ("poll", True)
+        assert len(slot_states(conn, "pipeline")) == 2
+    r = cli("engine", "poll", "--wait", "0", "--force")
+    assert r.exit_code == 0, r.output
+    assert "1 lost" in r.output and "engine poll" in r.output
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert slot_states(conn, "pipeline") == []

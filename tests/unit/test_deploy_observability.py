@@ -30,6 +30,8 @@ KNOWN_METRICS = frozenset({
     "pipeline_outbox_backlog",
     "pipeline_outbox_oldest_age_seconds",
     "pipeline_relay_leader",
+    "pipeline_relay_wal_retained_bytes",
+    "pipeline_relay_wal_lag_bytes",
     "pipeline_parked_keys",
     "pipeline_stalled_keys",
     "pipeline_breaker_state",
@@ -39,7 +41,7 @@ KNOWN_METRICS = frozenset({
 KNOWN_LABELS = frozenset({
     "messaging_consumer_group_name", "messaging_destination_name",
     "messaging_destination_partition_id", "messaging_system", "outcome", "error_type", "tier",
-    "shard", "messaging_operation_name",
+    "shard", "slot", "messaging_operation_name",
     "le",  # histogram buckets
     "job", "instance",  # added by the scrape
 })
