@@ -151,6 +151,9 @@ def run_relay_bench(
                                                       repeat=repeat, shards=shards)}
             return {**base, "mode": "versus-debezium",
                     **run_versus_debezium(s, events=events, repeat=repeat, shards=shards)}
+        if vs == "wal":
+            return {**base, "mode": "versus-wal-engine",
+                    **_versus_wal(s, conninfo, events, repeat, rate, seconds)}
         if rate:
             return {**base, "mode": "latency", **_latency(s, rate, seconds, repeat)}
         return {**base, "mode": "throughput", **_throughput(s, conninfo, schema, events, repeat)}
@@ -171,13 +174,14 @@ def _postgres_cpu_s() -> float:
 def _drain_once(
     s: Settings, conninfo: str, schema: str, events: int, *, encoded: bool
 ) -> dict[str, float]:
+    relay = Relay(s)
+    relay.store.connect()
+    relay.store.try_lead()
+    relay.store.check_engine()  # the WAL engine makes its slot here: before the writes
     with psycopg.connect(conninfo) as conn:
         size = _prewrite(conn, schema, events, encoded=encoded)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f"VACUUM ANALYZE {schema}.outbox")  # as autovacuum would, between runs
-    relay = Relay(s)
-    relay.store.connect()
-    relay.store.try_lead()
     relay.step()  # warm-up: topic creation and producer connection, not timed
     relay._settle()
     rest = events - relay.stats.published
@@ -237,6 +241,63 @@ def _throughput(
         "ratio_to_baseline": round(enc["events_per_s"] / base, 3),
         "jsonb_ratio_to_baseline": round(js["events_per_s"] / base, 3),
     }
+
+
+def _versus_wal(s: Settings, conninfo: str, events: int, repeat: int, rate: int | None,
+                seconds: float) -> dict[str, Any]:
+    """Both engines on the same server and broker, runs alternated: the polling relay over
+    rows (schema ``<schema>``) and the WAL relay over messages (schema ``<schema>_wal``: its
+    outbox_emit writes WAL messages once its slot exists). Rows encoded by their writer, as
+    ``emit()`` writes them, for both."""
+    schema = s.database.schema_name
+    wal_schema = f"{schema}_wal"
+    with psycopg.connect(conninfo) as conn:
+        install(conn, wal_schema)
+    wal = s.model_copy(update={
+        "database": s.database.model_copy(update={"schema_name": wal_schema}),
+        "relay": s.relay.model_copy(update={"engine": "wal"}),
+    })
+    poll = s.model_copy(update={"relay": s.relay.model_copy(update={"engine": "poll"})})
+    try:
+        if rate:
+            poll_lat = _latency(poll, rate, seconds, repeat)
+            wal_lat = _latency(wal, rate, seconds, repeat)
+            return {
+                "rate": rate, "seconds": seconds,
+                "poll": {k: poll_lat[k] for k in ("latency_ms", "achieved_rate",
+                                                  "rate_reached", "verdict")},
+                "wal": {k: wal_lat[k] for k in ("latency_ms", "achieved_rate",
+                                                "rate_reached", "verdict")},
+                "p99_ratio_wal_to_poll": round(
+                    wal_lat["latency_ms"]["p99"] / max(poll_lat["latency_ms"]["p99"], 1e-9), 3),
+            }
+        poll_runs, wal_runs = [], []
+        for _ in range(repeat):
+            poll_runs.append(_drain_once(poll, conninfo, schema, events, encoded=True))
+            wal_runs.append(_drain_once(wal, conninfo, wal_schema, events, encoded=True))
+        p, w = _summary(poll_runs), _summary(wal_runs)
+        return {
+            "events": events,
+            "poll": p,
+            "wal": w,
+            "ratio_wal_to_poll": round(w["events_per_s"] / p["events_per_s"], 3),
+            "wal_rows_inserted": _rows_inserted(conninfo, wal_schema),
+        }
+    finally:
+        from pipeline.outbox.engine import switch_to_poll
+
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            switch_to_poll(conn, wal_schema, wait_s=0, force=True)  # no slot left behind
+
+
+def _rows_inserted(conninfo: str, schema: str) -> int:
+    """Rows ever inserted into the WAL-engine outbox's table: 0 when every event was a
+    message."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        row = conn.execute("SELECT n_tup_ins FROM pg_stat_user_tables WHERE schemaname = %s "
+                           "AND relname = 'outbox'", (schema,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _latency(s: Settings, rate: int, seconds: float, repeat: int) -> dict[str, Any]:

@@ -53,10 +53,11 @@ def _echo(ctx: Context, result: dict[str, Any], as_json: bool) -> None:
 )
 @click.option("--transactions", type=click.Choice(["auto", "on", "off"]), default=None,
               help="the relay's Kafka transactions [default: kafka.transactions]")
-@click.option("--vs", type=click.Choice(["debezium", "mariadb"]), default=None,
+@click.option("--vs", type=click.Choice(["debezium", "mariadb", "wal"]), default=None,
               help="side by side with Debezium 3.6.1 (embedded engine, pgoutput, outbox "
-                   "EventRouter) on the same server and broker, needs Java 17+ and Maven; or "
-                   "mariadb: the relay on a MariaDB outbox beside the PostgreSQL one")
+                   "EventRouter) on the same server and broker, needs Java 17+ and Maven; "
+                   "mariadb: the relay on a MariaDB outbox beside the PostgreSQL one; wal: "
+                   "the WAL engine (relay.engine: wal) beside the polling one")
 @click.option("--shards", type=int, default=1, show_default=True,
               help="with --vs: relay shards, one process each (relay.shards)")
 @click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
