@@ -17,7 +17,6 @@ tables) is passed over. Message layouts: PostgreSQL's "Logical Replication Messa
 
 from __future__ import annotations
 
-import base64
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -184,20 +183,18 @@ class Decoder:
 
 def message_event(content: bytes) -> WalEvent:
     """An event as ``outbox_emit`` writes it in a message (migration 0005): the envelope as one
-    JSON array line, the payload's jsonb text, the headers' jsonb text."""
+    JSON array line, a line of the payload's jsonb text, one of the headers', then the Avro
+    bytes its writer made (nothing when it made none)."""
     try:
-        envelope, payload, headers = content.split(b"\n", 2)
-        (id_, event_id, aggregate_type, aggregate_id, version, event_type, occurred_at,
-         encoded_b64) = orjson.loads(envelope)
+        envelope, payload, headers, encoded = content.split(b"\n", 3)
+        (id_, event_id, aggregate_type, aggregate_id, version, event_type,
+         occurred_at) = orjson.loads(envelope)
     except ValueError as exc:
         raise DecodeError(f"an outbox message that is not what outbox_emit writes: {exc}") \
             from exc
     return WalEvent(
-        id=int(id_), event_id=str(event_id), aggregate_type=str(aggregate_type),
-        aggregate_id=str(aggregate_id), aggregate_version=int(version),
-        event_type=str(event_type), payload_text=payload.decode(),
-        headers_text=headers.decode(), occurred_at=str(occurred_at),
-        encoded=base64.b64decode(encoded_b64) if encoded_b64 else None, from_table=False,
+        int(id_), event_id, aggregate_type, aggregate_id, int(version), event_type,
+        payload.decode(), headers.decode(), occurred_at, encoded or None, False,
     )
 
 

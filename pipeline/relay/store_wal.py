@@ -264,16 +264,20 @@ class WalRelayStore(RelayStore):
 
     def _row(self, ev: WalEvent) -> OutboxRow:
         fp = self._fingerprints.get(ev.event_type)
-        passes = ev.encoded is not None and fp is not None and ev.encoded[2:10] == fp
-        row = OutboxRow.from_stored(
+        if ev.encoded is not None and fp is not None and ev.encoded[2:10] == fp:
+            # passed through as its writer encoded it; a dead letter of it shows the readable
+            # payload, which the slot carries
+            if ev.headers_text == "{}":
+                return OutboxRow(ev.id, ev.event_id, ev.aggregate_type, ev.aggregate_id,
+                                 ev.aggregate_version, ev.event_type, None, {},
+                                 ev.occurred_at, ev.payload_text, None, ev.encoded)
+            row = OutboxRow.from_stored(
+                ev.id, ev.event_id, ev.aggregate_type, ev.aggregate_id, ev.aggregate_version,
+                ev.event_type, None, ev.headers_text, ev.occurred_at, ev.encoded)
+            return dataclasses.replace(row, payload_text=ev.payload_text)
+        return OutboxRow.from_stored(
             ev.id, ev.event_id, ev.aggregate_type, ev.aggregate_id, ev.aggregate_version,
-            ev.event_type, None if passes else ev.payload_text, ev.headers_text,
-            ev.occurred_at, ev.encoded if passes else None,
-        )
-        if passes:
-            # a dead letter of this event shows its readable payload, which the slot carries
-            row = dataclasses.replace(row, payload_text=ev.payload_text)
-        return row
+            ev.event_type, ev.payload_text, ev.headers_text, ev.occurred_at)
 
     # -- completing ---------------------------------------------------------------------------
     def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:

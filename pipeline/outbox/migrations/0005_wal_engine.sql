@@ -78,16 +78,17 @@ BEGIN
             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
                                WHERE s.slot_name = w.slot_name
                                  AND s.database = current_database())) THEN
-        -- One line of JSON (the envelope: no decimal in it), the payload's jsonb text, the
-        -- headers' jsonb text; jsonb text never holds a raw newline.
+        -- One line of JSON (the envelope: no decimal in it), a line of the payload's jsonb
+        -- text, one of the headers' (jsonb text never holds a raw newline), then the Avro
+        -- bytes as they are (none when the writer did not encode).
         PERFORM pg_logical_emit_message(true, '{schema}.outbox', convert_to(
             json_build_array(nextval('{schema}.outbox_id_seq'),
                              coalesce(outbox_emit.event_id, gen_random_uuid()),
                              outbox_emit.aggregate_type, outbox_emit.aggregate_id, v,
-                             outbox_emit.event_type, clock_timestamp(),
-                             encode(outbox_emit.encoded, 'base64'))::text
+                             outbox_emit.event_type, clock_timestamp())::text
             || E'\n' || outbox_emit.payload::text
-            || E'\n' || coalesce(outbox_emit.headers, '{}')::text, 'UTF8'));
+            || E'\n' || coalesce(outbox_emit.headers, '{}')::text || E'\n', 'UTF8')
+            || coalesce(outbox_emit.encoded, '\x'::bytea));
     ELSE
         INSERT INTO {schema}.outbox (event_id, aggregate_type, aggregate_id, aggregate_version,
                                      event_type, payload, headers, encoded)
