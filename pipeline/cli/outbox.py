@@ -174,8 +174,6 @@ def _capture_profile(ctx: Context, name: str, erp_schema: str, drop: bool,
                f"→ {topics}")
 
 
-COMMANDS = [outbox]
-
 
 def _slot_line(slot: SlotState) -> str:
     if not slot.exists:
@@ -249,3 +247,6 @@ def engine_cmd(ctx: Context, switch_to: str | None, wait_s: float, force: bool) 
                                        if pinned and mode == "poll" else ""))
         for slot in engine.slot_states(conn, schema):
             click.echo(_slot_line(slot))
+
+
+COMMANDS = [outbox]
