@@ -224,19 +224,24 @@ def engine_cmd(ctx: Context, switch_to: str | None, wait_s: float, force: bool) 
             click.echo(f"outbox_emit now writes WAL messages into slot(s) {', '.join(names)}; "
                        "run the relays with relay.engine: wal")
         elif switch_to == "poll":
-            def progress(held: dict[str, int]) -> None:
-                click.echo("waiting for the WAL relays to publish: " + ", ".join(
-                    f"{n} event(s) in {slot}" for slot, n in sorted(held.items())), err=True)
+            shown: set[str] = set()
+
+            def progress(waiting: dict[str, int]) -> None:
+                line = ", ".join(f"{what}: {n}" for what, n in sorted(waiting.items()))
+                if line not in shown:  # once each, not every half second
+                    shown.add(line)
+                    click.echo(f"waiting for {line}", err=True)
 
             held = engine.switch_to_poll(conn, schema, wait_s=wait_s, progress=progress,
                                          force=force)
             if held and not force:
                 raise click.ClickException(
-                    "outbox_emit writes rows again, but slot(s) still hold events the WAL "
-                    "relays have not published: " + ", ".join(
-                        f"{slot}: {n}" for slot, n in sorted(held.items()))
-                    + ". Keep the relays (relay.engine: wal) running and run this again; "
-                    "--force drops the slots and loses those events")
+                    "outbox_emit writes rows again, but the slots still hold events the WAL "
+                    "relays have not published, or may get them: " + ", ".join(
+                        f"{what}: {n}" for what, n in sorted(held.items()))
+                    + ". Keep the relays (relay.engine: wal) running (and let those "
+                    "transactions end), then run this again; --force drops the slots and "
+                    "loses the events still in them")
             if held:
                 click.echo("dropped the slots with events still in them (--force): " + ", ".join(
                     f"{slot}: {n} lost" for slot, n in sorted(held.items())), err=True)

@@ -11,6 +11,7 @@ drops them (migration 0005 holds the tables).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -22,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger("pipeline.outbox")
 
@@ -142,21 +143,41 @@ def ensure_publication(conn: psycopg.Connection[Any], schema: str) -> None:
         ) from exc
 
 
-def switch_to_wal(conn: psycopg.Connection[Any], schema: str, names: list[str]) -> int:
+def live_slots(conn: psycopg.Connection[Any]) -> set[str]:
+    """Slots that can decode: a slot is listed as soon as its creation begins, and has a
+    confirmed position only once it ends."""
+    return {str(r[0]) for r in conn.execute(
+        "SELECT slot_name FROM pg_catalog.pg_replication_slots "
+        "WHERE confirmed_flush_lsn IS NOT NULL").fetchall()}
+
+
+def switch_to_wal(conn: psycopg.Connection[Any], schema: str, names: list[str]
+                  ) -> dict[str, int]:
     """Make every shard's slot, then register them all and make outbox_emit write messages,
-    in one transaction. Returns the boundary: rows up to this id may predate the slots."""
+    in one transaction; one switch at a time (every shard's relay may try at once). Returns
+    each slot's boundary: rows up to it may predate the slot (drained from the table first)."""
     require_wal_ready(conn, schema)
     ensure_publication(conn, schema)
+    lock = f"{schema}:wal-switch"
+    conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock,))
+    try:
+        return _switch_to_wal(conn, schema, names)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock,))
+
+
+def _switch_to_wal(conn: psycopg.Connection[Any], schema: str, names: list[str]
+                   ) -> dict[str, int]:
     existing = {str(r[0]) for r in conn.execute(
         "SELECT slot_name FROM pg_catalog.pg_replication_slots").fetchall()}
+    created: set[str] = set()
     for name in names:
         if name in existing:
             continue
         try:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+            created.add(name)
             log.info("created replication slot %s", name)
-        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-            pass  # another shard's relay made it meanwhile
         except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(
                 f"this database role cannot create replication slot {name}: "
@@ -171,39 +192,57 @@ def switch_to_wal(conn: psycopg.Connection[Any], schema: str, names: list[str]) 
             ) from exc
     s = sql.Identifier(schema)
     with conn.transaction():
-        # one switch at a time (every shard's relay may try at once)
         row = conn.execute(
             sql.SQL("SELECT engine FROM {}.outbox_engine FOR UPDATE").format(s)).fetchone()
-        registered = [str(r[0]) for r in conn.execute(
-            sql.SQL("SELECT slot_name FROM {}.wal_slots").format(s)).fetchall()]
-        live = {str(r[0]) for r in conn.execute(
-            "SELECT slot_name FROM pg_catalog.pg_replication_slots").fetchall()}
-        emitting = (row is not None and row[0] == "wal" and sorted(registered) == sorted(names)
-                    and all(n in live for n in names))
-        if not emitting:
-            # Switched by this transaction. The boundary is read after every slot exists:
-            # a row with a larger id is decoded by them. Never moved while messages are
-            # written: a row drained first must not overtake an earlier message.
+        registered = {str(r[0]): int(r[1]) for r in conn.execute(
+            sql.SQL("SELECT slot_name, boundary FROM {}.wal_slots").format(s)).fetchall()}
+        unusable = sorted(set(names) - live_slots(conn))
+        if unusable:
+            raise DatabaseUnavailable(
+                f"replication slot(s) {', '.join(unusable)} exist but cannot decode yet (being "
+                "made by another process?); the relay tries again")
+        if not (row is not None and row[0] == "wal" and set(registered) == set(names)):
+            # Switched by this transaction. A new slot's boundary is read after it exists: a
+            # row with a larger id is decoded by it. A registered slot's is never moved: a row
+            # drained first must not overtake an earlier message still in that slot.
             conn.execute(
                 sql.SQL("DELETE FROM {}.wal_slots WHERE slot_name <> ALL(%s)").format(s),
                 (names,))
             seq = conn.execute(
                 sql.SQL("SELECT last_value FROM {}.outbox_id_seq").format(s)).fetchone()
+            now = int(seq[0]) if seq else 0
             for k, name in enumerate(names):
+                fresh = name in created or name not in registered
                 conn.execute(
                     sql.SQL("INSERT INTO {}.wal_slots (slot_name, shard, shards, boundary) "
-                            "VALUES (%s, %s, %s, %s) ON CONFLICT (slot_name) DO UPDATE SET "
-                            "boundary = excluded.boundary").format(s),
-                    (name, k, len(names), int(seq[0]) if seq else 0),
+                            "VALUES (%s, %s, %s, %s) ON CONFLICT (slot_name) DO "
+                            + ("UPDATE SET boundary = excluded.boundary" if fresh
+                               else "NOTHING")).format(s),
+                    (name, k, len(names), now),
                 )
             conn.execute(sql.SQL("UPDATE {}.outbox_engine SET engine = 'wal', pinned = false, "
                                  "changed_at = now()").format(s))
-        got = conn.execute(sql.SQL("SELECT min(boundary) FROM {}.wal_slots").format(s)).fetchone()
-    boundary = int(got[0]) if got and got[0] is not None else 0
-    if not emitting:
-        log.info("the outbox now writes events as WAL messages into slots %s (rows up to id "
-                 "%d are published from the table first)", ", ".join(names), boundary)
-    return boundary
+            log.info("the outbox now writes events as WAL messages into slots %s",
+                     ", ".join(names))
+        return {str(r[0]): int(r[1]) for r in conn.execute(
+            sql.SQL("SELECT slot_name, boundary FROM {}.wal_slots").format(s)).fetchall()}
+
+
+def on_slot(conn: psycopg.Connection[Any], slot: str, query: str, params: tuple[Any, ...]
+            ) -> list[Any]:
+    """A call that takes the slot (a peek, an advance): another process holding it for a
+    moment is waited for (5 s)."""
+    for attempt in range(50):
+        try:
+            return conn.execute(query, params).fetchall()
+        except psycopg.errors.ObjectInUse as exc:
+            if attempt == 49:
+                raise DatabaseUnavailable(
+                    f"replication slot {slot} is held by another process for 5 s "
+                    f"({exc.diag.message_primary}): is something else reading it? (SELECT "
+                    "active_pid FROM pg_replication_slots)") from exc
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def pending_messages(conn: psycopg.Connection[Any], schema: str, st: SlotState) -> int:
@@ -211,11 +250,11 @@ def pending_messages(conn: psycopg.Connection[Any], schema: str, st: SlotState) 
     confirmed by its relay), counted in the first ``_PEEK_ROWS`` rows of it."""
     from pipeline.relay.pgoutput import Decoder
 
-    rows = conn.execute(
+    rows = on_slot(
+        conn, st.slot_name,
         "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, "
         "%s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
-        (st.slot_name, _PEEK_ROWS, publication(schema)),
-    ).fetchall()
+        (st.slot_name, _PEEK_ROWS, publication(schema)))
     ids = [ev.aggregate_id for t in Decoder(schema).transactions(rows) for ev in t.events
            if not ev.from_table]
     if st.shards == 1 or not ids:
@@ -234,47 +273,67 @@ def shards_of(conn: psycopg.Connection[Any], ids: set[str], shards: int) -> list
 def switch_to_poll(conn: psycopg.Connection[Any], schema: str, *, wait_s: float,
                    progress: Callable[[dict[str, int]], None] | None = None,
                    force: bool = False) -> dict[str, int]:
-    """Make outbox_emit write rows (at once), wait up to ``wait_s`` until no slot holds an
-    event as a message (the WAL relays publish them meanwhile), then drop the slots. Returns
-    the messages still held per slot: empty when the switch is complete; with ``force`` the
-    slots are dropped anyway and the figures are the events lost."""
+    """Make outbox_emit write rows (at once), then wait up to ``wait_s`` until (1) every
+    transaction open before the switch has ended (one may have written a message, or still
+    will under REPEATABLE READ) and (2) every slot's relay has confirmed past the WAL written
+    until then; then unregister the slots (so no relay makes them again) and drop them.
+    Returns what still held the switch when it timed out: empty when it completed; with
+    ``force`` the slots are dropped anyway and the figures are the events lost."""
     s = sql.Identifier(schema)
     if not has_wal_tables(conn, schema):
         return {}
     with conn.transaction():
         conn.execute(sql.SQL("UPDATE {}.outbox_engine SET engine = 'poll', pinned = true, "
                              "changed_at = now()").format(s))
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    switched_at = row[0]
     deadline = time.monotonic() + wait_s
+    held: dict[str, int] = {}
     while True:
-        held: dict[str, int] = {}
-        for st in slot_states(conn, schema):
-            if st.exists:
-                n = pending_messages(conn, schema, st)
-                if n:
-                    held[st.slot_name] = n
-        if not held:
+        old = [int(r[0]) for r in conn.execute(
+            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND xact_start < %s ORDER BY pid",
+            (switched_at,)).fetchall()]
+        if not old:
             break
-        if progress is not None:
-            progress(held)
+        held = {"transactions open since before the switch (pid "
+                + ", ".join(map(str, old[:5])) + ("…" if len(old) > 5 else "") + ")": len(old)}
         if time.monotonic() >= deadline:
             if not force:
                 return held
             break
-        time.sleep(1.0)
-    for st in slot_states(conn, schema):
-        if st.exists:
-            _drop_slot(conn, st.slot_name)
+        if progress is not None:
+            progress(held)
+        time.sleep(0.2)
+    row = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+    assert row is not None
+    written = row[0]
+    while True:
+        behind = [st for st in slot_states(conn, schema) if st.exists and conn.execute(
+            "SELECT confirmed_flush_lsn < %s FROM pg_catalog.pg_replication_slots "
+            "WHERE slot_name = %s", (written, st.slot_name)).fetchone() == (True,)]
+        if not behind:
+            held = {}
+            break
+        if time.monotonic() >= deadline:
+            held = {st.slot_name: n for st in behind
+                    if (n := pending_messages(conn, schema, st))}
+            if held and not force:
+                return held
+            break
+        if progress is not None:
+            progress({st.slot_name: int(st.lag_bytes or 0) for st in behind})
+        time.sleep(0.5)
+    states = slot_states(conn, schema)
     with conn.transaction():
         conn.execute(sql.SQL("DELETE FROM {}.wal_slots").format(s))
+    for st in states:
+        if st.exists:
+            _drop_slot(conn, st.slot_name)
     return held
 
 
 def _drop_slot(conn: psycopg.Connection[Any], name: str) -> None:
-    for attempt in range(50):
-        try:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-            return
-        except psycopg.errors.ObjectInUse:
-            if attempt == 49:
-                raise
-            time.sleep(0.1)  # a relay's peek holds it for a moment
+    with contextlib.suppress(psycopg.errors.UndefinedObject):  # gone already
+        on_slot(conn, name, "SELECT pg_drop_replication_slot(%s)", (name,))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from pipeline.errors import PermanentError
+
 _I32 = struct.Struct(">i")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -33,8 +35,9 @@ _ROW_COLUMNS = ("id", "event_id", "aggregate_type", "aggregate_id", "aggregate_v
                 "event_type", "payload", "headers", "occurred_at", "encoded")
 
 
-class DecodeError(Exception):
-    """A pgoutput message this reader cannot read (a protocol it does not know)."""
+class DecodeError(PermanentError):
+    """A pgoutput message this reader cannot read (a protocol it does not know): the relay
+    stops there, naming the LSN, rather than pass over an event."""
 
 
 def lsn_text(lsn: int) -> str:
@@ -99,27 +102,32 @@ class Decoder:
         events (possibly none: a transaction of other tables' inserts). A transaction cut off
         by the end of ``rows`` is not yielded."""
         current: Transaction | None = None
-        for _lsn, xid, data in rows:
-            data = bytes(data)
-            kind = data[:1]
-            if kind == b"B":
-                current = Transaction(int(str(xid)) if xid is not None else 0, 0)
-            elif kind == b"C":
-                # Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit timestamp
-                end = _U64.unpack_from(data, 10)[0]
-                if current is not None:
-                    current.commit_lsn = end
-                    for done in current.events:
-                        done.commit_lsn = end
-                    yield current
-                current = None
-            elif kind in (b"M", b"I"):
-                ev = self._message(data) if kind == b"M" else self._insert(data)
-                if ev is not None and current is not None:
-                    current.events.append(ev)
-            elif kind == b"R":
-                self._relation(data)
-            # Y (type), O (origin), T (truncate), U/D (not published): nothing to do
+        lsn: object = None
+        xid: object = None
+        try:
+            for lsn, xid, raw in rows:  # noqa: B007 - named in the error below
+                data = bytes(raw)
+                kind = data[:1]
+                if kind == b"B":
+                    current = Transaction(int(str(xid)) if xid is not None else 0, 0)
+                elif kind == b"C":
+                    # Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit timestamp
+                    end = _U64.unpack_from(data, 10)[0]
+                    if current is not None:
+                        current.commit_lsn = end
+                        for done in current.events:
+                            done.commit_lsn = end
+                        yield current
+                    current = None
+                elif kind in (b"M", b"I"):
+                    ev = self._message(data) if kind == b"M" else self._insert(data)
+                    if ev is not None and current is not None:
+                        current.events.append(ev)
+                elif kind == b"R":
+                    self._relation(data)
+                # Y (type), O (origin), T (truncate), U/D (not published): nothing to do
+        except (DecodeError, ValueError, IndexError, struct.error) as exc:
+            raise DecodeError(f"the change at LSN {lsn} (xid {xid}): {exc}") from exc
 
     # -- messages ---------------------------------------------------------------------------
     def _message(self, data: bytes) -> WalEvent | None:

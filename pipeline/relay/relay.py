@@ -516,7 +516,10 @@ class Relay:
         of each partition, and further back to the previous leader's last activity (minus a
         margin for clock differences): other shards' leaders keep writing into the same
         partitions and could push a dead leader's unconfirmed records out of a count window."""
-        types = self.store.pending_aggregate_types()
+        types = set(self.store.pending_aggregate_types())
+        if self.cfg.engine == "wal":
+            # a slot's head may hold events of any type not yet confirmed: read every topic
+            types |= set(self.settings.topics.aggregate_types)
         if not types:
             return
         self._ensure_topics(set(types))

@@ -259,6 +259,10 @@ class RelayStore(ReadBackRows):
             if ids:
                 conn.execute(self._delete, (_int_array(ids),))
             conn.execute(self._state, (self.shard, leader, published, published, dead_lettered))
+            self._record_progress(conn)
+
+    def _record_progress(self, conn: psycopg.Connection[Any]) -> None:
+        """More to keep with a completed batch, in its transaction (the WAL engine's position)."""
 
     def wait(self, timeout: float) -> None:
         """Block until a NOTIFY arrives or ``timeout`` passes (the poll backstop)."""

@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import psycopg
@@ -38,7 +39,7 @@ from psycopg import sql
 from pipeline.errors import ConfigError, DatabaseUnavailable
 from pipeline.outbox import engine
 from pipeline.relay.envelope import OutboxRow
-from pipeline.relay.pgoutput import Decoder, Transaction, WalEvent, lsn_text, parse_lsn
+from pipeline.relay.pgoutput import DecodeError, Decoder, Transaction, WalEvent, lsn_text, parse_lsn
 from pipeline.relay.store import RelayStore, _int_array
 
 log = logging.getLogger("pipeline.relay")
@@ -52,6 +53,8 @@ _ROWS_PER_EVENT = 3
 class _Batch:
     last_id: int
     lsn: int  # where the slot may stand once this batch is in Kafka
+    # the batch ends inside a transaction larger than a batch: (its end LSN, the last id sent)
+    carry: tuple[int, int] | None = None
 
 
 class WalRelayStore(RelayStore):
@@ -86,6 +89,9 @@ class WalRelayStore(RelayStore):
         self._table_rows: set[int] = set()  # handed-out events that are rows (to delete)
         self._skip: set[int] = set()  # positions the read-back found in Kafka
         self._skipped = 0
+        # (end LSN, id): a transaction published in parts before the last stop, up to the id
+        self._resume: tuple[int, int] | None = None
+        self._progress: tuple[int, tuple[int, int] | None] | None = None
 
     # -- connection and slots -----------------------------------------------------------------
     def connect(self) -> None:
@@ -113,9 +119,8 @@ class WalRelayStore(RelayStore):
                 "pipeline outbox engine wal with the new relay.shards"
             )
         mine = {int(r[1]): (str(r[0]), int(r[3])) for r in registered}
-        existing = {str(r[0]) for r in conn.execute(
-            "SELECT slot_name FROM pg_catalog.pg_replication_slots").fetchall()}
-        lost = sorted(name for name, _b in mine.values() if name not in existing)
+        live = engine.live_slots(conn)
+        lost = sorted(name for name, _b in mine.values() if name not in live)
         mode, pinned = engine.current_engine(conn, self.schema)
         if len(mine) == self.shards and not lost:
             self.slot, self._boundary = mine[self.shard]
@@ -124,7 +129,7 @@ class WalRelayStore(RelayStore):
                     "the outbox is switched to rows (pipeline outbox engine poll): this relay "
                     "publishes what is left in slot %s and the rows written since",
                     self.slot, extra={"shard": self.shard})
-        elif pinned and not registered:
+        elif pinned:
             raise ConfigError(
                 f"the outbox in schema {self.schema} was switched to polling (pipeline outbox "
                 "engine poll): run the relay with relay.engine: poll, or switch to the WAL "
@@ -139,17 +144,40 @@ class WalRelayStore(RelayStore):
                     "are published); making new slots", ", ".join(lost),
                     extra={"shard": self.shard})
             names = engine.slot_names(conn, self.schema, self.shards, self.slot_prefix)
-            self._boundary = engine.switch_to_wal(conn, self.schema, names)
             self.slot = names[self.shard]
+            self._boundary = engine.switch_to_wal(conn, self.schema, names)[self.slot]
         engine.ensure_publication(conn, self.schema)
         row = conn.execute(
             "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots "
             "WHERE slot_name = %s", (self.slot,)).fetchone()
-        if row is None:
+        if row is None or row[0] is None:
             raise DatabaseUnavailable(f"replication slot {self.slot} vanished while starting")
         self._confirmed = self._read_lsn = parse_lsn(str(row[0]))
-        log.info("relay reads replication slot %s from %s", self.slot, row[0],
-                 extra={"shard": self.shard})
+        self._catch_up_to_recorded()
+        log.info("relay reads replication slot %s from %s", self.slot,
+                 lsn_text(self._confirmed), extra={"shard": self.shard})
+
+    def _catch_up_to_recorded(self) -> None:
+        """PostgreSQL saves an advanced slot's position at the next checkpoint only: after a
+        server crash the slot may stand before what the relay confirmed, which is recorded
+        with every batch (relay_state). Move it up again; note a transaction in parts."""
+        row = self._c().execute(
+            sql.SQL("SELECT wal_lsn::text, wal_carry_lsn::text, wal_carry_id FROM "
+                    "{}.relay_state WHERE shard = %s AND wal_slot = %s").format(
+                sql.Identifier(self.schema)), (self.shard, self.slot)).fetchone()
+        if row is None:
+            return
+        if row[0] is not None and parse_lsn(str(row[0])) > self._confirmed:
+            recorded = parse_lsn(str(row[0]))
+            log.warning(
+                "replication slot %s stands at %s, before %s that this shard's relay "
+                "confirmed (a server crash rolls a slot back to its last checkpoint): moved "
+                "up, so nothing is published twice", self.slot, lsn_text(self._confirmed),
+                lsn_text(recorded), extra={"shard": self.shard})
+            self._advance(recorded)
+            self._read_lsn = recorded
+        if row[1] is not None and parse_lsn(str(row[1])) > self._confirmed:
+            self._resume = (parse_lsn(str(row[1])), int(row[2]))
 
     # -- reading ------------------------------------------------------------------------------
     def pending_aggregate_types(self) -> list[str]:
@@ -189,17 +217,27 @@ class WalRelayStore(RelayStore):
         # Relation descriptions come again in every decoding session: a fresh decoder each
         # time keeps none that could be stale.
         self._decoder = Decoder(self.schema)
+        got = self._on_slot(
+            "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes("
+            "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+            (self.slot, rows, self.publication))
         try:
-            got = self._c().execute(
-                "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes("
-                "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', "
-                "'true')", (self.slot, rows, self.publication),
-            ).fetchall()
+            return list(self._decoder.transactions(got))
+        except DecodeError as exc:
+            raise DecodeError(
+                f"relay cannot read slot {self.slot}: {exc}. Nothing after it is published. If "
+                "the outbox was installed by a newer version, upgrade the relay; otherwise "
+                "report it. To skip that transaction (its events are lost): SELECT "
+                f"pg_replication_slot_advance('{self.slot}', '<its end LSN>')") from exc
+
+    def _on_slot(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        """A call that takes the slot; a slot gone ends the session."""
+        try:
+            return engine.on_slot(self._c(), self.slot, query, params)
         except psycopg.errors.UndefinedObject as exc:
             raise DatabaseUnavailable(
-                f"replication slot {self.slot} is gone ({exc.diag.message_primary}); the relay "
-                "starts again and finds out why") from exc
-        return list(self._decoder.transactions(got))
+                f"replication slot {self.slot} is gone ({exc.diag.message_primary}); the "
+                "relay starts again and finds out why") from exc
 
     def _from_slot(self, limit: int) -> list[OutboxRow]:
         out: list[WalEvent] = []
@@ -215,7 +253,15 @@ class WalRelayStore(RelayStore):
             for txn in self._peek(wanted):
                 if txn.commit_lsn <= self._read_lsn:
                     continue  # handed out already (its batch in flight), or passed over
-                events = self._keep(txn.events)
+                events = txn.events
+                if self._resume is not None and txn.commit_lsn == self._resume[0]:
+                    # published in parts before the last stop: what went is not sent again
+                    done = self._resume[1]
+                    events = [ev for ev in events if ev.id > done]
+                    log.info("relay resumes a transaction of slot %s published in part before "
+                             "the last stop, after outbox id %d", self.slot, done,
+                             extra={"shard": self.shard})
+                events = self._keep(events)
                 if out and len(out) + len(events) > limit and len(events) <= limit:
                     break  # the next batch takes it whole (one larger than a batch is split)
                 room = limit - len(out)
@@ -231,7 +277,8 @@ class WalRelayStore(RelayStore):
                 # only passed-over transactions (other shards, heartbeats, duplicates)
                 self._advance(self._read_lsn)
             return []
-        self._batches.append(_Batch(out[-1].id, full_lsn))
+        carry = (self._carry_lsn, out[-1].id) if self._carry else None
+        self._batches.append(_Batch(out[-1].id, full_lsn, carry))
         self._table_rows.update(ev.id for ev in out if ev.from_table)
         return [self._row(ev) for ev in out]
 
@@ -288,8 +335,15 @@ class WalRelayStore(RelayStore):
             batch = self._batches.popleft()
             # the last batch in flight: the slot may pass the transactions passed over since
             target = batch.lsn if self._batches else max(batch.lsn, self._read_lsn)
+            self._progress = (max(target, self._confirmed), batch.carry)
+        elif ids:
+            log.warning("relay completed a batch it did not hand out (ids %d..%d): slot %s not "
+                        "advanced for it", ids[0], ids[-1], self.slot, extra={"shard": self.shard})
         rows = [i for i in ids if i in self._table_rows]
-        super().complete(rows, leader, published, dead_lettered)
+        try:
+            super().complete(rows, leader, published, dead_lettered)
+        finally:
+            self._progress = None
         self._table_rows.difference_update(rows)
         self._drained.difference_update(rows)
         if target is not None and target > self._confirmed:
@@ -308,6 +362,17 @@ class WalRelayStore(RelayStore):
         return len(published)
 
     def _advance(self, lsn: int) -> None:
-        self._c().execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                          (self.slot, lsn_text(lsn)))
+        self._on_slot("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                      (self.slot, lsn_text(lsn)))
         self._confirmed = lsn
+
+    def _record_progress(self, conn: psycopg.Connection[Any]) -> None:
+        if self._progress is None:
+            return
+        lsn, carry = self._progress
+        conn.execute(
+            sql.SQL("UPDATE {}.relay_state SET wal_slot = %s, wal_lsn = %s::pg_lsn, "
+                    "wal_carry_lsn = %s::pg_lsn, wal_carry_id = %s WHERE shard = %s").format(
+                sql.Identifier(self.schema)),
+            (self.slot, lsn_text(lsn), lsn_text(carry[0]) if carry else None,
+             carry[1] if carry else None, self.shard))

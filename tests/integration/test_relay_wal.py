@@ -183,6 +183,9 @@ def test_kill_9_mid_run_then_restart_publishes_exactly_once(installed: Settings,
     assert first.wait(10) == -signal.SIGKILL
     at_kill = published(url)
     assert at_kill < total, "the kill did not land mid-run"
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT wal_carry_lsn FROM pipeline.relay_state").fetchone()
+    in_parts = row is not None and row[0] is not None  # killed inside a 10,000-event txn
 
     second = relay_procs.start("second")
     wait_for(lambda: published(url) >= total - at_kill or second.poll() is not None, 60,
@@ -192,6 +195,9 @@ def test_kill_9_mid_run_then_restart_publishes_exactly_once(installed: Settings,
     assert relay_procs.stop(second) == 0, relay_procs.log_of(second)[-3000:]
     assert_exactly_once_in_order(recs, expected_per_key={f"SO-{i}": total // keys
                                                          for i in range(keys)})
+    print(f"killed inside a transaction published in parts: {in_parts}")
+    if in_parts:
+        assert "resumes a transaction" in relay_procs.log_of(second)
 
 
 def slot_exists(url: str) -> bool:
@@ -377,6 +383,7 @@ def test_engine_cli_switches_shows_slots_and_refuses_to_lose_events(installed: S
     r = cli("engine", "poll", "--wait", "1")
     assert r.exit_code == 1
     assert "still hold events" in r.output and ": 1" in r.output and "--force" in r.output
+    assert "_0of2: 1" in r.output or "_1of2: 1" in r.output  # the shard of SO-1 alone
     with psycopg.connect(url, autocommit=True) as conn:  # rows already, the slots kept
         assert current_engine(conn, "pipeline") == ("poll", True)
         assert len(slot_states(conn, "pipeline")) == 2
@@ -385,3 +392,28 @@ def test_engine_cli_switches_shows_slots_and_refuses_to_lose_events(installed: S
     assert "1 lost" in r.output and "engine poll" in r.output
     with psycopg.connect(url, autocommit=True) as conn:
         assert slot_states(conn, "pipeline") == []
+
+
+def test_switch_back_waits_for_a_transaction_that_wrote_a_message(wal_settings: Settings,
+                                                                   read_topic):
+    """A transaction that wrote its event as a message before the switch and commits after it:
+    the slots are kept until it ended and its relay confirmed past it."""
+    url = _url(wal_settings)
+    with RunningRelay(wal_settings) as running:
+        running.wait_ready()
+        open_txn = psycopg.connect(url)
+        emit(open_txn, "order", "SO-late", "order.status_changed",
+             {"order_id": "x", "from_status": "DRAFT", "to_status": "CONFIRMED",
+              "changed_at": "2026-12-02T10:00:00+00:00"})
+        with psycopg.connect(url, autocommit=True) as conn:
+            held = switch_to_poll(conn, "pipeline", wait_s=1)
+            assert list(held) and "open since before the switch" in next(iter(held)), held
+            assert len(slot_states(conn, "pipeline")) == 1  # kept
+        open_txn.commit()  # the message lands in the slot now
+        open_txn.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert switch_to_poll(conn, "pipeline", wait_s=30) == {}
+            assert slot_states(conn, "pipeline") == []
+        (rec,) = read_topic(f"{wal_settings.topics.prefix}.order", expect=1, timeout_s=30)
+    assert rec.headers["ce_subject"] == "SO-late"
+    assert inserted_rows(url) == 0

@@ -33,6 +33,17 @@ CREATE TABLE IF NOT EXISTS {schema}.outbox_engine (
 );
 INSERT INTO {schema}.outbox_engine (engine) VALUES ('poll') ON CONFLICT DO NOTHING;
 
+-- What a WAL relay has confirmed, kept with the rows it completes (not waiting for a
+-- checkpoint, which is when PostgreSQL saves a slot's advanced position): after a server crash
+-- the slot is moved up to ``wal_lsn`` again. ``wal_carry_*``: a transaction larger than a batch
+-- that is published in parts (the slot stands before it until its end): its events up to
+-- ``wal_carry_id`` are in Kafka.
+ALTER TABLE {schema}.relay_state
+    ADD COLUMN IF NOT EXISTS wal_slot      text,
+    ADD COLUMN IF NOT EXISTS wal_lsn       pg_lsn,
+    ADD COLUMN IF NOT EXISTS wal_carry_lsn pg_lsn,
+    ADD COLUMN IF NOT EXISTS wal_carry_id  bigint;
+
 CREATE OR REPLACE FUNCTION {schema}.outbox_emit(
     aggregate_type text,
     aggregate_id   text,
@@ -73,11 +84,15 @@ BEGIN
     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = av.version + 1
     RETURNING av.version INTO v;
 
-    IF (SELECT e.engine FROM {schema}.outbox_engine e) = 'wal' AND NOT EXISTS (
+    -- a slot counts once it can decode (confirmed_flush_lsn is set when its creation ends)
+    IF (SELECT e.engine FROM {schema}.outbox_engine e) = 'wal'
+       AND EXISTS (SELECT 1 FROM {schema}.wal_slots)
+       AND NOT EXISTS (
            SELECT 1 FROM {schema}.wal_slots w
             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
                                WHERE s.slot_name = w.slot_name
-                                 AND s.database = current_database())) THEN
+                                 AND s.database = current_database()
+                                 AND s.confirmed_flush_lsn IS NOT NULL)) THEN
         -- One line of JSON (the envelope: no decimal in it), a line of the payload's jsonb
         -- text, one of the headers' (jsonb text never holds a raw newline), then the Avro
         -- bytes as they are (none when the writer did not encode).
