@@ -255,7 +255,9 @@ def _versus_wal(s: Settings, conninfo: str, events: int, repeat: int, rate: int 
         install(conn, wal_schema)
     wal = s.model_copy(update={
         "database": s.database.model_copy(update={"schema_name": wal_schema}),
-        "relay": s.relay.model_copy(update={"engine": "wal"}),
+        # its own ce_source: outbox positions are unique per outbox, and the read-back
+        # (decision 4) tells its own records from the polling relay's in the same topic by it
+        "relay": s.relay.model_copy(update={"engine": "wal", "source": f"{s.relay.source}/wal"}),
     })
     poll = s.model_copy(update={"relay": s.relay.model_copy(update={"engine": "poll"})})
     try:

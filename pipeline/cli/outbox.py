@@ -157,9 +157,23 @@ def _capture_profile(ctx: Context, name: str, erp_schema: str, drop: bool,
     from pipeline.outbox import profiles
 
     if on_mariadb:
-        raise click.UsageError(
-            f"--profile {name} on MariaDB is not built yet (profiles run on PostgreSQL); "
-            "capture the tables with --table instead")
+        # --erp-schema's default names PostgreSQL's schema; on MariaDB the site's database is
+        # the URL's unless given
+        erp = None if erp_schema == "public" else erp_schema
+        with connect(ctx.settings) as conn:
+            if drop:
+                gone = profiles.drop_mariadb(conn, name, erp)
+                click.echo(f"profile {name}: triggers removed" if gone
+                           else f"profile {name}: no triggers installed; nothing to remove")
+                return
+            mprof = profiles.install_mariadb(conn, name, ctx.settings.database.schema_name, erp)
+            erp = profiles.resolve_erp_database(conn, erp)
+        tables = ", ".join(f"{erp}.{t}" for t in mprof.tables)
+        topics = ", ".join(ctx.settings.topics.event_topic(a)
+                           for a in sorted({e.split(".")[0] for e in mprof.events}))
+        click.echo(f"profile {name} ({mprof.erp}): capturing {tables} as "
+                   f"{', '.join(mprof.events)} → {topics}")
+        return
     with connect(ctx.settings) as conn:
         if drop:
             gone = profiles.drop(conn, name, erp_schema)

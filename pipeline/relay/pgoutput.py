@@ -97,34 +97,43 @@ class Decoder:
         if not self.prefix:
             self.prefix = f"{self.schema}.outbox".encode()
 
-    def transactions(self, rows: Iterable[tuple[str, object, bytes]]) -> Iterator[Transaction]:
-        """The committed transactions in ``rows`` (lsn, xid, data), each with its outbox
-        events (possibly none: a transaction of other tables' inserts). A transaction cut off
-        by the end of ``rows`` is not yielded."""
+    def transactions(self, rows: Iterable[tuple[str, object, bytes]], after: int = 0
+                     ) -> Iterator[Transaction]:
+        """The committed transactions in ``rows`` (lsn, xid, data) that end after the LSN
+        ``after``, each with its outbox events (possibly none: a transaction of other tables'
+        inserts). A transaction cut off by the end of ``rows`` is not yielded. Events are read
+        at their commit, so those of a transaction ending before ``after`` (a batch in flight,
+        decoded again because the slot stands before it) cost nothing."""
         current: Transaction | None = None
+        changes: list[tuple[object, bytes]] = []
         lsn: object = None
         xid: object = None
         try:
-            for lsn, xid, raw in rows:  # noqa: B007 - named in the error below
-                data = bytes(raw)
-                kind = data[:1]
+            for lsn, xid, raw in rows:
+                kind = raw[:1]
                 if kind == b"B":
                     current = Transaction(int(str(xid)) if xid is not None else 0, 0)
+                    changes = []
                 elif kind == b"C":
                     # Int8 flags, Int64 commit LSN, Int64 end LSN, Int64 commit timestamp
-                    end = _U64.unpack_from(data, 10)[0]
-                    if current is not None:
+                    end = _U64.unpack_from(raw, 10)[0]
+                    if current is not None and end > after:
                         current.commit_lsn = end
-                        for done in current.events:
-                            done.commit_lsn = end
+                        for at, data in changes:
+                            lsn = at
+                            ev = (self._message(data) if data[:1] == b"M"
+                                  else self._insert(data))
+                            if ev is not None:
+                                ev.commit_lsn = end
+                                current.events.append(ev)
                         yield current
                     current = None
                 elif kind in (b"M", b"I"):
-                    ev = self._message(data) if kind == b"M" else self._insert(data)
-                    if ev is not None and current is not None:
-                        current.events.append(ev)
+                    if current is not None:
+                        changes.append((lsn, bytes(raw)))
                 elif kind == b"R":
-                    self._relation(data)
+                    # described before its first insert of each decoding session
+                    self._relation(bytes(raw))
                 # Y (type), O (origin), T (truncate), U/D (not published): nothing to do
         except (DecodeError, ValueError, IndexError, struct.error) as exc:
             raise DecodeError(f"the change at LSN {lsn} (xid {xid}): {exc}") from exc

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,8 @@ class WalRelayStore(RelayStore):
         # (end LSN, id): a transaction published in parts before the last stop, up to the id
         self._resume: tuple[int, int] | None = None
         self._progress: tuple[int, tuple[int, int] | None] | None = None
+        self._snapshots: bool | None = None  # pg_log_standby_snapshot() works here
+        self._snapshot_at = 0.0
 
     # -- connection and slots -----------------------------------------------------------------
     def connect(self) -> None:
@@ -213,7 +216,7 @@ class WalRelayStore(RelayStore):
         self._batches.append(_Batch(rows[-1].id, self._read_lsn))
         return rows
 
-    def _peek(self, rows: int) -> list[Transaction]:
+    def _peek(self, rows: int, after: int = 0) -> list[Transaction]:
         # Relation descriptions come again in every decoding session: a fresh decoder each
         # time keeps none that could be stale.
         self._decoder = Decoder(self.schema)
@@ -222,7 +225,7 @@ class WalRelayStore(RelayStore):
             "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
             (self.slot, rows, self.publication))
         try:
-            return list(self._decoder.transactions(got))
+            return list(self._decoder.transactions(got, after))
         except DecodeError as exc:
             raise DecodeError(
                 f"relay cannot read slot {self.slot}: {exc}. Nothing after it is published. If "
@@ -250,7 +253,7 @@ class WalRelayStore(RelayStore):
         if len(out) < limit:
             # the batches in flight are decoded again: the slot stands before them
             wanted = _ROWS_PER_EVENT * (limit - len(out) + limit * len(self._batches)) + 16
-            for txn in self._peek(wanted):
+            for txn in self._peek(wanted, self._read_lsn):
                 if txn.commit_lsn <= self._read_lsn:
                     continue  # handed out already (its batch in flight), or passed over
                 events = txn.events
@@ -365,6 +368,27 @@ class WalRelayStore(RelayStore):
         self._on_slot("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
                       (self.slot, lsn_text(lsn)))
         self._confirmed = lsn
+        self._log_snapshot()
+
+    def _log_snapshot(self) -> None:
+        """Every decoding call (each peek, each advance) reads the WAL from the slot's
+        restart_lsn, which moves only past a running-transactions record: PostgreSQL logs one
+        every 15 s, so at a steady rate each call would read up to 15 s of WAL again. Logging
+        one a second (pg_log_standby_snapshot, PostgreSQL 16+, superuser or granted) keeps it
+        within a second; without the function or the right, the 15 s stand."""
+        if self._snapshots is False or time.monotonic() - self._snapshot_at < 1.0:
+            return
+        self._snapshot_at = time.monotonic()
+        try:
+            self._c().execute("SELECT pg_log_standby_snapshot()")
+            self._snapshots = True
+        except (psycopg.errors.UndefinedFunction, psycopg.errors.InsufficientPrivilege) as exc:
+            self._snapshots = False
+            log.info("relay cannot log running-transaction snapshots (%s): slot %s's restart "
+                     "point moves every 15 s, and each read of it re-reads up to 15 s of WAL; "
+                     "GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() to the relay's role "
+                     "(PostgreSQL 16+) to make its reads cheaper", exc.diag.message_primary,
+                     self.slot, extra={"shard": self.shard})
 
     def _record_progress(self, conn: psycopg.Connection[Any]) -> None:
         if self._progress is None:

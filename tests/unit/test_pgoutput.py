@@ -99,9 +99,19 @@ def test_an_insert_before_its_relation_or_in_binary_is_refused_by_name():
     d = Decoder("pipeline")
     bad = b"I" + struct.pack(">I", 5) + b"N" + struct.pack(">h", 1) + b"b"
     with pytest.raises(DecodeError, match="binary"):
-        list(d.transactions(rows(relation(5, "pipeline", "outbox", ["id"]), begin(1), bad)))
+        list(d.transactions(rows(relation(5, "pipeline", "outbox", ["id"]), begin(1), bad,
+                                 commit(10))))
     with pytest.raises(DecodeError, match="not what outbox_emit writes"):
         message_event(b"not an event")
+
+
+def test_a_transaction_ending_before_the_cursor_is_not_read():
+    broken = message("pipeline.outbox", b"not an event")
+    d = Decoder("pipeline")
+    # a batch in flight decoded again: passed over without reading its events
+    assert list(d.transactions(rows(begin(1), broken, commit(0x100)), after=0x100)) == []
+    with pytest.raises(DecodeError, match="LSN 0/1"):
+        list(d.transactions(rows(begin(1), broken, commit(0x100)), after=0xFF))
 
 
 def test_lsn_text_round_trip():

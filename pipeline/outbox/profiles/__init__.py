@@ -22,8 +22,20 @@ of the Odoo transaction that made it true:
 * ``account_payment`` inbound from a customer, its move posted, settling an order (reconciled
   with the order's invoice, or paid online for it) → ``payment.completed`` (once).
 
-Not built yet: the ``erpnext`` profile; Odoo 18's own ``account_payment.state`` (a payment
-without a journal entry), multi-step deliveries' internal pickings.
+And ``erpnext`` for ERPNext 15 on MariaDB (:func:`install_mariadb`; ``erpnext.sql`` says how
+the lines Frappe writes after their document reach the event without a deferred trigger):
+
+* ``tabSales Order`` submitted → ``order.created`` (lines from ``tabSales Order Item``);
+  cancelled → ``order.cancelled``; an amendment submitted → ``order.created`` again under the
+  key of the first order of its ``amended_from`` chain;
+* ``tabDelivery Note`` submitted, not a return, against an order → ``shipment.created``;
+* ``tabSales Invoice`` submitted, not a return, of an order → ``invoice.issued``;
+* ``tabPayment Entry`` submitted, received from a customer, for an order (or an invoice of one)
+  → ``payment.completed``;
+* ``tabCustomer`` inserted or changed → ``customer.upserted``, once per transaction.
+
+Not built yet: Odoo 18's own ``account_payment.state`` (a payment without a journal entry),
+multi-step deliveries' internal pickings.
 """
 
 from __future__ import annotations
@@ -133,9 +145,14 @@ def profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
+        if name in MARIADB_PROFILES:
+            raise ConfigError(
+                f"profile {name} ({MARIADB_PROFILES[name].erp}) runs on MariaDB / MySQL: "
+                "point database.url at the ERP's database (mysql://…/<site database>)"
+            ) from None
         raise ConfigError(
             f"unknown capture profile {name!r}: built are {', '.join(sorted(PROFILES))} "
-            "(erpnext is not built yet; capture its tables with --table instead)"
+            f"(on MariaDB / MySQL: {', '.join(sorted(MARIADB_PROFILES))})"
         ) from None
 
 
@@ -150,6 +167,11 @@ def check(conn: psycopg.Connection[Any], prof: Profile, erp_schema: str,
         (erp_schema, [*prof.needs, *optional]),
     ).fetchall():
         have.setdefault(table, set()).add(column)
+    return _refuse_missing(prof, erp_schema, have)
+
+
+def _refuse_missing(prof: Profile | MariaDbProfile, erp_schema: str,
+                    have: dict[str, set[str]]) -> dict[str, set[str]]:
     for table, (columns, why) in prof.needs.items():
         if table not in have:
             raise ConfigError(
@@ -219,4 +241,296 @@ def drop(conn: psycopg.Connection[Any], name: str, erp_schema: str = "public") -
                     not in (None, (None,)):
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
                     sql.Identifier(trigger), sql.Identifier(erp_schema, table)))
+    return existed
+
+
+# -- MariaDB / MySQL: ERPNext ----------------------------------------------------------------------
+# Frappe's tables: `tab<DocType>`, name varchar(140) the primary key, docstatus int(1) (0 draft,
+# 1 submitted, 2 cancelled); child rows carry parent / parenttype / parentfield and idx.
+_SO, _SOI = "tabSales Order", "tabSales Order Item"
+_DN, _DNI = "tabDelivery Note", "tabDelivery Note Item"
+_SI, _SII = "tabSales Invoice", "tabSales Invoice Item"
+_PE, _PER = "tabPayment Entry", "tabPayment Entry Reference"
+_CU, _CCL = "tabCustomer", "tabCustomer Credit Limit"
+_CHILD = ("parent", "parenttype", "idx")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A document's table: the event its submit makes and the trigger's condition on NEW."""
+
+    table: str
+    doctype: str
+    aggregate_type: str
+    event: str | None  # None: customer.upserted on every change of ``watched``
+    qualifies: str = "TRUE"  # a condition on NEW besides docstatus
+    watched: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Child:
+    """A child table whose rows the parent's pending event is rebuilt from."""
+
+    table: str
+    parent_doctype: str
+    watched: tuple[str, ...]  # the columns the payload reads: other changes rebuild nothing
+
+
+ERPNEXT_PARENTS = (
+    Parent(_SO, "Sales Order", "order", "order.created"),
+    Parent(_DN, "Delivery Note", "shipment", "shipment.created",
+           "coalesce(NEW.is_return, 0) = 0"),
+    Parent(_SI, "Sales Invoice", "invoice", "invoice.issued", "coalesce(NEW.is_return, 0) = 0"),
+    Parent(_PE, "Payment Entry", "payment", "payment.completed",
+           "NEW.payment_type = 'Receive' AND NEW.party_type = 'Customer'"),
+    Parent(_CU, "Customer", "customer", None,
+           watched=("name", "customer_name", "email_id", "customer_primary_address",
+                    "default_currency")),
+)
+ERPNEXT_CHILDREN = (
+    Child(_SOI, "Sales Order", ("item_code", "stock_qty", "stock_uom_rate", *_CHILD)),
+    Child(_DNI, "Delivery Note", ("item_code", "stock_qty", "against_sales_order", *_CHILD)),
+    Child(_SII, "Sales Invoice", ("sales_order", *_CHILD)),
+    Child(_PER, "Payment Entry", ("reference_doctype", "reference_name", *_CHILD)),
+    Child(_CCL, "Customer", ("credit_limit", *_CHILD)),
+)
+
+
+@dataclass(frozen=True)
+class MariaDbProfile:
+    name: str
+    erp: str
+    needs: dict[str, tuple[tuple[str, ...], str]]
+    parents: tuple[Parent, ...]
+    children: tuple[Child, ...]
+    events: tuple[str, ...]
+    sql_file: str
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple([p.table for p in self.parents] + [c.table for c in self.children])
+
+
+_E_ORDER = "order.created / cancelled"
+MARIADB_PROFILES = {
+    "erpnext": MariaDbProfile(
+        name="erpnext",
+        erp="ERPNext 15 (selling, stock, accounts)",
+        needs={
+            _SO: (("name", "docstatus", "customer", "currency", "grand_total", "terms",
+                   "amended_from"), _E_ORDER),
+            _SOI: (("name", "parent", "parenttype", "idx", "item_code", "stock_qty",
+                    "stock_uom_rate"), "order.created's lines"),
+            _DN: (("name", "docstatus", "is_return", "transporter", "transporter_name",
+                   "lr_no"), _SHIP),
+            _DNI: (("name", "parent", "parenttype", "idx", "item_code", "stock_qty",
+                    "against_sales_order"), f"{_SHIP}'s lines and order"),
+            _SI: (("name", "docstatus", "is_return", "customer", "currency", "grand_total",
+                   "total_taxes_and_charges", "due_date", "posting_date"), _INV),
+            _SII: (("name", "parent", "parenttype", "idx", "sales_order"),
+                   f"the order of {_INV} and {_PAY}"),
+            _PE: (("name", "docstatus", "payment_type", "party_type", "paid_amount",
+                   "paid_from_account_currency", "mode_of_payment"), _PAY),
+            _PER: (("name", "parent", "parenttype", "idx", "reference_doctype",
+                    "reference_name"), f"the order of {_PAY}"),
+            "tabMode of Payment": (("name", "type"), f"{_PAY}'s method"),
+            _CU: (("name", "customer_name", "email_id", "customer_primary_address",
+                   "default_currency"), "customer.upserted"),
+            _CCL: (("name", "parent", "parenttype", "idx", "credit_limit"),
+                   "customer.upserted's credit_limit"),
+            "tabAddress": (("name", "country"), "customer.upserted's country"),
+            "tabCountry": (("name", "code"), "customer.upserted's country"),
+        },
+        parents=ERPNEXT_PARENTS,
+        children=ERPNEXT_CHILDREN,
+        events=("order.created", "order.cancelled", "shipment.created", "invoice.issued",
+                "payment.completed", "customer.upserted"),
+        sql_file="erpnext.sql",
+    ),
+}
+
+
+def mariadb_profile(name: str) -> MariaDbProfile:
+    try:
+        return MARIADB_PROFILES[name]
+    except KeyError:
+        built = ", ".join(sorted(MARIADB_PROFILES))
+        if name in PROFILES:
+            raise ConfigError(
+                f"profile {name} ({PROFILES[name].erp}) runs on PostgreSQL; on MariaDB / MySQL "
+                f"the built profiles are {built}") from None
+        raise ConfigError(f"unknown capture profile {name!r}: on MariaDB / MySQL built are "
+                          f"{built} (on PostgreSQL: {', '.join(sorted(PROFILES))})") from None
+
+
+def _q(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _trigger_name(table: str, op: str) -> str:
+    # "tabSales Order Item" -> pipeline_erpnext_sales_order_item_ins (64 characters at most)
+    slug = table.removeprefix("tab").lower().replace(" ", "_")
+    return f"pipeline_erpnext_{slug}"[:59] + f"_{op}"
+
+
+def _changed(cols: tuple[str, ...]) -> str:
+    return " OR ".join(f"NOT (NEW.{_q(c)} <=> OLD.{_q(c)})" for c in cols)
+
+
+def _parent_triggers(p: Parent, schema: str, erp: str) -> list[tuple[str, str, str]]:
+    """(trigger name, event, body) of a document table's triggers."""
+    s = _q(schema)
+    record = f"concat({_lit(p.doctype + ',')}, NEW.name)"
+    headers = f"json_object('erp_profile', 'erpnext', 'erp_record', {record})"
+    key = f"concat({_lit(p.doctype + ':')}, NEW.name)"
+    if p.event is None:  # a customer: every change that the payload reads
+        call = (f"CALL {s}.erpnext_document({_lit(p.doctype)}, NEW.name, 'customer.upserted', "
+                f"'upsert', {_lit(p.aggregate_type)}, {key}, {headers})")
+        return [(_trigger_name(p.table, "ins"), "INSERT", f"BEGIN {call}; END"),
+                (_trigger_name(p.table, "upd"), "UPDATE",
+                 f"BEGIN IF {_changed(p.watched)} THEN {call}; END IF; END")]
+    if p.table == _SO:
+        # An amendment (Cancel, then Amend: a new order named <name>-1, amended_from the
+        # cancelled one) is the same business order changed: order.created again under the key
+        # of the first order of the chain, so consumers see one entity's versions in order
+        # (created, cancelled, created) and the replacement's full lines and total, which an
+        # order.status_changed could not carry; its order_id is the new name, the one the
+        # deliveries and invoices that follow name. The header erp_amended_from says so.
+        key = f"concat('Sales Order:', {s}.erpnext_order_root(NEW.name))"
+        headers = (f"IF(coalesce(NEW.amended_from, '') = '', {headers}, json_object("
+                   f"'erp_profile', 'erpnext', 'erp_record', {record}, 'erp_amended_from', "
+                   "NEW.amended_from))")
+
+    def emit(event: str) -> str:
+        return (f"CALL {s}.erpnext_document({_lit(p.doctype)}, NEW.name, {_lit(event)}, "
+                f"'emit', {_lit(p.aggregate_type)}, {key}, {headers})")
+
+    touch = (f"CALL {s}.erpnext_document({_lit(p.doctype)}, NEW.name, NULL, 'touch', NULL, "
+             "NULL, NULL)")
+    ins = f"BEGIN IF NEW.docstatus = 1 AND {p.qualifies} THEN {emit(p.event)}; END IF; END"
+    cancel = (f" ELSEIF OLD.docstatus = 1 AND NEW.docstatus = 2 THEN {emit('order.cancelled')};"
+              if p.table == _SO else "")
+    upd = (f"BEGIN IF OLD.docstatus = 0 AND NEW.docstatus = 1 AND {p.qualifies} THEN "
+           f"{emit(p.event)};{cancel} ELSEIF @pipeline_erpnext IS NOT NULL THEN {touch}; "
+           "END IF; END")
+    return [(_trigger_name(p.table, "ins"), "INSERT", ins),
+            (_trigger_name(p.table, "upd"), "UPDATE", upd)]
+
+
+def _child_triggers(c: Child, schema: str) -> list[tuple[str, str, str]]:
+    s = _q(schema)
+
+    def call(img: str) -> str:
+        return (f"IF {img}.parenttype = {_lit(c.parent_doctype)} THEN CALL "
+                f"{s}.erpnext_child({_lit(c.parent_doctype)}, {img}.parent); END IF")
+
+    guard = "@pipeline_erpnext IS NOT NULL"  # nothing pending on this connection: nothing to do
+    return [
+        (_trigger_name(c.table, "ins"), "INSERT", f"BEGIN IF {guard} THEN {call('NEW')}; END IF; "
+         "END"),
+        (_trigger_name(c.table, "upd"), "UPDATE",
+         f"BEGIN IF {guard} AND ({_changed(c.watched)}) THEN {call('NEW')}; "
+         f"IF NOT (NEW.parent <=> OLD.parent) THEN {call('OLD')}; END IF; END IF; END"),
+        (_trigger_name(c.table, "del"), "DELETE", f"BEGIN IF {guard} THEN {call('OLD')}; END IF; "
+         "END"),
+    ]
+
+
+def _mariadb_triggers(prof: MariaDbProfile, schema: str,
+                      erp: str) -> list[tuple[str, str, str, str]]:
+    """(table, trigger name, event, body) of every trigger the profile installs."""
+    out = [(p.table, *t) for p in prof.parents for t in _parent_triggers(p, schema, erp)]
+    out += [(c.table, *t) for c in prof.children for t in _child_triggers(c, schema)]
+    return out
+
+
+def sql_statements(prof: MariaDbProfile, schema: str, erp: str) -> list[str]:
+    """The profile's functions and procedures (its SQL file, placeholders resolved), one
+    statement each."""
+    text = resources.files(__package__).joinpath(prof.sql_file).read_text()
+    text = text.replace("{schema}", _q(schema)).replace("{erp}", _q(erp))
+    parts = re.split(r"^\$\$\s*$", text, flags=re.M)
+    return [p.strip() for p in parts if p.strip() and not all(
+        line.strip().startswith("--") or not line.strip() for line in p.splitlines())]
+
+
+def check_mariadb(conn: Any, prof: MariaDbProfile, erp: str) -> dict[str, set[str]]:
+    """Refuse, naming the table, the column and the event, when the ERP's tables are not what
+    the profile reads (information_schema.COLUMNS of the site's database)."""
+    tables = list(prof.needs)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            f"WHERE table_schema = %s AND table_name IN ({', '.join(['%s'] * len(tables))})",
+            (erp, *tables))
+        have: dict[str, set[str]] = {}
+        for table, column in cur.fetchall():
+            have.setdefault(str(table), set()).add(str(column))
+    return _refuse_missing(prof, erp, have)
+
+
+def _current_database(conn: Any) -> str | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT database()")
+        row = cur.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def resolve_erp_database(conn: Any, erp_schema: str | None) -> str:
+    erp = erp_schema or _current_database(conn)
+    if not erp:
+        raise ConfigError("--erp-schema names no database and database.url names none: give "
+                          "the site's database (--erp-schema _1bd3e0294da19198) or put it in "
+                          "the URL (mysql://…/<site database>)")
+    if not _SCHEMA.match(erp):
+        raise ConfigError(f"--erp-schema {erp!r} is not a database name (letters, digits, _)")
+    return erp
+
+
+def install_mariadb(conn: Any, name: str, schema: str,
+                    erp_schema: str | None = None) -> MariaDbProfile:
+    """Check the ERP's tables (refusing before anything exists), then create the profile's
+    functions, procedures and triggers; each trigger is replaced in one statement (``CREATE OR
+    REPLACE``), so re-running it never leaves ERPNext's writes uncaptured."""
+    from pipeline.outbox import mariadb as outbox
+
+    prof = mariadb_profile(name)
+    erp = resolve_erp_database(conn, erp_schema)
+    if outbox.installed_version(conn, schema) is None:
+        raise ConfigError(
+            f"the outbox is not installed in database {schema!r} of this server: run "
+            "`pipeline outbox install` first, then capture"
+        )
+    check_mariadb(conn, prof, erp)
+    with conn.cursor() as cur:
+        for statement in sql_statements(prof, schema, erp):
+            cur.execute(statement)
+        # MariaDB resolves a routine's columns when it first runs: run every payload once (on
+        # no document) now, so a mistake fails here and not in ERPNext's writes
+        for event in prof.events:
+            cur.execute(f"SELECT {_q(schema)}.erpnext_payload(%s, '', '')", (event,))
+            cur.fetchall()
+        for table, trigger, event, body in _mariadb_triggers(prof, schema, erp):
+            cur.execute(f"CREATE OR REPLACE TRIGGER {_q(erp)}.{_q(trigger)} AFTER {event} ON "
+                        f"{_q(erp)}.{_q(table)} FOR EACH ROW {body}")
+    return prof
+
+
+def drop_mariadb(conn: Any, name: str, erp_schema: str | None = None) -> bool:
+    """Remove the profile's triggers (the functions stay: nothing calls them then)."""
+    prof = mariadb_profile(name)
+    erp = resolve_erp_database(conn, erp_schema)
+    names = [t[1] for t in _mariadb_triggers(prof, "pipeline", erp)]
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM information_schema.triggers WHERE trigger_schema = %s AND "
+            f"trigger_name IN ({', '.join(['%s'] * len(names))})", (erp, *names))
+        row = cur.fetchone()
+        existed = bool(row and int(row[0]) > 0)
+        for trigger in names:
+            cur.execute(f"DROP TRIGGER IF EXISTS {_q(erp)}.{_q(trigger)}")
     return existed
