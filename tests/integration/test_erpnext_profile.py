@@ -288,7 +288,8 @@ def test_an_erpnext_order_to_cash_emits_typed_events(erpnext: MariaDbErp) -> Non
     assert payment == {**payment, "payment_id": "ACC-PAY-2026-00001",
                        "order_id": "SAL-ORD-2026-00001", "amount": "1606.86",
                        "currency": "EUR", "method": "BANK_TRANSFER"}
-    assert events[0][4] == {"erp_profile": "erpnext", "erp_record": "Sales Order,SAL-ORD-2026-00001"}
+    assert events[0][4] == {"erp_profile": "erpnext",
+                            "erp_record": "Sales Order,SAL-ORD-2026-00001"}
     assert all(p[k].endswith("+00:00") for p, k in [
         (first, "created_at"), (shipment, "shipped_at"), (invoice, "issued_at"),
         (payment, "completed_at")])
