@@ -861,11 +861,14 @@ def read_back_positions(
     *,
     timeout_s: float,
     since_ms: int | None = None,
-) -> set[int]:
-    """Outbox positions found in the last ``window`` records of every partition of ``topics``
-    that carry our ``ce_source``."""
+) -> set[tuple[int, str]]:
+    """(outbox position, event id) of the records found in the last ``window`` records of every
+    partition of ``topics`` that carry our ``ce_source``. The event id as well: positions are
+    unique per outbox only, and two outboxes (two ERP databases, or schemas) left with the same
+    ``relay.source`` may write into the same topics; a row is taken as published only if its
+    event id is the one found at its position."""
     src = source.encode()
-    positions: set[int] = set()
+    positions: set[tuple[int, str]] = set()
     for msg in read_to_end(
         settings,
         topics,
@@ -874,14 +877,17 @@ def read_back_positions(
         timeout_s=max(60.0, timeout_s * 6),
         purpose="relay-readback",
     ):
-        pos = msrc = None
+        pos = msrc = eid = None
         for item in msg.headers() or []:
             if item[0] == names.OUTBOX_POSITION:
                 pos = item[1]
             elif item[0] == names.CE_SOURCE:
                 msrc = item[1]
-        if pos is not None and msrc == src:
-            positions.add(int(pos))
+            elif item[0] == names.CE_ID:
+                eid = item[1]
+        if pos is not None and msrc == src and eid is not None:
+            positions.add((int(pos), eid.decode(errors="replace") if isinstance(eid, bytes)
+                           else str(eid)))
     return positions
 
 

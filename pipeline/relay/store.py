@@ -57,16 +57,18 @@ def leader_name() -> str:
 class ReadBackRows:
     """What every table-polling store does with the relay's read-back (decision 4)."""
 
-    def existing(self, ids: list[int]) -> list[int]:
+    def existing_events(self, found: set[tuple[int, str]]) -> list[int]:
+        """The ids of the rows still here that are the events ``found``: (id, event id)."""
         raise NotImplementedError
 
     def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
         raise NotImplementedError
 
-    def forget_published(self, positions: set[int], leader: str) -> int:
-        """The read-back found ``positions`` in Kafka: delete the rows still here (acknowledged
-        before the last stop, not deleted) without publishing them again; returns how many."""
-        published = self.existing(sorted(positions))
+    def forget_published(self, found: set[tuple[int, str]], leader: str) -> int:
+        """The read-back found these (position, event id) in Kafka: delete the rows still here
+        (acknowledged before the last stop, not deleted) without publishing them again; returns
+        how many."""
+        published = self.existing_events(found)
         if published:
             self.complete(published, leader, 0, 0)
         return len(published)
@@ -229,6 +231,16 @@ class RelayStore(ReadBackRows):
         if not ids:
             return []
         return [r[0] for r in self._c().execute(self._existing, (ids,)).fetchall()]
+
+    def existing_events(self, found: set[tuple[int, str]]) -> list[int]:
+        if not found:
+            return []
+        pairs = sorted(found)
+        return [int(r[0]) for r in self._c().execute(
+            sql.SQL("SELECT o.id FROM {}.outbox o JOIN unnest(%s::bigint[], %s::text[]) "
+                    "AS k(id, event_id) ON o.id = k.id AND o.event_id::text = k.event_id "
+                    "ORDER BY o.id").format(sql.Identifier(self.schema)),
+            (_int_array([p for p, _ in pairs]), [e for _, e in pairs])).fetchall()]
 
     def check_engine(self) -> None:
         """On leadership: refuse to poll an outbox whose events go to the WAL engine's slots

@@ -162,12 +162,20 @@ class MariaDbRelayStore(ReadBackRows):
     def check_engine(self) -> None:
         """One engine on MariaDB: the table is polled."""
 
-    def existing(self, ids: list[int]) -> list[int]:
-        if not ids:
+    def existing_events(self, found: set[tuple[int, str]]) -> list[int]:
+        if not found:
             return []
+        pairs = sorted(found)
+        out: list[int] = []
         with self._cursor() as cur:
-            cur.execute(f"SELECT id FROM {q(self.schema)}.outbox WHERE id IN ({_ints(ids)})")
-            return [int(r[0]) for r in cur.fetchall()]
+            for i in range(0, len(pairs), 1000):
+                part = pairs[i:i + 1000]
+                cur.execute(
+                    f"SELECT id FROM {q(self.schema)}.outbox WHERE (id, event_id) IN ("
+                    + ",".join(["(%s,%s)"] * len(part)) + ")",
+                    [v for pair in part for v in pair])
+                out += [int(r[0]) for r in cur.fetchall()]
+        return sorted(out)
 
     def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
         """Delete published (or dead-lettered) rows and account for them, atomically."""

@@ -88,7 +88,7 @@ class WalRelayStore(RelayStore):
         self._drain_done = False
         self._drained: set[int] = set()  # table rows handed out from step 1
         self._table_rows: set[int] = set()  # handed-out events that are rows (to delete)
-        self._skip: set[int] = set()  # positions the read-back found in Kafka
+        self._skip: set[tuple[int, str]] = set()  # (position, event id) found in Kafka
         self._skipped = 0
         # (end LSN, id): a transaction published in parts before the last stop, up to the id
         self._resume: tuple[int, int] | None = None
@@ -294,7 +294,7 @@ class WalRelayStore(RelayStore):
             shard_of = self._shards_of({ev.aggregate_id for ev in events})
             events = [ev for ev in events if shard_of[ev.aggregate_id] == self.shard]
         if self._skip:
-            kept = [ev for ev in events if ev.id not in self._skip]
+            kept = [ev for ev in events if (ev.id, ev.event_id) not in self._skip]
             self._skipped += len(events) - len(kept)
             if len(kept) < len(events):
                 log.warning(
@@ -355,11 +355,11 @@ class WalRelayStore(RelayStore):
             self._c().execute(
                 "SELECT pg_logical_emit_message(true, %s, '')", (f"{self._prefix}.heartbeat",))
 
-    def forget_published(self, positions: set[int], leader: str) -> int:
-        """The read-back found ``positions`` in Kafka: table rows among them are deleted now,
-        and slot events among them are passed over when met."""
-        self._skip = set(positions)
-        published = RelayStore.existing(self, sorted(positions))
+    def forget_published(self, found: set[tuple[int, str]], leader: str) -> int:
+        """The read-back found these (position, event id) in Kafka: table rows among them are
+        deleted now, and slot events among them are passed over when met."""
+        self._skip = set(found)
+        published = RelayStore.existing_events(self, found)
         if published:
             RelayStore.complete(self, published, leader, 0, 0)
         return len(published)

@@ -243,10 +243,50 @@ def test_read_back_reaches_back_to_the_previous_leaders_last_activity(settings: 
     for pos in range(1, 101):  # the dead leader's unconfirmed records, then other shards' ones
         src = b"/erp/outbox" if pos <= 20 else b"/other/shard"
         p.produce(topic, b"v", b"K", partition=0,
-                  headers=[("erp_outbox_position", str(pos).encode()), ("ce_source", src)])
+                  headers=[("erp_outbox_position", str(pos).encode()), ("ce_source", src),
+                           ("ce_id", f"event-{pos}".encode())])
         assert p.flush(10) == 0  # one record per batch: offsets count records on any broker
     window_only = read_back_positions(settings, [topic], 10, "/erp/outbox", timeout_s=10)
     assert window_only == set(), "the count window cannot see them any more"
     with_time = read_back_positions(settings, [topic], 10, "/erp/outbox", timeout_s=10,
                                     since_ms=dead_leader_seen - 30_000)
-    assert with_time == set(range(1, 21))
+    assert with_time == {(pos, f"event-{pos}") for pos in range(1, 21)}
+
+
+def test_two_outboxes_with_the_same_source_do_not_take_each_others_records(
+        installed: Settings, read_topic):
+    """Positions are unique per outbox only. Two outboxes (here two schemas; two ERP
+    databases alike) left with the same relay.source write into the same topics: the second
+    relay's read-back sees the first one's positions 1..N, and must not take its own unpublished
+    rows 1..N for published ones (their event ids differ)."""
+    url = _url(installed)
+    with psycopg.connect(url, autocommit=True) as conn:
+        install(conn, "pipeline_b")
+    other = installed.model_copy(update={"database": installed.database.model_copy(
+        update={"schema_name": "pipeline_b"})})
+    status = {"order_id": "x", "from_status": "DRAFT", "to_status": "CONFIRMED",
+              "changed_at": "2026-12-02T10:00:00+00:00"}
+    for s, prefix in ((installed, "A"), (other, "B")):
+        with psycopg.connect(url) as conn:
+            for i in range(50):
+                emit(conn, "order", f"{prefix}-{i % 5}", "order.status_changed", status,
+                     schema=s.database.schema_name)
+            conn.commit()
+        relay = Relay(s)
+        stop = threading.Event()
+        t = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+        t.start()
+        wait_for(lambda s=s: _count(url, s.database.schema_name) == 0, 30,
+                 f"relay {prefix} to drain its outbox")
+        stop.set()
+        t.join(30)
+        assert relay.stats.skipped_duplicates == 0, prefix
+    recs = read_topic(f"{installed.topics.prefix}.order", expect=100, timeout_s=30)
+    assert_exactly_once_in_order([r for r in recs if r.key and r.key.startswith(b"A")])
+    assert len({r.headers["ce_id"] for r in recs}) == 100
+
+
+def _count(url: str, schema: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {schema}.outbox").fetchone()
+    return int(row[0]) if row else 0
