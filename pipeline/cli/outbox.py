@@ -82,9 +82,10 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
 @outbox.command("capture")
 @click.option("--table", help="ERP table, e.g. sale_order or public.sale_order")
 @click.option("--profile", "profile_name", help="instead of --table: the ERP's own tables as "
-              "the catalogue's typed events (built: odoo)")
+              "the catalogue's typed events (built: odoo on PostgreSQL, erpnext on MariaDB)")
 @click.option("--erp-schema", default="public", show_default=True,
-              help="with --profile: the PostgreSQL schema of the ERP's tables")
+              help="with --profile: the PostgreSQL schema of the ERP's tables; on MariaDB the "
+                   "ERP's database (default: the one of database.url)")
 @click.option("--aggregate-type", help="aggregate type (topic <prefix>.<type>)")
 @click.option("--key-column", help="key column(s), comma-separated, NOT NULL [default: the "
               "primary key]")
