@@ -157,37 +157,30 @@ def _capture_profile(ctx: Context, name: str, erp_schema: str, drop: bool,
                      on_mariadb: bool) -> None:
     from pipeline.outbox import profiles
 
-    if on_mariadb:
-        # --erp-schema's default names PostgreSQL's schema; on MariaDB the site's database is
-        # the URL's unless given
-        erp = None if erp_schema == "public" else erp_schema
-        with connect(ctx.settings) as conn:
-            if drop:
-                gone = profiles.drop_mariadb(conn, name, erp)
-                click.echo(f"profile {name}: triggers removed" if gone
-                           else f"profile {name}: no triggers installed; nothing to remove")
-                return
-            mprof = profiles.install_mariadb(conn, name, ctx.settings.database.schema_name, erp)
-            erp = profiles.resolve_erp_database(conn, erp)
-        tables = ", ".join(f"{erp}.{t}" for t in mprof.tables)
-        topics = ", ".join(ctx.settings.topics.event_topic(a)
-                           for a in sorted({e.split(".")[0] for e in mprof.events}))
-        click.echo(f"profile {name} ({mprof.erp}): capturing {tables} as "
-                   f"{', '.join(mprof.events)} → {topics}")
-        return
+    schema = ctx.settings.database.schema_name
+    # --erp-schema's default names PostgreSQL's schema; on MariaDB the site's database is the
+    # URL's unless given
+    erp: str | None = (None if erp_schema == "public" else erp_schema) if on_mariadb \
+        else erp_schema
     with connect(ctx.settings) as conn:
         if drop:
-            gone = profiles.drop(conn, name, erp_schema)
+            gone = (profiles.drop_mariadb(conn, name, erp) if on_mariadb
+                    else profiles.drop(conn, name, erp_schema))
             click.echo(f"profile {name}: triggers removed" if gone
                        else f"profile {name}: no triggers installed; nothing to remove")
             return
-        prof = profiles.install(conn, name, ctx.settings.database.schema_name, erp_schema)
-    tables = ", ".join(f"{erp_schema}.{t}" for _n, t, _c, _f in prof.triggers)
+        if on_mariadb:
+            mprof = profiles.install_mariadb(conn, name, schema, erp)
+            where = profiles.resolve_erp_database(conn, erp)
+            what, events, tables = mprof.erp, mprof.events, list(mprof.tables)
+        else:
+            prof = profiles.install(conn, name, schema, erp_schema)
+            where, what, events = erp_schema, prof.erp, prof.events
+            tables = [t for _n, t, _c, _f in prof.triggers]
     topics = ", ".join(ctx.settings.topics.event_topic(a)
-                       for a in sorted({e.split(".")[0] for e in prof.events}))
-    click.echo(f"profile {name} ({prof.erp}): capturing {tables} as {', '.join(prof.events)} "
-               f"→ {topics}")
-
+                       for a in sorted({e.split(".")[0] for e in events}))
+    click.echo(f"profile {name} ({what}): capturing {', '.join(f'{where}.{t}' for t in tables)} "
+               f"as {', '.join(events)} → {topics}")
 
 
 def _slot_line(slot: SlotState) -> str:
