@@ -446,3 +446,106 @@ def test_drop_and_the_wrong_database(erpnext: MariaDbErp) -> None:
         _sales_order(cur, "SAL-ORD-2026-00030", 1, [("SKU-DESK", "1.000000000", "1.000000000")])
         c.commit()
     assert _events(erpnext) == []
+
+
+def _delivery(cur: Any, name: str, items: list[tuple[str, str, int]]) -> None:
+    """Frappe's Save & Submit of a delivery: the parent (no order known yet), then each item
+    (name, sku, qty) against SAL-ORD-2026-00040."""
+    cur.execute("INSERT INTO `tabDelivery Note` (name, docstatus, customer, lr_no) VALUES "
+                "(%s, 1, 'CUST-0001', 'T1')", (name,))
+    for row, code, qty in items:
+        _delivery_item(cur, name, row, code, qty)
+
+
+def _delivery_item(cur: Any, name: str, row: str, code: str, qty: int) -> None:
+    cur.execute("INSERT INTO `tabDelivery Note Item` (name, docstatus, idx, parent, parentfield, "
+                "parenttype, item_code, qty, stock_qty, against_sales_order) VALUES (%s, 1, 1, "
+                "%s, 'items', 'Delivery Note', %s, %s, %s, 'SAL-ORD-2026-00040')",
+                (row, name, code, qty, qty))
+
+
+def test_set_autocommit_commits_and_a_committed_event_is_never_rewritten(
+        erpnext: MariaDbErp) -> None:
+    """SET autocommit = 1 commits the pending transaction (bumping only Com_set_option); after
+    SET autocommit = 0 a child write of that document is a new transaction: the committed row
+    is not rewritten, not deleted, and its version is not handed out again."""
+    _capture(erpnext)
+    with erpnext.admin(autocommit=False) as c, c.cursor() as cur:
+        _delivery(cur, "MAT-DN-2026-00040", [("dn40a", "SKU-DESK", 1)])
+        _sales_order(cur, "SAL-ORD-2026-00040", 1, [("SKU-DESK", "1.000000000", "1.000000000")])
+        cur.execute("SET autocommit = 1")
+        cur.execute("SET autocommit = 0")
+        before = _events(erpnext)
+        # the delivery's only item removed, another one added; the order's line changed
+        cur.execute("DELETE FROM `tabDelivery Note Item` WHERE name = 'dn40a'")
+        _delivery_item(cur, "MAT-DN-2026-00040", "dn40b", "SKU-LAMP", 9)
+        cur.execute("UPDATE `tabSales Order Item` SET stock_qty = 7 "
+                    "WHERE name = 'SAL-ORD-2026-00040-i1'")
+        c.commit()
+    events = _events(erpnext)
+    assert [(a, v, t) for a, v, t, _p, _h in before] == [
+        ("Delivery Note:MAT-DN-2026-00040", 1, "shipment.created"),
+        ("Sales Order:SAL-ORD-2026-00040", 1, "order.created")]
+    assert events == before
+    assert erpnext.scalar(f"SELECT version FROM {erpnext.schema}.aggregate_versions "
+                          "WHERE aggregate_id = 'Delivery Note:MAT-DN-2026-00040'") == 1
+
+
+def test_a_pending_row_undone_by_a_savepoint_is_emitted_again(erpnext: MariaDbErp) -> None:
+    _capture(erpnext)
+    with erpnext.admin(autocommit=False) as c, c.cursor() as cur:
+        _delivery(cur, "MAT-DN-2026-00041", [])
+        cur.execute("SAVEPOINT s1")
+        _delivery_item(cur, "MAT-DN-2026-00041", "dn41a", "SKU-DESK", 1)  # emits it
+        cur.execute("ROLLBACK TO SAVEPOINT s1")  # the item and the outbox row undone
+        _delivery_item(cur, "MAT-DN-2026-00041", "dn41b", "SKU-LAMP", 2)
+        c.commit()
+    events = _events(erpnext)
+    assert [(a, v, t) for a, v, t, _p, _h in events] == [
+        ("Delivery Note:MAT-DN-2026-00041", 1, "shipment.created")]
+    assert events[0][3]["lines"] == [{"sku": "SKU-LAMP", "qty": 2}]
+    _valid(events)
+
+
+def test_a_credit_limit_changed_alone_is_an_upsert(erpnext: MariaDbErp) -> None:
+    _capture(erpnext)
+    with erpnext.admin(autocommit=False) as c, c.cursor() as cur:
+        cur.execute("INSERT INTO `tabCustomer` (name, customer_name, default_currency) VALUES "
+                    "('CUST-0002', 'Acme', 'EUR')")
+        cur.execute("INSERT INTO `tabCustomer Credit Limit` (name, idx, parent, parentfield, "
+                    "parenttype, company, credit_limit) VALUES ('ccl21', 1, 'CUST-0002', "
+                    "'credit_limits', 'Customer', 'A', 25000), ('ccl22', 2, 'CUST-0002', "
+                    "'credit_limits', 'Customer', 'B', 0)")
+        c.commit()
+        # Frappe's save: the customer's row (nothing the event reads changed), then each limit
+        cur.execute("UPDATE `tabCustomer` SET modified = now(6) WHERE name = 'CUST-0002'")
+        cur.execute("UPDATE `tabCustomer Credit Limit` SET credit_limit = 30000 "
+                    "WHERE name = 'ccl21'")
+        cur.execute("UPDATE `tabCustomer Credit Limit` SET credit_limit = 20000 "
+                    "WHERE name = 'ccl22'")
+        c.commit()
+    events = _events(erpnext)
+    assert [(a, v, t) for a, v, t, _p, _h in events] == [
+        ("Customer:CUST-0002", 1, "customer.upserted"),
+        ("Customer:CUST-0002", 2, "customer.upserted")]
+    assert events[0][3]["credit_limit"] == "25000.00"
+    assert events[1][3]["credit_limit"] == "20000.00"
+    assert events[1][4] == {"erp_profile": "erpnext", "erp_record": "Customer,CUST-0002"}
+    _valid(events)
+
+
+def test_a_server_without_the_session_counters_is_refused(
+        erpnext: MariaDbErp, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.outbox import profiles
+
+    monkeypatch.setattr(profiles, "ERPNEXT_STATUS",
+                        (*profiles.ERPNEXT_STATUS, "COM_NO_SUCH_COUNTER"))
+    r = cli(["outbox", "capture", "--profile", "erpnext"], erpnext)
+    assert r.exit_code == 2, r.output
+    assert "the erpnext profile needs MariaDB's session status counters COM_NO_SUCH_COUNTER" \
+        in r.stderr, r.stderr
+    assert erpnext.scalar("SELECT count(*) FROM information_schema.triggers "
+                          "WHERE trigger_schema = %s", (erpnext.erp,)) == 0
+    assert erpnext.scalar("SELECT count(*) FROM information_schema.routines "
+                          "WHERE routine_schema = %s AND routine_name LIKE 'erpnext%%'",
+                          (erpnext.schema,)) == 0

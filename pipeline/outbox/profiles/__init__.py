@@ -428,7 +428,9 @@ def _child_triggers(c: Child, schema: str) -> list[tuple[str, str, str]]:
         return (f"IF {img}.parenttype = {_lit(c.parent_doctype)} THEN CALL "
                 f"{s}.erpnext_child({_lit(c.parent_doctype)}, {img}.parent); END IF")
 
-    guard = "@pipeline_erpnext IS NOT NULL"  # nothing pending on this connection: nothing to do
+    # nothing pending on this connection: nothing to do; but a credit limit changed alone is the
+    # customer's change (customer.upserted even with nothing pending)
+    guard = "TRUE" if c.parent_doctype == "Customer" else "@pipeline_erpnext IS NOT NULL"
     return [
         (_trigger_name(c.table, "ins"), "INSERT", f"BEGIN IF {guard} THEN {call('NEW')}; END IF; "
          "END"),
@@ -491,6 +493,42 @@ def resolve_erp_database(conn: Any, erp_schema: str | None) -> str:
     return erp
 
 
+# The session status counters erpnext_generation() cannot do without (it reads more where the
+# server has them): MariaDB's information_schema.SESSION_STATUS and @@in_transaction.
+ERPNEXT_STATUS = ("COM_COMMIT", "COM_ROLLBACK", "COM_BEGIN", "COM_SET_OPTION",
+                  "COM_XA_COMMIT", "COM_XA_ROLLBACK")
+
+
+def check_transaction_boundaries(conn: Any, prof: MariaDbProfile) -> None:
+    """Refuse, before anything exists, a server where the profile cannot tell one transaction
+    from the next (every in-transaction submit would then fail ERPNext's write)."""
+    import pymysql
+
+    with conn.cursor() as cur:
+        cur.execute("SELECT version()")
+        row = cur.fetchone()
+        version = str(row[0]) if row else "unknown"
+        server = f"MySQL {version}" if "mariadb" not in version.lower() else f"MariaDB {version}"
+        try:
+            cur.execute("SELECT @@in_transaction")
+            cur.fetchall()
+            marks = ", ".join(["%s"] * len(ERPNEXT_STATUS))
+            cur.execute("SELECT upper(variable_name) FROM information_schema.SESSION_STATUS "
+                        f"WHERE upper(variable_name) IN ({marks})", ERPNEXT_STATUS)
+            have = {str(r[0]) for r in cur.fetchall()}
+        except pymysql.Error as exc:
+            raise ConfigError(
+                f"the {prof.name} profile needs MariaDB (information_schema.SESSION_STATUS and "
+                f"@@in_transaction tell it where a transaction ends); this server is {server}: "
+                f"{exc.args[-1] if exc.args else exc}") from None
+    missing = [v for v in ERPNEXT_STATUS if v not in have]
+    if missing:
+        raise ConfigError(
+            f"the {prof.name} profile needs MariaDB's session status counters "
+            f"{', '.join(missing)} (information_schema.SESSION_STATUS); this server ({server}) "
+            "has none of that name")
+
+
 def install_mariadb(conn: Any, name: str, schema: str,
                     erp_schema: str | None = None) -> MariaDbProfile:
     """Check the ERP's tables (refusing before anything exists), then create the profile's
@@ -506,9 +544,17 @@ def install_mariadb(conn: Any, name: str, schema: str,
             "`pipeline outbox install` first, then capture"
         )
     check_mariadb(conn, prof, erp)
+    check_transaction_boundaries(conn, prof)
     with conn.cursor() as cur:
         for statement in sql_statements(prof, schema, erp):
             cur.execute(statement)
+        # the generation's counters, run once: a server where they cannot be read is refused
+        # here, before any trigger exists
+        cur.execute(f"SELECT {_q(schema)}.erpnext_counters(), {_q(schema)}.erpnext_generation()")
+        got = cur.fetchone()
+        if got is None or got[0] is None:
+            raise ConfigError(f"the {prof.name} profile needs MariaDB's session status counters "
+                              "(information_schema.SESSION_STATUS): none could be read here")
         # MariaDB resolves a routine's columns when it first runs: run every payload once (on
         # no document) now, so a mistake fails here and not in ERPNext's writes
         for event in prof.events:

@@ -18,8 +18,9 @@
 -- that InnoDB refreshes only when nobody read it for 100 ms (trx0i_s.cc); a trigger reading it
 -- right after the previous transaction of the same connection committed saw that transaction's
 -- trx_id (verified on MariaDB 10.11). The generation is the sum of the session's COMMIT,
--- ROLLBACK, BEGIN, XA and implicit-commit (DDL, LOCK TABLES) statement counters: it changes at
--- every transaction boundary Frappe makes, and is NULL outside a transaction (autocommit: every
+-- ROLLBACK, BEGIN, XA, implicit-commit (DDL, LOCK TABLES ...) and SET (SET autocommit = 1
+-- commits) statement counters: it changes at every transaction boundary, and is NULL outside
+-- a transaction (autocommit: every
 -- statement commits by itself, nothing stays pending). Why a session variable and not a side
 -- table: the pending state belongs to one transaction, which runs on one connection; a table
 -- would add row and gap locks between ERPNext's writers and grow by a row per document.
@@ -40,22 +41,40 @@
 -- the site's time zone without one; the times sent are the database's UTC clock at the write
 -- that made the event (the submit), dates (due_date) as stored.
 
+-- The session's transaction-boundary statement counters summed. A counter that bumps without
+-- a transaction boundary (a SET that is not autocommit) only closes the pending window early.
+-- Install runs it once (MySQL has no information_schema.SESSION_STATUS in this form).
+CREATE OR REPLACE FUNCTION {schema}.erpnext_counters() RETURNS bigint
+    NOT DETERMINISTIC READS SQL DATA
+    RETURN (SELECT sum(variable_value) FROM information_schema.SESSION_STATUS
+             WHERE variable_name IN (
+                 'COM_COMMIT', 'COM_ROLLBACK', 'COM_BEGIN', 'COM_XA_COMMIT', 'COM_XA_ROLLBACK',
+                 'COM_XA_START', 'COM_LOCK_TABLES', 'COM_UNLOCK_TABLES', 'COM_CREATE_TABLE',
+                 'COM_ALTER_TABLE', 'COM_DROP_TABLE', 'COM_RENAME_TABLE', 'COM_TRUNCATE',
+                 'COM_CREATE_INDEX', 'COM_DROP_INDEX', 'COM_CREATE_DB', 'COM_DROP_DB',
+                 'COM_ALTER_DB', 'COM_ALTER_DB_UPGRADE', 'COM_CREATE_TRIGGER',
+                 'COM_DROP_TRIGGER', 'COM_CREATE_PROCEDURE', 'COM_DROP_PROCEDURE',
+                 'COM_ALTER_PROCEDURE', 'COM_CREATE_FUNCTION', 'COM_DROP_FUNCTION',
+                 'COM_ALTER_FUNCTION', 'COM_CREATE_VIEW', 'COM_DROP_VIEW', 'COM_CREATE_USER',
+                 'COM_DROP_USER', 'COM_ALTER_USER', 'COM_RENAME_USER', 'COM_CREATE_ROLE',
+                 'COM_DROP_ROLE', 'COM_GRANT', 'COM_GRANT_ROLE', 'COM_REVOKE',
+                 'COM_REVOKE_ALL', 'COM_REVOKE_ROLE', 'COM_FLUSH', 'COM_ANALYZE',
+                 'COM_OPTIMIZE', 'COM_REPAIR', 'COM_CHECK', 'COM_CREATE_SEQUENCE',
+                 'COM_ALTER_SEQUENCE', 'COM_DROP_SEQUENCE', 'COM_CREATE_EVENT',
+                 'COM_ALTER_EVENT', 'COM_DROP_EVENT', 'COM_CREATE_SERVER', 'COM_ALTER_SERVER',
+                 'COM_DROP_SERVER', 'COM_ASSIGN_TO_KEYCACHE', 'COM_PRELOAD_KEYS', 'COM_RESET',
+                 'COM_SLAVE_START', 'COM_SLAVE_STOP', 'COM_START_ALL_SLAVES',
+                 'COM_STOP_ALL_SLAVES', 'COM_CHANGE_MASTER', 'COM_INSTALL_PLUGIN',
+                 'COM_UNINSTALL_PLUGIN', 'COM_CREATE_PACKAGE', 'COM_DROP_PACKAGE',
+                 'COM_CREATE_PACKAGE_BODY', 'COM_DROP_PACKAGE_BODY', 'COM_BACKUP',
+                 'COM_BACKUP_LOCK',
+                 -- SET autocommit = 1 commits a pending transaction (this very routine's
+                 -- statements never SET a user variable: they SELECT ... INTO it)
+                 'COM_SET_OPTION'))
+$$
 CREATE OR REPLACE FUNCTION {schema}.erpnext_generation() RETURNS bigint
     NOT DETERMINISTIC READS SQL DATA
-    RETURN IF(@@in_transaction = 1, (
-        SELECT sum(variable_value) FROM information_schema.SESSION_STATUS
-         WHERE variable_name IN ('COM_COMMIT', 'COM_ROLLBACK', 'COM_BEGIN', 'COM_XA_COMMIT',
-                                 'COM_XA_ROLLBACK', 'COM_XA_START', 'COM_LOCK_TABLES',
-                                 'COM_UNLOCK_TABLES', 'COM_CREATE_TABLE', 'COM_ALTER_TABLE',
-                                 'COM_DROP_TABLE', 'COM_RENAME_TABLE', 'COM_TRUNCATE',
-                                 'COM_CREATE_INDEX', 'COM_DROP_INDEX', 'COM_CREATE_DB',
-                                 'COM_DROP_DB', 'COM_ALTER_DB', 'COM_CREATE_TRIGGER',
-                                 'COM_DROP_TRIGGER', 'COM_CREATE_PROCEDURE',
-                                 'COM_DROP_PROCEDURE', 'COM_CREATE_FUNCTION',
-                                 'COM_DROP_FUNCTION', 'COM_CREATE_VIEW', 'COM_DROP_VIEW',
-                                 'COM_CREATE_USER', 'COM_DROP_USER', 'COM_GRANT', 'COM_REVOKE',
-                                 'COM_FLUSH', 'COM_ANALYZE', 'COM_OPTIMIZE', 'COM_REPAIR',
-                                 'COM_CREATE_SEQUENCE', 'COM_DROP_SEQUENCE')), NULL)
+    RETURN IF(@@in_transaction = 1, {schema}.erpnext_counters(), NULL)
 $$
 -- money: "450.10" when it has two decimals or fewer, else the stored digits (never rounded)
 CREATE OR REPLACE FUNCTION {schema}.erpnext_money(v decimal(21,9)) RETURNS varchar(40)
@@ -238,9 +257,12 @@ BEGIN
 END
 $$
 -- Rebuild a pending event from the tables as they are now (the caller checked it is of this
--- transaction): rewrite its uncommitted outbox row, emit it now if the parent alone did not
--- make it yet, or withdraw it (delete the row, give its version back) if the document no longer
--- makes it (its only line of an order removed).
+-- transaction): rewrite its uncommitted outbox row, or emit it now if the parent alone did not
+-- make it yet. If the document no longer makes it (its only line of an order removed), the row
+-- emitted stays as it is: withdrawing it (a DELETE, its version given back) would need proof
+-- that the row is uncommitted, which no session counter gives. The session variable is only
+-- ever written by SELECT ... INTO (a SET would bump Com_set_option, a counter of the
+-- generation).
 CREATE OR REPLACE PROCEDURE {schema}.erpnext_refresh(p_path varchar(64))
     MODIFIES SQL DATA SQL SECURITY DEFINER
 body: BEGIN
@@ -248,35 +270,34 @@ body: BEGIN
     DECLARE et varchar(64) DEFAULT json_value(entry, '$.et');
     DECLARE ev char(36) DEFAULT json_value(entry, '$.ev');
     DECLARE payload longtext;
-    DECLARE ver bigint;
-    DECLARE last_ver bigint;
+    DECLARE found bigint DEFAULT 0;
     IF et = 'order.cancelled' THEN
         LEAVE body;  -- nothing of it is read from the lines
     END IF;
     SET payload = {schema}.erpnext_payload(et, json_value(entry, '$.dn'),
                                            json_value(entry, '$.at'));
-    IF ev IS NOT NULL AND payload IS NOT NULL THEN
-        UPDATE {schema}.outbox SET payload = payload WHERE event_id = ev;
-    ELSEIF ev IS NOT NULL THEN
-        SELECT aggregate_version INTO ver FROM {schema}.outbox WHERE event_id = ev;
-        SELECT version INTO last_ver FROM {schema}.aggregate_versions
-         WHERE aggregate_type = json_value(entry, '$.ag')
-           AND aggregate_id = json_value(entry, '$.ai');
-        IF ver IS NOT NULL AND ver = last_ver THEN
-            -- the counter row is locked by this transaction (outbox_emit): nobody else took a
-            -- version after it, so giving it back leaves the versions gapless
-            DELETE FROM {schema}.outbox WHERE event_id = ev;
-            UPDATE {schema}.aggregate_versions SET version = version - 1
-             WHERE aggregate_type = json_value(entry, '$.ag')
-               AND aggregate_id = json_value(entry, '$.ai');
-            SET @pipeline_erpnext = json_set(@pipeline_erpnext, concat(p_path, '.ev'), NULL);
-        END IF;
-    ELSEIF payload IS NOT NULL THEN
-        SET ev = uuid();
-        CALL {schema}.outbox_emit(json_value(entry, '$.ag'), json_value(entry, '$.ai'), et,
-                                  payload, json_extract(entry, '$.hd'), ev, NULL);
-        SET @pipeline_erpnext = json_set(@pipeline_erpnext, concat(p_path, '.ev'), ev);
+    IF payload IS NULL THEN
+        LEAVE body;
     END IF;
+    IF ev IS NOT NULL THEN
+        UPDATE {schema}.outbox SET payload = payload WHERE event_id = ev;
+        IF ROW_COUNT() > 0 THEN
+            LEAVE body;
+        END IF;
+        SELECT count(*) INTO found FROM {schema}.outbox WHERE event_id = ev;
+        IF found > 0 THEN
+            LEAVE body;  -- the payload was that already
+        END IF;
+        -- the row is gone (undone by ROLLBACK TO SAVEPOINT): emit the event again, with the
+        -- next version, rather than lose it
+    END IF;
+    SET ev = uuid();
+    CALL {schema}.outbox_emit(json_value(entry, '$.ag'), json_value(entry, '$.ai'), et,
+                              payload, json_extract(entry, '$.hd'), ev, NULL);
+    -- outbox_emit SETs @pipeline_outbox_version (Com_set_option): the generation is re-read
+    -- at once, in this same statement, so that bump of ours does not close the window
+    SELECT json_set(@pipeline_erpnext, concat(p_path, '.ev'), ev,
+                    '$.g', {schema}.erpnext_generation()) INTO @pipeline_erpnext;
 END
 $$
 -- A parent row written. p_event: the event its transition makes (NULL: none); p_mode 'emit'
@@ -296,14 +317,14 @@ body: BEGIN
     IF p_mode = 'touch' THEN
         -- no generation needed: whatever is pending for the document, its window is over
         IF json_extract(@pipeline_erpnext, path) IS NOT NULL THEN
-            SET @pipeline_erpnext = json_remove(@pipeline_erpnext, path);
+            SELECT json_remove(@pipeline_erpnext, path) INTO @pipeline_erpnext;
         END IF;
         LEAVE body;
     END IF;
     SET gen = {schema}.erpnext_generation();
     IF @pipeline_erpnext IS NOT NULL THEN
-        IF gen IS NULL OR json_value(@pipeline_erpnext, '$.g') <> gen THEN
-            SET @pipeline_erpnext = NULL;  -- of an earlier transaction: stale
+        IF gen IS NULL OR NOT (json_value(@pipeline_erpnext, '$.g') <=> gen) THEN
+            SELECT NULL INTO @pipeline_erpnext;  -- of an earlier transaction: stale, all of it
         ELSE
             SET pending = json_extract(@pipeline_erpnext, path);
         END IF;
@@ -319,29 +340,40 @@ body: BEGIN
                                       p_headers, ev, NULL);
         END IF;
         IF gen IS NOT NULL THEN
+            SET gen = {schema}.erpnext_generation();  -- outbox_emit's own SET counted (above)
             IF @pipeline_erpnext IS NULL THEN
-                SET @pipeline_erpnext = json_object('g', gen, 'd', json_object());
+                SELECT json_object('g', gen, 'd', json_object()) INTO @pipeline_erpnext;
+            ELSE
+                SELECT json_set(@pipeline_erpnext, '$.g', gen) INTO @pipeline_erpnext;
             END IF;
-            SET @pipeline_erpnext = json_set(@pipeline_erpnext, path, json_object(
+            SELECT json_set(@pipeline_erpnext, path, json_object(
                 'dn', p_name, 'et', p_event, 'ag', p_aggregate_type, 'ai', p_aggregate_id,
-                'hd', json_extract(p_headers, '$'), 'at', at, 'ev', ev));
+                'hd', json_extract(p_headers, '$'), 'at', at, 'ev', ev)) INTO @pipeline_erpnext;
         END IF;
     END IF;
 END
 $$
 -- A child row (a line, a reference, a credit limit) written: rebuild its parent's pending
--- event when that is of this transaction; an entry of an earlier one is dropped.
+-- event when that is of this transaction; an entry of an earlier one is dropped (all of them).
+-- A credit limit changed alone (Frappe rewrites the customer's row, no column the event reads
+-- changed) is the customer's change: customer.upserted, once per transaction.
 CREATE OR REPLACE PROCEDURE {schema}.erpnext_child(p_doctype varchar(140), p_parent varchar(140))
     MODIFIES SQL DATA SQL SECURITY DEFINER
 BEGIN
     DECLARE path varchar(64) DEFAULT concat('$.d.k', md5(concat(p_doctype, x'00', p_parent)));
     DECLARE gen bigint;
-    IF json_extract(@pipeline_erpnext, path) IS NOT NULL THEN
+    IF @pipeline_erpnext IS NOT NULL THEN
         SET gen = {schema}.erpnext_generation();
-        IF gen IS NULL OR json_value(@pipeline_erpnext, '$.g') <> gen THEN
-            SET @pipeline_erpnext = NULL;
-        ELSE
-            CALL {schema}.erpnext_refresh(path);
+        IF gen IS NULL OR NOT (json_value(@pipeline_erpnext, '$.g') <=> gen) THEN
+            SELECT NULL INTO @pipeline_erpnext;
         END IF;
+    END IF;
+    IF json_extract(@pipeline_erpnext, path) IS NOT NULL THEN
+        CALL {schema}.erpnext_refresh(path);
+    ELSEIF p_doctype = 'Customer' THEN
+        CALL {schema}.erpnext_document('Customer', p_parent, 'customer.upserted', 'upsert',
+                                       'customer', concat('Customer:', p_parent),
+                                       json_object('erp_profile', 'erpnext', 'erp_record',
+                                                   concat('Customer,', p_parent)));
     END IF;
 END
