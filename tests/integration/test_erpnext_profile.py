@@ -549,3 +549,21 @@ def test_a_server_without_the_session_counters_is_refused(
     assert erpnext.scalar("SELECT count(*) FROM information_schema.routines "
                           "WHERE routine_schema = %s AND routine_name LIKE 'erpnext%%'",
                           (erpnext.schema,)) == 0
+
+
+def test_lines_beyond_group_concat_max_len_are_valid_json(erpnext: MariaDbErp) -> None:
+    """json_arrayagg stops at group_concat_max_len (1 MiB by default): 6000 lines of long SKUs
+    are more, and the payload is still whole (else outbox_emit refused ERPNext's submit)."""
+    _capture(erpnext)
+    with erpnext.admin(autocommit=False) as c, c.cursor() as cur:
+        _sales_order(cur, "SAL-ORD-2026-00050", 0, [])
+        cur.execute("INSERT INTO `tabSales Order Item` (name, docstatus, idx, parent, "
+                    "parentfield, parenttype, item_code, stock_qty, stock_uom_rate) SELECT "
+                    "concat('l', seq), 0, seq, 'SAL-ORD-2026-00050', 'items', 'Sales Order', "
+                    "concat('SKU-', lpad(seq, 136, '0')), 1, 1 FROM seq_1_to_6000")
+        c.commit()
+        cur.execute("UPDATE `tabSales Order` SET docstatus = 1 WHERE name = 'SAL-ORD-2026-00050'")
+        c.commit()
+    (_a, _v, _t, payload, _h), = _events(erpnext)
+    assert len(payload["lines"]) == 6000
+    assert payload["lines"][-1]["sku"] == "SKU-" + "6000".rjust(136, "0")

@@ -117,7 +117,10 @@ CREATE OR REPLACE FUNCTION {schema}.erpnext_payload(p_event varchar(64), p_name 
 BEGIN
     DECLARE payload longtext DEFAULT NULL;
     DECLARE ord varchar(140) DEFAULT NULL;
+    -- json_arrayagg is cut at group_concat_max_len (1M by default: invalid JSON): raised for
+    -- these statements only (SET STATEMENT: the session's own value and counters untouched)
     IF p_event = 'order.created' THEN
+        SET STATEMENT group_concat_max_len = 4294967295 FOR
         SELECT json_object(
                    'order_id', o.name,
                    'customer', coalesce(o.customer, ''),
@@ -152,6 +155,7 @@ BEGIN
            AND coalesce(i.against_sales_order, '') <> ''
          ORDER BY i.idx, i.name LIMIT 1;
         IF ord IS NOT NULL THEN
+            SET STATEMENT group_concat_max_len = 4294967295 FOR
             SELECT json_object(
                        'shipment_id', d.name,
                        'order_id', ord,
