@@ -20,6 +20,7 @@ from pipeline.dlq.records import from_message
 from pipeline.kafka import names
 from pipeline.kafka.client import consumer_config, wrap_kafka_error
 from pipeline.kafka.tail import read_to_end
+from pipeline.outbox.engine import SlotState, mib
 from pipeline.worker.ordering import KeyState
 
 TP = tuple[str, int]
@@ -288,9 +289,9 @@ def problems(settings: Settings, st: Status) -> list[str]:
             elif (c.max_slot_retained_bytes is not None
                   and (slot["retained_bytes"] or 0) > c.max_slot_retained_bytes):
                 out.append(f"relay: replication slot {slot['slot_name']} holds back "
-                           f"{_mib(slot['retained_bytes'])} of WAL, {_mib(slot['lag_bytes'])} "
+                           f"{mib(slot['retained_bytes'])} of WAL, {mib(slot['lag_bytes'])} "
                            f"not yet read (status.max_slot_retained_bytes "
-                           f"{_mib(c.max_slot_retained_bytes)}): start or fix the relay of "
+                           f"{mib(c.max_slot_retained_bytes)}): start or fix the relay of "
                            f"shard {slot['shard']}; docs/operations.md#walslotretainingwal")
         if c.require_leader:
             fresh = {s["shard"] for s in ob["shards"] if s["heartbeat_age_s"] < 30}
@@ -319,10 +320,6 @@ def problems(settings: Settings, st: Status) -> list[str]:
     return out
 
 
-def _mib(n: int | None) -> str:
-    return "?" if n is None else f"{n / 1024 / 1024:.1f} MiB"
-
-
 def render(st: Status) -> list[str]:
     """The one-screen text form."""
     lines = [f"pipeline status at {st.at}: " + ("OK" if st.healthy else "ATTENTION")]
@@ -342,10 +339,7 @@ def render(st: Status) -> list[str]:
             lines.append(f"  shard {s['shard']}: leader {s['leader']}, heartbeat "
                          f"{s['heartbeat_age_s']:.0f}s ago, published {s['published']}")
         for slot in ob.get("slots", []):
-            state = ("MISSING" if not slot["exists"] else
-                     f"retained {_mib(slot['retained_bytes'])}, lag {_mib(slot['lag_bytes'])}"
-                     f"{', active' if slot['active'] else ''}")
-            lines.append(f"  wal slot {slot['slot_name']} (shard {slot['shard']}): {state}")
+            lines.append(f"  {SlotState(**slot).line()}")
     if ob is not None and ob.get("dlq_depth"):
         newest = ob.get("dlq_newest") or {}
         lines.append(f"  outbox dlq: {ob['dlq_depth']} rows, newest "

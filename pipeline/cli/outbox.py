@@ -10,7 +10,6 @@ from pipeline.cli import Context, pass_ctx
 from pipeline.db import connect, is_mariadb
 from pipeline.outbox import mariadb as mariadb_outbox
 from pipeline.outbox.capture import EVENTS, CaptureSpec, drop_capture, install_capture
-from pipeline.outbox.engine import SlotState
 from pipeline.outbox.migrations import install
 from pipeline.outbox.status import outbox_status
 from pipeline.schemas.catalogue import Catalogue
@@ -66,7 +65,7 @@ def status_cmd(ctx: Context, as_json: bool) -> None:
     click.echo(f"engine            {st.engine}"
                + (" (outbox_emit writes WAL messages)" if st.engine == "wal" else ""))
     for slot in st.slots:
-        click.echo(_slot_line(slot))
+        click.echo(slot.line())
     if not st.shards:
         click.echo("leaders           none yet (no relay has run)")
     for s in st.shards:
@@ -183,18 +182,6 @@ def _capture_profile(ctx: Context, name: str, erp_schema: str, drop: bool,
                f"as {', '.join(events)} → {topics}")
 
 
-def _slot_line(slot: SlotState) -> str:
-    if not slot.exists:
-        return (f"wal slot {slot.slot_name} (shard {slot.shard}/{slot.shards}): MISSING; "
-                "outbox_emit writes rows until its relay makes it again")
-    mib = 1024 * 1024
-    # wal_status other than reserved: max_slot_wal_keep_size is about to, or did, cut it off
-    status = f", WAL {slot.wal_status}" if slot.wal_status not in (None, "reserved") else ""
-    return (f"wal slot {slot.slot_name} (shard {slot.shard}/{slot.shards}): retained "
-            f"{(slot.retained_bytes or 0) / mib:.1f} MiB, lag {(slot.lag_bytes or 0) / mib:.1f} "
-            f"MiB{', active' if slot.active else ''}{status}")
-
-
 @outbox.command("engine")
 @click.argument("switch_to", required=False, type=click.Choice(["poll", "wal"]))
 @click.option("--wait", "wait_s", default=60.0, show_default=True,
@@ -259,7 +246,7 @@ def engine_cmd(ctx: Context, switch_to: str | None, wait_s: float, force: bool) 
         click.echo(f"engine {mode}" + (" (chosen with `pipeline outbox engine poll`)"
                                        if pinned and mode == "poll" else ""))
         for slot in engine.slot_states(conn, schema):
-            click.echo(_slot_line(slot))
+            click.echo(slot.line())
 
 
 COMMANDS = [outbox]

@@ -71,6 +71,20 @@ class SlotState:
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def line(self) -> str:
+        """One line for `pipeline status` and `pipeline outbox status`."""
+        where = f"wal slot {self.slot_name} (shard {self.shard}/{self.shards})"
+        if not self.exists:
+            return f"{where}: MISSING; outbox_emit writes rows until its relay makes it again"
+        # wal_status other than reserved: max_slot_wal_keep_size is about to, or did, cut it off
+        status = f", WAL {self.wal_status}" if self.wal_status not in (None, "reserved") else ""
+        return (f"{where}: retained {mib(self.retained_bytes)}, lag {mib(self.lag_bytes)}"
+                f"{', active' if self.active else ''}{status}")
+
+
+def mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1024 / 1024:.1f} MiB"
+
 
 def has_wal_tables(conn: psycopg.Connection[Any], schema: str) -> bool:
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.wal_slots",)).fetchone()
@@ -310,9 +324,10 @@ def switch_to_poll(conn: psycopg.Connection[Any], schema: str, *, wait_s: float,
     assert row is not None
     written = row[0]
     while True:
-        behind = [st for st in slot_states(conn, schema) if st.exists and conn.execute(
-            "SELECT confirmed_flush_lsn < %s FROM pg_catalog.pg_replication_slots "
-            "WHERE slot_name = %s", (written, st.slot_name)).fetchone() == (True,)]
+        lagging = {str(r[0]) for r in conn.execute(
+            "SELECT slot_name FROM pg_catalog.pg_replication_slots "
+            "WHERE confirmed_flush_lsn < %s", (written,)).fetchall()}
+        behind = [st for st in slot_states(conn, schema) if st.slot_name in lagging]
         if not behind:
             held = {}
             break

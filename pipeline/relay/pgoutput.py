@@ -85,9 +85,9 @@ class Transaction:
 @dataclass
 class Decoder:
     """Reads peeked rows into :class:`Transaction` objects. ``table``: ``(schema, "outbox")``;
-    ``prefix``: the message prefix ``outbox_emit`` writes (``<schema>.outbox``). Relation
-    descriptions (``R``) are remembered across calls: pgoutput sends one before the first
-    insert into a table in each decoding session, which is every peek."""
+    ``prefix``: the message prefix ``outbox_emit`` writes (``<schema>.outbox``). One decoder
+    per decoding session (a peek): pgoutput describes a table (``R``) before its first insert
+    in each session."""
 
     schema: str
     prefix: bytes = b""

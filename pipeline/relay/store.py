@@ -8,6 +8,7 @@ leadership and can never delete rows under a new leader.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
@@ -54,15 +55,16 @@ def leader_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class ReadBackRows:
+class ReadBackRows(abc.ABC):
     """What every table-polling store does with the relay's read-back (decision 4)."""
 
+    @abc.abstractmethod
     def existing_events(self, found: set[tuple[int, str]]) -> list[int]:
         """The ids of the rows still here that are the events ``found``: (id, event id)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
-        raise NotImplementedError
+        """Delete published (or dead-lettered) rows and account for them, atomically."""
 
     def forget_published(self, found: set[tuple[int, str]], leader: str) -> int:
         """The read-back found these (position, event id) in Kafka: delete the rows still here
@@ -102,6 +104,7 @@ class RelayStore(ReadBackRows):
         )
         self._in_shard = in_shard
         self._fingerprints = dict(writer_fingerprints or {})
+        self._has_encoded = False  # migration 0004's column, known once connected
         self._fetch = self._fetch_query(encoded_column=False)
         self._pending_types = sql.SQL(
             "SELECT DISTINCT aggregate_type FROM {}.outbox WHERE {}"
@@ -120,7 +123,10 @@ class RelayStore(ReadBackRows):
         ).format(s)
         self.lock_key = f"{schema}:relay:{shard}/{shards}"
 
-    def _fetch_query(self, *, encoded_column: bool) -> sql.Composed:
+    def _fetch_query(self, *, encoded_column: bool,
+                     upto_id: int | None = None) -> sql.Composed:
+        """The batch query; ``upto_id``: only rows with an id up to it (the WAL engine's rows
+        older than its slot)."""
         passes: sql.Composable = sql.SQL(_NO_ENCODED)
         as_bytes: sql.Composable = sql.SQL("NULL")
         if encoded_column and self._fingerprints:
@@ -133,9 +139,10 @@ class RelayStore(ReadBackRows):
                 "CASE event_type {} END)"
             ).format(whens)
             as_bytes = sql.SQL("CASE WHEN pass THEN encode(encoded, 'base64') END")
+        where = self._in_shard if upto_id is None else sql.SQL("{} AND id <= {}").format(
+            self._in_shard, sql.Literal(upto_id))
         return sql.SQL(_BATCH_JSON).format(
-            passes=passes, bytes=as_bytes, outbox=sql.Identifier(self.schema),
-            in_shard=self._in_shard,
+            passes=passes, bytes=as_bytes, outbox=sql.Identifier(self.schema), in_shard=where,
         )
 
     # -- connection -------------------------------------------------------------------------
@@ -158,7 +165,8 @@ class RelayStore(ReadBackRows):
                 "by their writer are encoded again here; run pipeline outbox install",
                 self.schema,
             )
-        self._fetch = self._fetch_query(encoded_column=bool(has_encoded))
+        self._has_encoded = bool(has_encoded)
+        self._fetch = self._fetch_query(encoded_column=self._has_encoded)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -212,7 +220,11 @@ class RelayStore(ReadBackRows):
     # -- rows -------------------------------------------------------------------------------
     def fetch(self, limit: int, exclude: list[int] | None = None) -> list[OutboxRow]:
         """The first ``limit`` rows in id order, leaving out ``exclude`` (rows in flight)."""
-        row = self._c().execute(self._fetch, (_int_array(exclude or []), limit)).fetchone()
+        return self._fetch_rows(self._fetch, limit, exclude or [])
+
+    def _fetch_rows(self, query: sql.Composed, limit: int, exclude: list[int]
+                    ) -> list[OutboxRow]:
+        row = self._c().execute(query, (_int_array(exclude), limit)).fetchone()
         assert row is not None
         return [OutboxRow.from_stored(*r) for r in orjson.loads(row[0])]
 

@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 
@@ -41,7 +40,7 @@ from pipeline.errors import ConfigError, DatabaseUnavailable
 from pipeline.outbox import engine
 from pipeline.relay.envelope import OutboxRow
 from pipeline.relay.pgoutput import DecodeError, Decoder, Transaction, WalEvent, lsn_text, parse_lsn
-from pipeline.relay.store import RelayStore, _int_array
+from pipeline.relay.store import RelayStore
 
 log = logging.getLogger("pipeline.relay")
 
@@ -78,7 +77,6 @@ class WalRelayStore(RelayStore):
         self._reset()
 
     def _reset(self) -> None:
-        self._decoder = Decoder(self.schema)
         self._confirmed = 0  # the slot's confirmed position as we last set or read it
         self._read_lsn = 0  # every transaction up to here is handed out or passed over
         self._carry: list[WalEvent] = []  # the rest of a transaction larger than a batch
@@ -86,10 +84,10 @@ class WalRelayStore(RelayStore):
         self._batches: collections.deque[_Batch] = collections.deque()
         self._boundary: int | None = None  # table rows up to this id come first
         self._drain_done = False
+        self._drain_query: sql.Composed | None = None
         self._drained: set[int] = set()  # table rows handed out from step 1
         self._table_rows: set[int] = set()  # handed-out events that are rows (to delete)
         self._skip: set[tuple[int, str]] = set()  # (position, event id) found in Kafka
-        self._skipped = 0
         # (end LSN, id): a transaction published in parts before the last stop, up to the id
         self._resume: tuple[int, int] | None = None
         self._progress: tuple[int, tuple[int, int] | None] | None = None
@@ -199,15 +197,10 @@ class WalRelayStore(RelayStore):
 
     def _drain(self, limit: int, exclude: list[int]) -> list[OutboxRow]:
         assert self._boundary is not None, "check_engine() runs before fetch()"
-        query = sql.SQL(
-            "SELECT coalesce(json_agg(json_build_array(id, event_id, aggregate_type, "
-            "aggregate_id, aggregate_version, event_type, payload::text, headers::text, "
-            "occurred_at, NULL) ORDER BY id), '[]')::text FROM (SELECT * FROM {}.outbox "
-            "WHERE {} AND id <= %s AND id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s) o"
-        ).format(sql.Identifier(self.schema), self._in_shard)
-        row = self._c().execute(query, (self._boundary, _int_array(exclude), limit)).fetchone()
-        assert row is not None
-        rows = [OutboxRow.from_stored(*r) for r in orjson.loads(row[0])]
+        if self._drain_query is None:  # the polling relay's own batch query, to the boundary
+            self._drain_query = self._fetch_query(encoded_column=self._has_encoded,
+                                                  upto_id=self._boundary)
+        rows = self._fetch_rows(self._drain_query, limit, exclude)
         if not rows:
             self._drain_done = True
             return []
@@ -217,15 +210,13 @@ class WalRelayStore(RelayStore):
         return rows
 
     def _peek(self, rows: int, after: int = 0) -> list[Transaction]:
-        # Relation descriptions come again in every decoding session: a fresh decoder each
-        # time keeps none that could be stale.
-        self._decoder = Decoder(self.schema)
         got = self._on_slot(
             "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes("
             "%s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
             (self.slot, rows, self.publication))
         try:
-            return list(self._decoder.transactions(got, after))
+            # a decoder per decoding session: relations are described again in each
+            return list(Decoder(self.schema).transactions(got, after))
         except DecodeError as exc:
             raise DecodeError(
                 f"relay cannot read slot {self.slot}: {exc}. Nothing after it is published. If "
@@ -253,9 +244,8 @@ class WalRelayStore(RelayStore):
         if len(out) < limit:
             # the batches in flight are decoded again: the slot stands before them
             wanted = _ROWS_PER_EVENT * (limit - len(out) + limit * len(self._batches)) + 16
+            # transactions up to _read_lsn (handed out, or passed over) are not read again
             for txn in self._peek(wanted, self._read_lsn):
-                if txn.commit_lsn <= self._read_lsn:
-                    continue  # handed out already (its batch in flight), or passed over
                 events = txn.events
                 if self._resume is not None and txn.commit_lsn == self._resume[0]:
                     # published in parts before the last stop: what went is not sent again
@@ -295,7 +285,6 @@ class WalRelayStore(RelayStore):
             events = [ev for ev in events if shard_of[ev.aggregate_id] == self.shard]
         if self._skip:
             kept = [ev for ev in events if (ev.id, ev.event_id) not in self._skip]
-            self._skipped += len(events) - len(kept)
             if len(kept) < len(events):
                 log.warning(
                     "relay passed over %d event(s) of slot %s already in Kafka (acknowledged "
