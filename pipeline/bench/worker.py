@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -61,8 +65,9 @@ def _publish(
     keys: int,
     partitions: int,
     event_types: tuple[str, ...] = ("order.created",),
-) -> list[str]:
-    """Publish ``n`` events as the relay would, ``keys`` aggregates, the event types in turn."""
+) -> list[OutboxRow]:
+    """Publish ``n`` events as the relay would, ``keys`` aggregates, the event types in turn;
+    the rows they were built from."""
     t = settings.topics
     from confluent_kafka.admin import AdminClient
 
@@ -82,7 +87,7 @@ def _publish(
         for et in event_types
     }
     p = Producer(producer_config(settings))
-    ids = []
+    rows = []
     for i in range(n):
         k = i % keys
         et = event_types[(i // keys) % len(event_types)]
@@ -107,10 +112,10 @@ def _publish(
         )
         assert isinstance(rec, Record)
         produce(p, topic, rec.value, rec.key, headers=rec.headers)
-        ids.append(row.event_id)
+        rows.append(row)
     if p.flush(60):
         raise RuntimeError("benchmark records were not all acknowledged")
-    return ids
+    return rows
 
 
 def _run_worker(
@@ -209,13 +214,13 @@ def run_worker_bench(
             }
         )
         rn = min(events, 20_000)
-        ids = _publish(
+        ids = [r.event_id for r in _publish(
             retry_s,
             retry_s.topics.event_topic("order"),
             rn,
             keys=500,
             partitions=s.topics.partitions,
-        )
+        )]
         base_t, _ = _run_worker(retry_s, "clean", _Target(), rn, max_in_flight=64)
         failing = set(random.Random(3).sample(ids, rn // 50))
         target = _Target(fail_once=failing)
@@ -260,19 +265,23 @@ def _cpus() -> int:
 
 
 def run_wms_bench(
-    settings: Settings, *, events: int, latency_ms: float, max_in_flight: int
+    settings: Settings, *, events: int, latency_ms: float, max_in_flight: int, repeat: int = 3
 ) -> dict[str, Any]:
     """``pipeline bench wms``: order.created events through the WMS connector against the
-    reference WMS answering after ``latency_ms``; baseline: the same number of the same calls
-    made straight with httpx from as many threads (no Kafka, no runtime), in the same run."""
+    reference WMS answering after ``latency_ms``; baseline: the very calls the connector makes
+    for those events (built beforehand by its mapping) made straight with httpx from as many
+    threads (no Kafka, no runtime), in the same run, alternated. The reference WMS runs in a
+    process of its own, as a real WMS would: in the worker's process it would share the
+    worker's interpreter lock, and the bench would measure the server's Python as much as the
+    worker."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
+    from connectors.rest.mapping import Call, build_call
     from connectors.wms.connector import WmsConnector
-    from connectors.wms.server import WmsServer
 
-    with local_stack(settings, fresh_database=False) as s:
+    with local_stack(settings, fresh_database=False) as s, _wms_process(latency_ms) as url:
         s = s.model_copy(
             update={
                 "topics": s.topics.model_copy(
@@ -281,46 +290,88 @@ def run_wms_bench(
             }
         )
         topic = s.topics.event_topic("order")
-        _publish(s, topic, events, keys=events, partitions=s.topics.partitions)
-        with WmsServer(latency_ms=latency_ms) as wms:
-            connector = WmsConnector(wms.url, max_connections=max_in_flight)
-            elapsed, w = _run_worker(
-                s, "wms", _Forward(connector), events, max_in_flight=max_in_flight
-            )
-            connector.close()
-            applied = len(httpx.get(f"{wms.url}/fulfilment-orders", timeout=10).json()["items"])
-            wms.reset()
-            body = {
-                "order_id": "",
-                "customer": "CUST-1",
-                "lines": [{"line_no": 1, "sku": "A-01", "qty": 1}],
-                "version": 1,
-            }
-            with httpx.Client(
-                base_url=wms.url, timeout=10, limits=httpx.Limits(max_connections=max_in_flight)
-            ) as client:
+        rows = _publish(s, topic, events, keys=events, partitions=s.topics.partitions)
+        probe = WmsConnector(url)
+        route = probe.routes["order.created"]
+        probe.close()
+        # the very calls the connector makes for these events (method, path, body, key)
+        calls = [(build_call(route, {"aggregate_version": r.aggregate_version,
+                                     "payload": r.payload}), r.event_id) for r in rows]
+        worker_rates, direct_rates, applied, dead = [], [], [], 0
+        with httpx.Client(base_url=url, timeout=30) as admin:
+            for i in range(repeat):
+                admin.post("/_reset").raise_for_status()
+                connector = WmsConnector(url, max_connections=max_in_flight)
+                try:  # a group of its own each run: every run reads the topic from the start
+                    elapsed, w = _run_worker(
+                        s, f"wms{i}", _Forward(connector), events, max_in_flight=max_in_flight
+                    )
+                finally:
+                    connector.close()
+                worker_rates.append(events / elapsed)
+                dead += w.stats.dead_lettered_total
+                applied.append(len(admin.get("/fulfilment-orders").json()["items"]))
+                admin.post("/_reset").raise_for_status()
+                with httpx.Client(
+                    base_url=url,
+                    timeout=30,
+                    limits=httpx.Limits(max_connections=max_in_flight),
+                ) as client:
 
-                def one(i: int) -> None:
-                    client.post(
-                        "/fulfilment-orders",
-                        json={**body, "order_id": f"B-{i}"},
-                        headers={"Idempotency-Key": f"b-{i}"},
-                    ).raise_for_status()
+                    def one(item: tuple[Call, str]) -> None:
+                        call, key = item
+                        client.request(
+                            call.method, call.path, json=call.body,
+                            headers={"Idempotency-Key": key},
+                        ).raise_for_status()
 
-                t0 = time.monotonic()
-                with ThreadPoolExecutor(max_in_flight) as pool:
-                    list(pool.map(one, range(events)))
-                direct = time.monotonic() - t0
+                    t0 = time.monotonic()
+                    with ThreadPoolExecutor(max_in_flight) as pool:
+                        list(pool.map(one, calls))
+                    direct_rates.append(events / (time.monotonic() - t0))
+    median, direct = statistics.median(worker_rates), statistics.median(direct_rates)
     return {
         "machine": {"cpus": _cpus()},
         "events": events,
         "target_latency_ms": latency_ms,
         "max_in_flight": max_in_flight,
-        "events_per_s": round(events / elapsed, 1),
+        "events_per_s": round(median, 1),
+        "runs": [round(r, 1) for r in worker_rates],
         "applied_in_wms": applied,
-        "dead_lettered": w.stats.dead_lettered_total,
-        "baseline": {"direct_http_calls_per_s": round(events / direct, 1)},
+        "dead_lettered": dead,
+        "baseline": {
+            "direct_http_calls_per_s": round(direct, 1),
+            "runs": [round(r, 1) for r in direct_rates],
+        },
+        "ratio_to_baseline": round(median / direct, 3),
     }
+
+
+@contextlib.contextmanager
+def _wms_process(latency_ms: float) -> Iterator[str]:
+    """The reference WMS (``python -m connectors.wms.server``) in a process of its own: its
+    URL, while it runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connectors.wms.server", "--port", "0",
+         "--latency-ms", str(latency_ms)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise RuntimeError(
+                f"the reference WMS did not start (exit {proc.poll()}): run "
+                "`python -m connectors.wms.server` to see why"
+            )
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 class _Forward(_Target):

@@ -108,16 +108,19 @@ def worker_cmd(ctx: Context, events: int, repeat: int, as_json: bool) -> None:
     help="the reference WMS's answer time",
 )
 @click.option("--max-in-flight", type=int, default=64, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON only (the default output is JSON too)")
 @pass_ctx
 def wms_cmd(
-    ctx: Context, events: int, latency_ms: float, max_in_flight: int, as_json: bool
+    ctx: Context, events: int, latency_ms: float, max_in_flight: int, repeat: int,
+    as_json: bool,
 ) -> None:
     """Events/s through the WMS connector against the reference WMS with a given latency."""
     from pipeline.bench.worker import run_wms_bench
 
     result = run_wms_bench(
-        ctx.settings, events=events, latency_ms=latency_ms, max_in_flight=max_in_flight
+        ctx.settings, events=events, latency_ms=latency_ms, max_in_flight=max_in_flight,
+        repeat=repeat,
     )
     _echo(ctx, result, as_json)
 
