@@ -278,8 +278,8 @@ def run_wms_bench(
 
     import httpx
 
-    from connectors.rest.mapping import Call, build_call
-    from connectors.wms.connector import WmsConnector
+    from connectors.rest.mapping import Call, Route, build_call
+    from connectors.wms.connector import DEFAULT_MAPPING, WmsConnector
 
     with local_stack(settings, fresh_database=False) as s, _wms_process(latency_ms) as url:
         s = s.model_copy(
@@ -291,9 +291,7 @@ def run_wms_bench(
         )
         topic = s.topics.event_topic("order")
         rows = _publish(s, topic, events, keys=events, partitions=s.topics.partitions)
-        probe = WmsConnector(url)
-        route = probe.routes["order.created"]
-        probe.close()
+        route = Route.parse("order.created", DEFAULT_MAPPING["order.created"])
         # the very calls the connector makes for these events (method, path, body, key)
         calls = [(build_call(route, {"aggregate_version": r.aggregate_version,
                                      "payload": r.payload}), r.event_id) for r in rows]
