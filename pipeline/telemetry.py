@@ -19,6 +19,7 @@ the target's HTTP call, and metrics served on ``/metrics`` (Prometheus) and by O
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import threading
@@ -36,6 +37,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
@@ -264,26 +267,55 @@ def client_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Span | Non
 
 
 class FastHistogram:
-    """A per-event histogram on prometheus_client (``record(value, attributes)`` like OTel's);
-    attribute names become label names with ``.`` → ``_``, missing ones empty."""
+    """A per-event histogram served on /metrics (``record(value, attributes)`` like OTel's);
+    attribute names become label names with ``.`` → ``_``, missing ones empty.
+
+    A prometheus_client collector of its own: a value is binned with one bisect under one
+    lock (about 0.9 µs; prometheus_client's Histogram takes a lock per bucket counter and the
+    sum, about 1.8 µs, and the OTel SDK's about 20 µs: a no-op event records two)."""
 
     def __init__(self, name: str, doc: str, attributes: tuple[str, ...],
                  buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
-        from prometheus_client import Histogram
-
+        self._name = name.removesuffix("_seconds")
+        self._doc = doc
         self._names = attributes
-        self._h = Histogram(name.removesuffix("_seconds"), doc,
-                            [a.replace(".", "_") for a in attributes], unit="seconds",
-                            buckets=buckets, registry=registry)
-        self._children: dict[tuple[tuple[str, Any], ...], Any] = {}
+        self._labels = [a.replace(".", "_") for a in attributes]
+        self._bounds = sorted(float(b) for b in buckets)
+        self._le = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
+        # label values → [count per bucket (the last one: above every bound)..., sum]
+        self._series: dict[tuple[tuple[str, Any], ...], tuple[tuple[str, ...], list[float]]] = {}
+        registry.register(self)
 
     def record(self, value: float, attributes: Mapping[str, Any]) -> None:
         key = tuple(attributes.items())
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._h.labels(
-                *[str(attributes.get(a, "")) for a in self._names])
-        child.observe(value)
+        series = self._series.get(key)
+        if series is None:
+            labels = tuple(str(attributes.get(a, "")) for a in self._names)
+            series = self._series.setdefault(key, (labels, [0.0] * (len(self._bounds) + 2)))
+        counts = series[1]
+        i = bisect.bisect_left(self._bounds, value)  # the first bound ≥ value: "le"
+        with self._lock:
+            counts[i] += 1
+            counts[-1] += value
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=self._labels,
+                                      unit="seconds")]
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labels,
+                                       unit="seconds")
+        with self._lock:
+            snapshot = [(labels, list(counts)) for labels, counts in self._series.values()]
+        for labels, counts in snapshot:
+            cumulative, buckets = 0.0, []
+            for le, n in zip(self._le, counts, strict=False):
+                cumulative += n
+                buckets.append((le, cumulative))
+            buckets.append(("+Inf", cumulative + counts[-2]))
+            family.add_metric(list(labels), buckets, counts[-1])
+        return [family]
 
 
 Gauge = Callable[[], Iterable[tuple[float, Mapping[str, Any]]]]
