@@ -41,6 +41,12 @@ class Action:
     applied: bool = False  # DONE: the handler ran (else: skipped, no handler)
 
 
+# the outcomes of nearly every event: one object each, not one per event
+APPLIED = Action(DONE, breaker=(SUCCESS,), applied=True)
+SKIPPED_DONE = Action(DONE, breaker=(NO_CALL,))
+RUN_NOW = Action(RUN)
+
+
 def admit(
     ordering: Ordering,
     key: str,
@@ -62,7 +68,7 @@ def admit(
         return Action(verb, route, attempts=attempts, blocked_by=ref)
     if verdict == BLOCKED:
         return Action(DEAD_LETTER, Route(tiers.dlq_topic, 0, None), attempts, blocked_by=ref)
-    return Action(RUN)
+    return RUN_NOW
 
 
 def decide(
@@ -85,9 +91,9 @@ def decide(
       (an outage must not walk events down the tiers into the DLQ).
     """
     if outcome == OK:
-        return Action(DONE, breaker=(SUCCESS,), applied=True)
+        return APPLIED
     if outcome == SKIPPED:
-        return Action(DONE, breaker=(NO_CALL,))
+        return SKIPPED_DONE
     answered = (SUCCESS,) if kind != TRANSIENT or target_alive else ()
     if kind == TRANSIENT:
         if retry_after_s is not None and retry_after_s > 0:

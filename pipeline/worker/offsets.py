@@ -25,11 +25,16 @@ class PartitionOffsets:
             self._highest_seen = offset
 
     def finished(self, offset: int) -> None:
-        self._done.add(offset)
+        started, done = self._started, self._done
+        if started and started[0] == offset:  # the oldest unfinished one (the usual case)
+            heapq.heappop(started)
+            self._next_commit = offset + 1
+        else:
+            done.add(offset)
         # Pop every finished offset at the head: the head is the oldest unfinished one.
-        while self._started and self._started[0] in self._done:
-            head = heapq.heappop(self._started)
-            self._done.discard(head)
+        while done and started and started[0] in done:
+            head = heapq.heappop(started)
+            done.discard(head)
             self._next_commit = head + 1
 
     @property

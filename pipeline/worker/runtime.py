@@ -142,6 +142,7 @@ class Worker(GroupRuntime):
         self._fatal: PipelineError | None = None
         self._busy_tp: collections.Counter[TP] = collections.Counter()
         self._attr_cache: dict[tuple[str, str], dict[str, str]] = {}
+        self._group_attrs = {"messaging.consumer.group.name": self.group_id}
         self._consumed: collections.Counter[str] = collections.Counter()
         self._parked_pending = 0
         self._stalled: dict[str, tuple[str, int]] = {}  # stalled key → (its head, its cell)
@@ -286,8 +287,8 @@ class Worker(GroupRuntime):
         msgs = self._consumer.consume(1000, timeout=wait)
         if msgs:
             self._broker_down_since = None
-        for msg in msgs:
-            self._ingest(msg, now)
+        if msgs:
+            self._ingest_batch(msgs, now)
         self._backpressure()
         self._dispatch()
         # Block for outcomes only when nothing else can start: handlers' completions wake
@@ -301,22 +302,51 @@ class Worker(GroupRuntime):
             self._check_stalls()
             self._flush_metrics()
 
-    def _ingest(self, msg: Message, now: float) -> None:
+    def _ingest_batch(self, msgs: list[Message], now: float) -> None:
+        """Each record to its key's queue; or, while handlers run inline and nothing waits on
+        the target (no held event, breaker closed, no rate limit), straight through its handler
+        when its key has nothing queued or running and no retry state: the decisions the
+        scheduler's round trip would make (admit: run; may call: yes), without the round trip.
+        The outcome takes the one path every outcome takes (:meth:`_complete`)."""
+        inline = self._inline_now()
+        keys = self.ordering.keys
+        for msg in msgs:
+            work = self._ingest(msg, now)
+            if work is None:
+                continue
+            if inline and work.key not in keys and self.scheduler.claim(work.key):
+                self._complete(*self._execute(work))
+                inline = self._inline_now()
+            else:
+                self.scheduler.submit(work.key, work)
+
+    def _inline_now(self) -> bool:
+        return (
+            self._pace.inline
+            and not self._held
+            and not self.breaker.is_open
+            and not self.bucket.rate
+            and self._fatal is None
+        )
+
+    def _ingest(self, msg: Message, now: float) -> Work | None:
+        """The record's work, or None when it was dealt with here (an error, a record to wait
+        for, one moved home, an undecodable one dead-lettered)."""
         err = msg.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consume error: %s", err.str())
-            return
+            return None
         tp = (str(msg.topic()), int(msg.partition() or 0))
         offset = int(msg.offset() or 0)
         rewound = self._rewound.get(tp)
         if rewound is not None and offset >= rewound:
-            return  # fetched before the rewind took effect: it comes again when due
+            return None  # fetched before the rewind took effect: it comes again when due
         if not self.cells.owns(tp[1]):
             # part of a cell this member does not hold whole (an incremental assignment half
             # way): its keys may have state elsewhere; wait, rewound, until the cell is whole
             self._hold_partition(tp, offset, _NEVER)
-            return
+            return None
         if tp not in self.offsets:
             self.offsets[tp] = PartitionOffsets()
         tier = self._tier_of.get(tp[0])
@@ -327,11 +357,11 @@ class Worker(GroupRuntime):
             src = Source.of(msg)
             if src.home != tp[1]:
                 self._move_home(src, tp, offset)
-                return
+                return None
             due_ms = routing.read_int(raw.get(names.BACKOFF_TIMESTAMP))
             if due_ms is not None and due_ms > now * 1000:
                 self._hold_partition(tp, offset, due_ms / 1000)
-                return
+                return None
         self.stats.consumed += 1
         self._consumed[tp[0]] += 1
         self._last_ts[tp] = msg.timestamp()[1]
@@ -358,10 +388,10 @@ class Worker(GroupRuntime):
                 attempts=1,
                 decode_error=str(exc),
             )
-            return
+            return None
         original = raw.get(names.ORIGINAL_TOPIC)
         key = f"{(original.decode() if isinstance(original, bytes) else tp[0])}|{event.key}"
-        self.scheduler.submit(key, Work(msg, event, tp, key, self._gen.get(tp, 0)))
+        return Work(msg, event, tp, key, self._gen.get(tp, 0))
 
     def _move_home(self, src: Source, tp: TP, offset: int) -> None:
         """A retry copy outside its home partition (written before retry copies were
@@ -722,8 +752,7 @@ class Worker(GroupRuntime):
                 self.stats.applied += 1
                 if ev.occurred_at is not None:
                     self._m.end_to_end.record(
-                        max(0.0, self.clock() - ev.occurred_at.timestamp()),
-                        {"messaging.consumer.group.name": self.group_id},
+                        max(0.0, self.clock() - ev.occurred_at.timestamp()), self._group_attrs
                     )
             else:
                 self.stats.skipped += 1

@@ -30,6 +30,14 @@ class KeyScheduler(Generic[T]):
         if key not in self._busy and len(q) == 1:
             self._ready.append(key)
 
+    def claim(self, key: Hashable) -> bool:
+        """Start an item of ``key`` now, without queueing it: True (the key is busy until
+        :meth:`done`) when the key has nothing queued or running and the cap allows."""
+        if key in self._busy or key in self._queues or len(self._busy) >= self.max_in_flight:
+            return False
+        self._busy.add(key)
+        return True
+
     def next_ready(self) -> tuple[Hashable, T] | None:
         """The next item that may start now, or None (all keys busy, empty, or at the cap)."""
         if len(self._busy) >= self.max_in_flight or not self._ready:
