@@ -37,10 +37,12 @@ def _filters(fn: F) -> F:
     return fn
 
 
-def _select(ctx: Context, kw: dict[str, Any], *, keep_all: bool = False
+def _select(ctx: Context, kw: dict[str, Any], *, keep_all: bool = False,
+            pick: Callable[[Any, Any, int | None], list[Any]] | None = None
             ) -> list[tuple[Any, list[Any]]]:
     """(group DLQ, its selected records) per group; ``keep_all``: the group's other records
-    are kept too (``records()``), for a replay's plan."""
+    are kept too (``records()``), for a replay's plan. ``pick(dlq, filter, limit)`` takes
+    what is kept of a group's selection instead of its records (``ls``: its lines' cells)."""
     from pipeline.dlq.records import Filter, FilterError
     from pipeline.dlq.store import iter_groups
     from pipeline.errors import UsageError
@@ -56,7 +58,7 @@ def _select(ctx: Context, kw: dict[str, Any], *, keep_all: bool = False
     for dlq in iter_groups(ctx.settings, kw["group"]):
         if keep_all:
             dlq.records()
-        picked = dlq.select(flt, left)
+        picked = dlq.select(flt, left) if pick is None else pick(dlq, flt, left)
         out.append((dlq, picked))
         if left is not None:
             left -= len(picked)
@@ -86,20 +88,23 @@ def dlq() -> None:
 @pass_ctx
 def ls_cmd(ctx: Context, /, as_json: bool, **kw: Any) -> None:
     """List dead letters: position, age, original position, key, type, attempts, error."""
-    from pipeline.dlq.records import summaries, table
+    from pipeline.dlq.records import layout, summaries
 
     now = dt.datetime.now(dt.UTC)
-    picked = _select(ctx, kw)
     if as_json:
+        picked = _select(ctx, kw)
         _echo_json([row for d, rs in picked for row in summaries(rs, now, d.group)])
         return
+    # the lines' cells, worked out where the records are read (GroupDlq.listing)
+    picked = _select(ctx, kw, pick=lambda d, flt, n: list(zip(*d.listing(flt, now, n),
+                                                               strict=True)))
     width = min(shutil.get_terminal_size((80, 24)).columns, 200)
     lines: list[str] = []
-    for d, rs in picked:
-        if len(picked) > 1 or not rs:
-            lines.append(f"# {d.group} ({d.topic}): {len(rs)} record(s)")
-        if rs:
-            lines += table(rs, now, width)
+    for d, listed in picked:
+        if len(picked) > 1 or not listed:
+            lines.append(f"# {d.group} ({d.topic}): {len(listed)} record(s)")
+        if listed:
+            lines += layout([cells for cells, _e in listed], [e for _c, e in listed], width)
     if lines:
         click.echo("\n".join(lines))  # one write: a line per call costs more than the table
 

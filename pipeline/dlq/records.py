@@ -403,9 +403,18 @@ def _cut(text: str, width: int) -> str:
 LS_COLUMNS = ("POS", "AGE", "ORIGINAL", "KEY", "TYPE", "N", "ERROR")
 
 
+# A ``pipeline dlq ls`` row's first six cells (the error apart: it is cut to the room left)
+Cells = tuple[str, str, str, str, str, str]
+
+
 def table(records: Sequence[DlqRecord], now: dt.datetime, width: int = 80) -> list[str]:
     """``pipeline dlq ls`` as lines no wider than ``width`` (the error takes what is left)."""
-    rows, errors = _rows(records, now)
+    return layout(*ls_cells(records, now), width)
+
+
+def layout(rows: Sequence[Cells], errors: Sequence[str], width: int = 80) -> list[str]:
+    """:func:`ls_cells`'s rows and errors as ``pipeline dlq ls`` lines, under the column
+    names, no wider than ``width``."""
     head = LS_COLUMNS
     columns = list(zip(*rows, strict=True)) if rows else [()] * 6
     widths = [max(len(head[i]), max(map(len, columns[i]), default=0)) for i in range(6)]
@@ -429,8 +438,8 @@ _SHARED = (names.ORIGINAL_TOPIC, names.ORIGINAL_PARTITION, names.CE_TYPE, names.
 _SHARED_ABSENT = (_ABSENT,) * len(_SHARED)
 
 
-def _rows(records: Sequence[DlqRecord], now: dt.datetime
-          ) -> tuple[list[tuple[str, str, str, str, str, str]], list[str]]:
+def ls_cells(records: Sequence[DlqRecord], now: dt.datetime
+             ) -> tuple[list[Cells], list[str]]:
     """The cells of ``pipeline dlq ls`` rows (the first six, and the errors apart), as
     :class:`DlqRecord`'s properties give them; what many records share (a topic, a type, an
     error class, an age, a key) is worked out once."""

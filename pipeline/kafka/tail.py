@@ -64,12 +64,21 @@ def read_batches_to_end(
     settle_always: bool = True,
     batch_size: int = 5000,
     consumer_overrides: dict[str, Any] | None = None,
+    spans: dict[int, tuple[int, int | None]] | None = None,
 ) -> Iterator[list[Message]]:
     """:func:`read_to_end`'s records a consume call's batch at a time (error events included:
     the caller skips them). With ``settle_always`` false the settling fetch is made only when a
     partition turned out to hold records past its watermark (the watermark lied); on a broker
     whose watermarks are exact the read then ends as soon as what was fetched is taken — for
-    listings read by people (``dlq ls``), not for the relay's read-back."""
+    listings read by people (``dlq ls``), not for the relay's read-back.
+
+    ``spans`` (one topic only) reads just those partitions, partition ``p`` from offset ``a``
+    up to ``b`` exclusive (``None``: to its end, as without spans): readers in several
+    processes share one partition's records that way (``pipeline dlq ls``). Records of a
+    bounded span are never yielded past its ``b``, nor is its end settled: the reader of the
+    partition's last span does that."""
+    if spans is not None and len(topics) != 1:
+        raise ValueError("offset spans name partitions of one topic: give one topic")
     consumer = Consumer(
         consumer_config(
             settings,
@@ -86,6 +95,7 @@ def read_batches_to_end(
         assignment: list[TopicPartition] = []
         ends: dict[tuple[str, int], int] = {}
         highs: dict[tuple[str, int], int] = {}
+        stops: dict[tuple[str, int], int] = {}  # bounded spans' ends (exclusive)
         lookups_until = time.monotonic() + timeout_s
         for topic in topics:
             tmd = md.topics.get(topic)
@@ -94,20 +104,32 @@ def read_batches_to_end(
             for p in sorted(tmd.partitions):
                 if partitions is not None and p not in partitions:
                     continue
+                if spans is not None and p not in spans:
+                    continue
                 lo, hi = watermarks(consumer, topic, p, request, lookups_until)
                 start = lo if last is None else max(lo, hi - last)
                 if since_ms is not None and start > lo:
                     start = max(
                         lo, min(start, _offset_at(consumer, topic, p, since_ms, hi, request))
                     )
+                end = hi
+                if spans is not None:
+                    first, stop = spans[p]
+                    start = max(start, first)
+                    if stop is not None and stop < hi:  # a bounded span: it ends at stop
+                        end = stops[(topic, p)] = max(start, stop)
+                        if start >= end:
+                            continue  # nothing of this partition for this reader
                 # every partition is assigned, even one that looks empty: its watermark may lie
                 assignment.append(TopicPartition(topic, p, start))
-                highs[(topic, p)] = hi
-                if start < hi:
-                    ends[(topic, p)] = hi
+                # a bounded span's records past stop are not past the watermark: never "lied"
+                highs[(topic, p)] = hi if (topic, p) not in stops else _NEVER
+                if start < end:
+                    ends[(topic, p)] = end
         if not assignment:
             return
         past = False  # a record at or past its partition's watermark: the watermark lied
+        paused: set[tuple[str, int]] = set()
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout_s
         while ends:
@@ -118,6 +140,8 @@ def read_batches_to_end(
                 )
             batch = consumer.consume(batch_size, timeout=0.1)
             if batch:
+                if stops:
+                    batch = _paused_at_stops(consumer, batch, stops, paused)
                 yield batch
                 past = _mark_read(batch, ends, highs) or past
             if ends:
@@ -130,6 +154,8 @@ def read_batches_to_end(
         if not settle_always:
             # what was fetched with the last records (the rest of their batch) is taken now
             while batch := consumer.consume(batch_size, timeout=0):
+                if stops:
+                    batch = _paused_at_stops(consumer, batch, stops, paused)
                 yield batch
                 past = _mark_read(batch, ends, highs) or past
             if not past:
@@ -139,11 +165,54 @@ def read_batches_to_end(
         settle_until = time.monotonic() + max(2.0, 5 * settle_s)
         while time.monotonic() < settle_until:
             batch = consumer.consume(batch_size, timeout=settle_s)
+            if stops:
+                batch = _paused_at_stops(consumer, batch, stops, paused)
             if not any(m.error() is None for m in batch):
                 return
             yield batch
     finally:
         consumer.close()
+
+
+_NEVER = 1 << 63
+
+
+def _within(batch: list[Message], stops: dict[tuple[str, int], int]
+            ) -> tuple[list[Message], set[tuple[str, int]]]:
+    """``batch`` without the records at or past a bounded span's stop (fetched with the last
+    records of the span), and the partitions whose stop it reached. Offsets grow within a
+    partition: a batch whose last record of each bounded partition lies before its stop is
+    returned as it is, unscanned."""
+    over: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int]] = set()
+    for m in reversed(batch):
+        if m.error() is not None:
+            continue
+        tp = (str(m.topic()), int(m.partition() or 0))
+        stop = stops.get(tp)
+        if stop is None or tp in seen:
+            continue
+        seen.add(tp)
+        if (m.offset() or 0) >= stop - 1:
+            over.add(tp)
+        if len(seen) == len(stops):
+            break
+    if not over:
+        return batch, over
+    return [m for m in batch if m.error() is not None or (m.offset() or 0) < stops.get(
+        (str(m.topic()), int(m.partition() or 0)), _NEVER)], over
+
+
+def _paused_at_stops(consumer: Consumer, batch: list[Message],
+                     stops: dict[tuple[str, int], int], paused: set[tuple[str, int]]
+                     ) -> list[Message]:
+    """:func:`_within`, and the partitions whose stop the batch reached paused at once
+    (nothing more of them is fetched and parsed for nothing)."""
+    batch, reached = _within(batch, stops)
+    if reached - paused:
+        consumer.pause([TopicPartition(t, p) for t, p in reached - paused])
+        paused |= reached
+    return batch
 
 
 def _mark_read(batch: list[Message], ends: dict[tuple[str, int], int],

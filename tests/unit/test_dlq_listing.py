@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import forked
 from pipeline.config import load_config
 from pipeline.dlq import store
 from pipeline.dlq.records import (
@@ -25,6 +26,7 @@ from pipeline.dlq.records import (
     _cut,
     from_message,
     human_age,
+    ls_cells,
     message_headers,
     record,
     select,
@@ -245,6 +247,9 @@ def dlq(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[store.GroupDlq, list[
             yield msgs[lo:lo + 64]
 
     monkeypatch.setattr(store, "read_batches", batches)
+    # one reader, here: the read is stubbed (helper processes are tested on a real broker,
+    # tests/integration/test_dlq_parallel_read.py)
+    monkeypatch.setattr(forked, "cores", lambda: 1)
     s = load_config(Path(os.devnull), overrides={"kafka": {"bootstrap_servers": "nowhere:1"},
                                                  "topics": {"prefix": "erp"}})
     yield store.GroupDlq(s, "wms", topics={DLQ}), recs
@@ -258,6 +263,8 @@ def test_group_select_filters_as_it_reads(dlq: tuple[store.GroupDlq, list[DlqRec
         want = [r for r in recs if flt.matches(r)]
         assert d.select(flt) == want, kw
         assert d.select(flt, limit=5) == want[:5], kw
+        assert d.listing(flt, NOW) == ls_cells(want, NOW), kw
+        assert d.listing(flt, NOW, limit=5) == ls_cells(want[:5], NOW), kw
         assert d._records is None  # nothing kept
     assert gc.isenabled()
     assert d.records() == recs  # in (partition, offset) order, as they were
