@@ -270,7 +270,9 @@ def run_wms_bench(
     """``pipeline bench wms``: order.created events through the WMS connector against the
     reference WMS answering after ``latency_ms``; baseline: the very calls the connector makes
     for those events (built beforehand by its mapping) made straight with httpx from as many
-    threads (no Kafka, no runtime), in the same run, alternated. The reference WMS runs in a
+    threads (no Kafka, no runtime), in the same run, alternated; and beside it the same calls
+    through the connector's own client (``RestTarget``, its sharded pools) without Kafka or the
+    runtime, which tells the runtime's cost from the client's. The reference WMS runs in a
     process of its own, as a real WMS would: in the worker's process it would share the
     worker's interpreter lock, and the bench would measure the server's Python as much as the
     worker."""
@@ -278,6 +280,7 @@ def run_wms_bench(
 
     import httpx
 
+    from connectors.rest.client import RestTarget
     from connectors.rest.mapping import Call, Route, build_call
     from connectors.wms.connector import DEFAULT_MAPPING, WmsConnector
 
@@ -295,7 +298,7 @@ def run_wms_bench(
         # the very calls the connector makes for these events (method, path, body, key)
         calls = [(build_call(route, {"aggregate_version": r.aggregate_version,
                                      "payload": r.payload}), r.event_id) for r in rows]
-        worker_rates, direct_rates, applied, dead = [], [], [], 0
+        worker_rates, direct_rates, client_rates, applied, dead = [], [], [], [], 0
         with httpx.Client(base_url=url, timeout=30) as admin:
             for i in range(repeat):
                 admin.post("/_reset").raise_for_status()
@@ -327,6 +330,23 @@ def run_wms_bench(
                     with ThreadPoolExecutor(max_in_flight) as pool:
                         list(pool.map(one, calls))
                     direct_rates.append(events / (time.monotonic() - t0))
+                # the connector's own HTTP client (its pools) called straight, without Kafka
+                # or the runtime: what the runtime costs on top of the client
+                admin.post("/_reset").raise_for_status()
+                target = RestTarget(url, max_connections=max_in_flight)
+                try:
+
+                    def through(item: tuple[Call, str], target: RestTarget = target) -> None:
+                        call, key = item
+                        target.call(call.method, call.path, body=call.body,
+                                    idempotency_key=key)
+
+                    t0 = time.monotonic()
+                    with ThreadPoolExecutor(max_in_flight) as pool:
+                        list(pool.map(through, calls))
+                    client_rates.append(events / (time.monotonic() - t0))
+                finally:
+                    target.close()
     median, direct = statistics.median(worker_rates), statistics.median(direct_rates)
     return {
         "machine": {"cpus": _cpus()},
@@ -342,6 +362,11 @@ def run_wms_bench(
             "runs": [round(r, 1) for r in direct_rates],
         },
         "ratio_to_baseline": round(median / direct, 3),
+        "connector_client_alone": {
+            "calls_per_s": round(statistics.median(client_rates), 1),
+            "runs": [round(r, 1) for r in client_rates],
+            "ratio_of_worker": round(median / statistics.median(client_rates), 3),
+        },
     }
 
 

@@ -158,3 +158,37 @@ def test_timeouts_and_connection_errors_are_transient():
     with pytest.raises(TargetError, match="timed out"):
         t.call("GET", "/", idempotency_key="k")
     t.close()
+
+
+def test_the_connections_are_pools_of_a_few_summing_to_the_limit() -> None:
+    from connectors.rest.client import _pool_sizes
+
+    for connections in (1, 2, 3, 4, 5, 7, 16, 63, 64, 100):
+        sizes = _pool_sizes(connections)
+        assert sum(sizes) == connections
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 4
+    t = RestTarget("http://wms.test", max_connections=64)
+    try:
+        assert [p._transport._pool._max_connections for p in t._pools] == [4] * 16  # type: ignore[attr-defined]
+    finally:
+        t.close()
+
+
+def test_a_thread_keeps_its_pool_and_threads_take_the_pools_in_turn() -> None:
+    import threading
+
+    t = RestTarget("http://wms.test", max_connections=8)
+    try:
+        seen: dict[int, list[object]] = {}
+
+        def calls(i: int) -> None:
+            seen[i] = [t._client() for _ in range(3)]
+
+        threads = [threading.Thread(target=calls, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+            th.join()
+        assert all(len(set(map(id, pools))) == 1 for pools in seen.values())
+        assert [seen[i][0] for i in range(4)] == [t._pools[0], t._pools[1]] * 2
+    finally:
+        t.close()
