@@ -10,12 +10,14 @@ is what it makes itself: a task opens its own Kafka client, never one of the par
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import marshal
 import os
 import pickle
 import select
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -24,28 +26,67 @@ from pipeline.errors import PipelineError
 
 
 def can_fork() -> bool:
-    return hasattr(os, "fork") and hasattr(os, "sched_getaffinity")
+    """Fork is there, and no other thread runs here (one could hold a lock at the fork, e.g.
+    an OpenTelemetry exporter mid-request, that a child would then wait for forever)."""
+    return (hasattr(os, "fork") and hasattr(os, "sched_getaffinity")
+            and threading.active_count() == 1)
 
 
 def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    """The cores this process may use: those it may run on, fewer under a cgroup CPU quota
+    (a container's CPU limit: the affinity still shows every core of the node)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    quota = _cgroup_quota()
+    return max(1, min(n, int(quota))) if quota is not None else n
+
+
+def _cgroup_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota in cores (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None: none."""
+    try:
+        with open(f"{root}/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{root}/cpu/cpu.cfs_quota_us") as f:
+            q = int(f.read())
+        with open(f"{root}/cpu/cpu.cfs_period_us") as f:
+            period_us = int(f.read())
+        return None if q <= 0 else q / period_us
+    except (OSError, ValueError):
+        return None
+
+
+class CannotShare(Exception):
+    """The helpers could not be set up (no room for their results): do the work here."""
 
 
 def run_forked(tasks: Sequence[Callable[[], Any]], here: Callable[[], None], *,
-               timeout_s: float, what: str) -> list[Any]:
+               timeout_s: float, what: str, alone: str) -> list[Any]:
     """``tasks[i]()`` each in a child process while ``here()`` runs in this one; the tasks'
-    results in order. ``what`` names the work in errors (e.g. "reading erp.crm.dlq")."""
+    results in order. ``what`` names the work in errors (e.g. "reading erp.crm.dlq"),
+    ``alone`` how to do it without helpers (e.g. "PIPELINE_DLQ_READERS=1"). Raises
+    :class:`CannotShare` before any child starts when their results would have no room."""
     children: list[tuple[int, IO[bytes], int]] = []  # pid (0: reaped), result, "done" pipe
+    parent = os.getpid()
     with contextlib.ExitStack() as files:
         try:
-            for task in tasks:
-                file = files.enter_context(tempfile.TemporaryFile())
+            outs = [files.enter_context(tempfile.TemporaryFile()) for _ in tasks]
+        except OSError as exc:
+            raise CannotShare(f"no temporary file for a helper's result ({exc})") from exc
+        try:
+            for task, file in zip(tasks, outs, strict=True):
                 done_r, done_w = os.pipe()
                 files.callback(os.close, done_r)
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except BaseException:
+                    os.close(done_w)
+                    raise
                 if pid == 0:  # the child: run, write the result, leave without cleanup
                     try:
+                        _die_with(parent)
                         os.close(done_r)
                         _child(task, file, done_w)
                     finally:  # never unwind into the parent's frames (their cleanup is
@@ -61,7 +102,7 @@ def run_forked(tasks: Sequence[Callable[[], Any]], here: Callable[[], None], *,
                 status = _written(pid, done, deadline)
                 if status is not None:  # ended (reaped) without a result, or killed
                     children[i] = (0, out, done)
-                results.append(_result(out, status, what, i + 1))
+                results.append(_result(out, status, what, i + 1, alone))
             for i, (pid, out, done) in enumerate(children):
                 os.waitpid(pid, 0)
                 children[i] = (0, out, done)
@@ -74,7 +115,18 @@ def run_forked(tasks: Sequence[Callable[[], Any]], here: Callable[[], None], *,
                         os.waitpid(pid, 0)
 
 
+def _die_with(parent: int) -> None:
+    """A child killed with its parent (Linux's PR_SET_PDEATHSIG): a parent that gets SIGTERM
+    or loses its terminal leaves no helper reading on."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
 _OK_MARSHAL, _OK_PICKLE, _ERROR = b"m", b"p", b"e"
+_UNWRITTEN = 71
 
 
 def _child(task: Callable[[], Any], out: IO[bytes], done: int) -> None:
@@ -101,7 +153,7 @@ def _child(task: Callable[[], Any], out: IO[bytes], done: int) -> None:
         out.flush()
         os.write(done, b"1")
     except BaseException:
-        status = 70
+        status = _UNWRITTEN  # the result could not be written (a full TMPDIR, say)
     finally:
         os._exit(status)  # no atexit handlers, no flushing of the parent's buffers
 
@@ -123,22 +175,29 @@ def _written(pid: int, done: int, deadline: float) -> int | None:
             return status
 
 
-def _result(out: IO[bytes], status: int | None, what: str, n: int) -> Any:
+def _result(out: IO[bytes], status: int | None, what: str, n: int, alone: str) -> Any:
     if status == -1:
-        raise PipelineError(f"{what}: helper process {n} did not finish in time and was killed")
+        raise PipelineError(f"{what}: helper process {n} did not finish in time and was killed; "
+                            f"run again, or with {alone} to work in this process alone")
     out.seek(0)
     kind = out.read(1)
     if status is not None or kind not in (_OK_MARSHAL, _OK_PICKLE, _ERROR):
         code = os.waitstatus_to_exitcode(status) if status is not None else 0
         how = f"signal {-code}" if code < 0 else f"exit {code}"
+        why = (f" (it could not write its result to {tempfile.gettempdir()}: is it full?)"
+               if code == _UNWRITTEN else "")
         raise PipelineError(
-            f"{what}: helper process {n} ended ({how}) without a result; run again, or on "
-            "one core (taskset -c 0 …) to read in this process alone"
+            f"{what}: helper process {n} ended ({how}) without a result{why}; run again, or "
+            f"with {alone} to work in this process alone"
         )
     data = out.read()
     if kind == _OK_MARSHAL:
         return marshal.loads(data)
-    value = pickle.loads(data)
+    try:
+        value = pickle.loads(data)
+    except Exception as exc:  # an exception whose class does not rebuild from its args
+        raise PipelineError(f"{what}: helper process {n} failed, and its error could not be "
+                            f"passed on ({type(exc).__name__}: {exc})") from None
     if kind == _ERROR:
         raise value
     return value

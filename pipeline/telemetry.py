@@ -290,9 +290,11 @@ class FastHistogram:
     def record(self, value: float, attributes: Mapping[str, Any]) -> None:
         key = tuple(attributes.items())
         series = self._series.get(key)
-        if series is None:
+        if series is None:  # a new label set: added under the lock collect() reads under
             labels = tuple(str(attributes.get(a, "")) for a in self._names)
-            series = self._series.setdefault(key, (labels, [0.0] * (len(self._bounds) + 2)))
+            with self._lock:
+                series = self._series.setdefault(
+                    key, (labels, [0.0] * (len(self._bounds) + 2)))
         counts = series[1]
         i = bisect.bisect_left(self._bounds, value)  # the first bound ≥ value: "le"
         with self._lock:

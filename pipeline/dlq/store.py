@@ -9,7 +9,9 @@ import datetime as dt
 import functools
 import gc
 import json
+import logging
 import operator
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,6 +28,7 @@ from pipeline.kafka.client import admin_config, consumer_config, wrap_kafka_erro
 from pipeline.kafka.tail import read_batches_to_end, read_to_end, watermarks
 from pipeline.kafka.topics import TopicSpec, apply_topics
 
+log = logging.getLogger(__name__)
 _SUFFIX = names.DLQ_SUFFIX
 _NOT_WORKER_GROUPS = {"outbox"}  # the relay's DLQ holds outbox rows, not events
 
@@ -104,13 +107,16 @@ class GroupDlq:
         if self._records is not None:
             return ls_cells(select(self._records, flt, limit), now)
         listed: list[_Listed] = self._gather(flt, functools.partial(_listed, now=now),
-                                             _same, _same, _FIRST_TWO)
+                                             _same, _same, _FIRST_TWO, share=True)
         if limit is not None:
             del listed[limit:]
         return [cells for _p, _o, cells, _e in listed], [e for _p, _o, _c, e in listed]
 
     def _read(self, flt: Filter | None, limit: int | None) -> list[DlqRecord]:
-        out: list[DlqRecord] = self._gather(flt, _same, _as_rows, self._records_of, _PLACE)
+        # in this process alone: whole records handed back by helpers would pass through
+        # TMPDIR (~1 KB each: 100 MB for 100,000, past a pod's small emptyDir /tmp)
+        out: list[DlqRecord] = self._gather(flt, _same, _as_rows, self._records_of, _PLACE,
+                                            share=False)
         return out if limit is None else out[:limit]
 
     def _records_of(self, rows: list[_Row]) -> list[DlqRecord]:
@@ -120,12 +126,13 @@ class GroupDlq:
 
     def _gather(self, flt: Filter | None, shape: Callable[[list[DlqRecord]], list[Any]],
                 pack: Callable[[list[Any]], list[Any]], unpack: Callable[[Any], list[Any]],
-                order: Callable[[Any], Any]) -> list[Any]:
+                order: Callable[[Any], Any], *, share: bool) -> list[Any]:
         """The DLQ's records that ``flt`` takes, each reader's in (partition, offset) order
         given to ``shape`` (what is kept of them: the records, or their listing's cells), all
-        readers' items sorted by ``order`` (their partition and offset). A helper process
-        hands its items back as ``pack`` makes them plain data (records as :data:`_Row`),
-        which ``unpack`` turns into items again."""
+        readers' items sorted by ``order`` (their partition and offset). With ``share`` a
+        large DLQ is read by helper processes too (:meth:`_spans`); a helper hands its items
+        back as ``pack`` makes them plain data (records as :data:`_Row`), which ``unpack``
+        turns into items again."""
         on_headers = flt.headers_predicate() if flt is not None else None
         on_message = flt.message_predicate() if flt is not None else None
         topic = self.topic
@@ -141,7 +148,7 @@ class GroupDlq:
             return shape(recs)
 
         with _collector_paused():  # only acyclic records: nothing for the collector to find
-            spans = self._spans()
+            spans = self._spans() if share else [{}]
             if len(spans) < 2:
                 return read(None)
             # the later spans in helper processes, the first one here meanwhile
@@ -151,8 +158,13 @@ class GroupDlq:
                 mine.extend(read(spans[0]))
 
             tasks = [functools.partial(_packed, read, pack, span) for span in spans[1:]]
-            shared = forked.run_forked(tasks, here, timeout_s=_READ_TIMEOUT_S + 30,
-                                       what=f"reading {topic}")
+            try:
+                shared = forked.run_forked(tasks, here, timeout_s=_READ_TIMEOUT_S + 30,
+                                           what=f"reading {topic}",
+                                           alone=f"{READERS_ENV}=1")
+            except forked.CannotShare as exc:
+                log.warning("reading %s in this process alone: %s", topic, exc)
+                return read(None)
             out = mine
             for packed in shared:
                 out += unpack(packed)
@@ -161,8 +173,9 @@ class GroupDlq:
 
     def _spans(self) -> list[dict[int, tuple[int, int | None]]]:
         """The DLQ's records cut into one share per reader (:func:`cut_spans`); one share (read
-        here alone) for a small DLQ, on one core, or where there is no fork."""
-        readers = min(forked.cores(), _MAX_READERS) if forked.can_fork() else 1
+        here alone) for a small DLQ, on one core, where there is no fork, or when
+        ``PIPELINE_DLQ_READERS`` says 1."""
+        readers = min(_readers_wanted(), _MAX_READERS) if forked.can_fork() else 1
         if readers < 2:
             return [{}]
         consumer = Consumer(consumer_config(self.settings, f"pipeline-dlq-{self.group}-ends"))
@@ -352,6 +365,17 @@ _READ_TIMEOUT_S = 120
 # fork and a reader's consumer cost ~50 ms; 100,000 records take ~1.3 s on one core here.
 _PARALLEL_FROM = 20_000
 _MAX_READERS = 4
+READERS_ENV = "PIPELINE_DLQ_READERS"  # how many readers (1: this process alone)
+
+
+def _readers_wanted() -> int:
+    text = os.environ.get(READERS_ENV, "").strip()
+    if not text:
+        return forked.cores()
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{READERS_ENV}={text!r}: give a number of readers, 1 or more "
+                         "(1 reads a DLQ in this process alone)")
+    return int(text)
 
 # (partition, offset, timestamp, key, value, headers): a record as a helper process hands it
 _Row = tuple[int, int, int, bytes | None, bytes | None, dict[str, bytes]]

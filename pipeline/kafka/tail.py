@@ -116,8 +116,9 @@ def read_batches_to_end(
                 if spans is not None:
                     first, stop = spans[p]
                     start = max(start, first)
-                    if stop is not None and stop < hi:  # a bounded span: it ends at stop
-                        end = stops[(topic, p)] = max(start, stop)
+                    if stop is not None:  # a bounded span: nothing at or past stop is read
+                        stops[(topic, p)] = stop
+                        end = max(start, min(stop, hi))  # hi below stop: it went back
                         if start >= end:
                             continue  # nothing of this partition for this reader
                 # every partition is assigned, even one that looks empty: its watermark may lie

@@ -326,6 +326,7 @@ class Worker(GroupRuntime):
             and not self._held
             and not self.breaker.is_open
             and not self.bucket.rate
+            and self.bucket.blocked_until <= self.clock()  # a Retry-After still running
             and self._fatal is None
         )
 

@@ -1,8 +1,9 @@
-"""A large DLQ read by helper processes (one per core, each an equal share of the records)
-against a real broker: the same records, in the same order, as one read in this process, for
-every filter, with a limit, for one partition cut in offset ranges and several partitions cut
-between and inside them; ``ls``'s cells worked out in the helpers are the cells of the records;
-a helper's failure reaches the caller by name and the DLQ keeps every record."""
+"""A large DLQ listed (``pipeline dlq ls``) by helper processes (one per core, each an equal
+share of the records) against a real broker: the cells worked out in the helpers are those of
+the records one read in this process selects, in the same order, for every filter, with a
+limit, for one partition cut in offset ranges and several partitions cut between and inside
+them; PIPELINE_DLQ_READERS=1 reads here alone; a helper's failure reaches the caller by name
+and the DLQ keeps every record."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.config import Settings
 from pipeline.dlq import store
 from pipeline.dlq.records import DlqRecord, Filter, ls_cells
 from pipeline.dlq.store import GroupDlq
-from pipeline.errors import BrokerUnavailable
+from pipeline.errors import BrokerUnavailable, UsageError
 from pipeline.kafka.client import admin_config
 from pipeline.kafka.topics import TopicSpec, apply_topics
 from tests.conftest import make_settings
@@ -44,6 +45,7 @@ def _flat(recs: list[DlqRecord]) -> list[tuple[object, ...]]:
 
 def _readers(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """``n`` readers for any DLQ of over 100 records (1: this process alone)."""
+    monkeypatch.delenv(store.READERS_ENV, raising=False)
     monkeypatch.setattr(forked, "cores", lambda: n)
     monkeypatch.setattr(store, "_PARALLEL_FROM", 100)
 
@@ -66,16 +68,23 @@ def test_helpers_read_what_one_reader_reads(monkeypatch: pytest.MonkeyPatch, dat
            "limit": _flat(GroupDlq(s, "bench").select(refused, 7))}
     listed = ls_cells(GroupDlq(s, "bench").select(refused), NOW)
 
+    listed_typed = ls_cells(GroupDlq(s, "bench").select(typed), NOW)
     for readers in (2, 3):
         _readers(monkeypatch, readers)
         assert len(GroupDlq(s, "bench")._spans()) == readers
-        assert _flat(GroupDlq(s, "bench").records()) == everything
-        assert _flat(GroupDlq(s, "bench").select(refused)) == one["refused"]
-        assert _flat(GroupDlq(s, "bench").select(typed)) == one["typed"]
-        assert _flat(GroupDlq(s, "bench").select(refused, 7)) == one["limit"]
         assert GroupDlq(s, "bench").listing(refused, NOW) == listed
+        assert GroupDlq(s, "bench").listing(typed, NOW) == listed_typed
         rows, errors = GroupDlq(s, "bench").listing(refused, NOW, limit=5)
         assert (rows, errors) == (listed[0][:5], listed[1][:5])
+        # whole records are read here alone (they would pass through TMPDIR)
+        assert _flat(GroupDlq(s, "bench").records()) == everything
+        assert _flat(GroupDlq(s, "bench").select(refused, 7)) == one["limit"]
+    monkeypatch.setenv(store.READERS_ENV, "1")
+    assert GroupDlq(s, "bench")._spans() == [{}]
+    assert GroupDlq(s, "bench").listing(refused, NOW) == listed
+    monkeypatch.setenv(store.READERS_ENV, "two")
+    with pytest.raises(UsageError, match="PIPELINE_DLQ_READERS='two': give a number of readers"):
+        GroupDlq(s, "bench").listing(refused, NOW)
     assert len(one["refused"]) == N // 4 and len(one["limit"]) == 7
     assert len(one["typed"]) == N // 2000 + 1  # key SO-00007 recurs every 2,000 letters
 

@@ -21,6 +21,14 @@ def test_every_command_is_found_under_its_name() -> None:
     assert cli.main.get_command(None, "nope") is None  # type: ignore[arg-type]
 
 
+def test_every_module_with_commands_is_in_the_table() -> None:
+    from pathlib import Path
+
+    here = Path(cli.__file__).parent
+    with_commands = {p.stem for p in here.glob("*.py") if "\nCOMMANDS = " in p.read_text()}
+    assert with_commands == set(cli._COMMANDS.values())
+
+
 def test_help_lists_every_command() -> None:
     out = CliRunner().invoke(cli.main, ["--help"]).output
     for name in cli._COMMANDS:

@@ -20,7 +20,10 @@ def test_configuration_reference_is_current() -> None:
 
 def _commands(group: click.Group, prefix: str = "pipeline") -> list[str]:
     out = []
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # lazy: every command's module loads
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         if isinstance(cmd, click.Group):
             out += _commands(cmd, f"{prefix} {name}")
         else:

@@ -21,7 +21,7 @@ def _resolve(words: list[str]) -> bool:
     for i, w in enumerate(words):
         if not isinstance(cmd, click.Group):
             return i > 0  # extra words are arguments of a leaf command
-        sub = cmd.commands.get(w)
+        sub = cmd.get_command(click.Context(cmd), w)  # lazy: the module loads
         if sub is None:
             # "pipeline worker wms": a leaf's argument after it; else an unknown command
             return False
