@@ -107,7 +107,7 @@ class GroupDlq:
         if self._records is not None:
             return ls_cells(select(self._records, flt, limit), now)
         listed: list[_Listed] = self._gather(flt, functools.partial(_listed, now=now),
-                                             _same, _same, _FIRST_TWO, share=True)
+                                             share=True)
         if limit is not None:
             del listed[limit:]
         return [cells for _p, _o, cells, _e in listed], [e for _p, _o, _c, e in listed]
@@ -115,24 +115,17 @@ class GroupDlq:
     def _read(self, flt: Filter | None, limit: int | None) -> list[DlqRecord]:
         # in this process alone: whole records handed back by helpers would pass through
         # TMPDIR (~1 KB each: 100 MB for 100,000, past a pod's small emptyDir /tmp)
-        out: list[DlqRecord] = self._gather(flt, _same, _as_rows, self._records_of, _PLACE,
-                                            share=False)
+        out: list[DlqRecord] = self._gather(flt, _same, share=False)
         return out if limit is None else out[:limit]
 
-    def _records_of(self, rows: list[_Row]) -> list[DlqRecord]:
-        topic = self.topic
-        return [DlqRecord(topic, Position(p, o), ts, key, value, heads)
-                for p, o, ts, key, value, heads in rows]
-
-    def _gather(self, flt: Filter | None, shape: Callable[[list[DlqRecord]], list[Any]],
-                pack: Callable[[list[Any]], list[Any]], unpack: Callable[[Any], list[Any]],
-                order: Callable[[Any], Any], *, share: bool) -> list[Any]:
-        """The DLQ's records that ``flt`` takes, each reader's in (partition, offset) order
-        given to ``shape`` (what is kept of them: the records, or their listing's cells), all
-        readers' items sorted by ``order`` (their partition and offset). With ``share`` a
-        large DLQ is read by helper processes too (:meth:`_spans`); a helper hands its items
-        back as ``pack`` makes them plain data (records as :data:`_Row`), which ``unpack``
-        turns into items again."""
+    def _gather(self, flt: Filter | None, shape: Callable[[list[DlqRecord]], list[Any]], *,
+                share: bool) -> list[Any]:
+        """The DLQ's records that ``flt`` takes, in (partition, offset) order, given to
+        ``shape`` (what is kept of them: the records, or their listing's cells). With
+        ``share`` a large DLQ is read by helper processes too (:meth:`_spans`): ``shape``'s
+        items are then plain data (a helper hands them back marshalled), tuples that begin
+        with the record's partition and offset, and all readers' items are merged in that
+        order."""
         on_headers = flt.headers_predicate() if flt is not None else None
         on_message = flt.message_predicate() if flt is not None else None
         topic = self.topic
@@ -157,7 +150,7 @@ class GroupDlq:
             def here() -> None:
                 mine.extend(read(spans[0]))
 
-            tasks = [functools.partial(_packed, read, pack, span) for span in spans[1:]]
+            tasks = [functools.partial(read, span) for span in spans[1:]]
             try:
                 shared = forked.run_forked(tasks, here, timeout_s=_READ_TIMEOUT_S + 30,
                                            what=f"reading {topic}",
@@ -166,9 +159,9 @@ class GroupDlq:
                 log.warning("reading %s in this process alone: %s", topic, exc)
                 return read(None)
             out = mine
-            for packed in shared:
-                out += unpack(packed)
-            out.sort(key=order)
+            for items in shared:
+                out += items
+            out.sort(key=_FIRST_TWO)
             return out
 
     def _spans(self) -> list[dict[int, tuple[int, int | None]]]:
@@ -287,18 +280,6 @@ def _listed(recs: list[DlqRecord], now: dt.datetime) -> list[_Listed]:
             for r, cells, e in zip(recs, rows, errors, strict=True)]
 
 
-def _packed(read: Callable[[dict[int, tuple[int, int | None]]], list[Any]],
-            pack: Callable[[list[Any]], list[Any]],
-            span: dict[int, tuple[int, int | None]]) -> list[Any]:
-    """A helper process's share, as plain data."""
-    return pack(read(span))
-
-
-def _as_rows(recs: list[DlqRecord]) -> list[_Row]:
-    return [(r.position.partition, r.position.offset, r.timestamp_ms, r.key, r.value,
-             r.headers) for r in recs]
-
-
 _FIRST_TWO = operator.itemgetter(0, 1)
 _PLACE = operator.attrgetter("position.partition", "position.offset")
 
@@ -377,8 +358,6 @@ def _readers_wanted() -> int:
                          "(1 reads a DLQ in this process alone)")
     return int(text)
 
-# (partition, offset, timestamp, key, value, headers): a record as a helper process hands it
-_Row = tuple[int, int, int, bytes | None, bytes | None, dict[str, bytes]]
 # (partition, offset, cells, error): a record's ``pipeline dlq ls`` line
 _Listed = tuple[int, int, "Cells", str]
 
