@@ -21,12 +21,34 @@ def _run(tasks: list[Any], here: Any, *, timeout_s: float, what: str) -> list[An
     return forked.run_forked(tasks, here, timeout_s=timeout_s, what=what, alone="READERS=1")
 
 
+_FORKED: list[int] = []  # the children run_forked made in this test
+
+
+@pytest.fixture(autouse=True)
+def _count_forks(monkeypatch: pytest.MonkeyPatch) -> None:
+    _FORKED.clear()
+    real = os.fork
+
+    def fork() -> int:
+        pid = real()
+        if pid:
+            _FORKED.append(pid)
+        return pid
+
+    monkeypatch.setattr(forked.os, "fork", fork)
+
+
 def _no_children_left() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+    """Every child this test forked was reaped (the test process has other children: the
+    brokers the integration fixtures start)."""
+    assert _FORKED, "no child was forked"
+    for pid in _FORKED:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        return False
+    return True
 
 
 def test_results_come_back_in_order_while_here_runs() -> None:
@@ -123,7 +145,7 @@ def test_no_room_for_results_is_said_before_any_child_starts(
     ran: list[int] = []
     with pytest.raises(forked.CannotShare, match="No space left on device"):
         _run([lambda: ran.append(1)], lambda: ran.append(2), timeout_s=30, what="r")
-    assert ran == [] and _no_children_left()
+    assert ran == [] and _FORKED == []
 
 
 class _KeywordOnly(Exception):
