@@ -25,11 +25,15 @@ from typing import IO, Any
 from pipeline.errors import PipelineError
 
 
+def has_fork() -> bool:
+    """The platform forks (POSIX)."""
+    return hasattr(os, "fork")
+
+
 def can_fork() -> bool:
     """Fork is there, and no other thread runs here (one could hold a lock at the fork, e.g.
     an OpenTelemetry exporter mid-request, that a child would then wait for forever)."""
-    return (hasattr(os, "fork") and hasattr(os, "sched_getaffinity")
-            and threading.active_count() == 1)
+    return has_fork() and threading.active_count() == 1
 
 
 def cores() -> int:

@@ -336,13 +336,9 @@ _READ_CONFIG: dict[str, Any] = {
     "fetch.queue.backoff.ms": 10,
 }
 _BATCH = 10_000
-# A span that ends before the partition does: a prefetch queue a few batches deep, so that
-# what lies past the span's end is not fetched and parsed for nothing
-_bounded_config: dict[str, Any] = {**_READ_CONFIG, "queued.min.messages": 1000,
-                                   "queued.max.messages.kbytes": 4 << 10}
 _READ_TIMEOUT_S = 120
 # Reading a large DLQ is parsing records' headers, on one core: past this many records it is
-# shared with helper processes, one per core (each an equal share of every partition). The
+# shared with helper processes, one per core (equal shares, :func:`cut_spans`). The
 # fork and a reader's consumer cost ~50 ms; 100,000 records take ~1.3 s on one core here.
 _PARALLEL_FROM = 20_000
 _MAX_READERS = 4
@@ -370,9 +366,7 @@ def read_batches(settings: Settings, topic: str, *, timeout_s: float, purpose: s
     (:func:`pipeline.kafka.tail.read_batches_to_end`). A missing topic reads as empty."""
     return read_batches_to_end(settings, [topic], timeout_s=timeout_s, purpose=purpose,
                                settle_s=settle_s, settle_always=False, batch_size=_BATCH,
-                               consumer_overrides=_bounded_config if spans and any(
-                                   b is not None for _a, b in spans.values()) else _READ_CONFIG,
-                               spans=spans or None)
+                               consumer_overrides=_READ_CONFIG, spans=spans or None)
 
 
 def iter_groups(settings: Settings, group: str | None) -> Iterator[GroupDlq]:

@@ -25,7 +25,7 @@ from pipeline.kafka.topics import TopicSpec, apply_topics
 from tests.conftest import broker_kind, make_settings
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not forked.can_fork(), reason="no fork on this platform")]
+              pytest.mark.skipif(not forked.has_fork(), reason="no fork on this platform")]
 
 N = 2400
 NOW = dt.datetime.now(dt.UTC)

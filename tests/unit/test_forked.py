@@ -14,7 +14,7 @@ import pytest
 from pipeline import forked
 from pipeline.errors import BrokerUnavailable, PipelineError
 
-pytestmark = pytest.mark.skipif(not forked.can_fork(), reason="no fork on this platform")
+pytestmark = pytest.mark.skipif(not forked.has_fork(), reason="no fork on this platform")
 
 
 def _run(tasks: list[Any], here: Any, *, timeout_s: float, what: str) -> list[Any]:
