@@ -634,6 +634,10 @@ class ReferenceServer:
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's listen backlog is 5: a client opening its 64 pooled connections at once
+    # overflowed it, and the connections the kernel had dropped were reset under the client
+    # (httpx.ReadError) or waited out a SYN retransmission (1 s). A real target's is larger.
+    request_queue_size = 512
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  app: ReferenceServer) -> None:

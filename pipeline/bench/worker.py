@@ -270,15 +270,18 @@ def run_wms_bench(
     """``pipeline bench wms``: order.created events through the WMS connector against the
     reference WMS answering after ``latency_ms``; baseline: the very calls the connector makes
     for those events (built beforehand by its mapping) made straight with httpx from as many
-    threads (no Kafka, no runtime), in the same run, alternated; and beside it the same calls
-    through the connector's own client (``RestTarget``, its sharded pools) without Kafka or the
-    runtime, which tells the runtime's cost from the client's. The reference WMS runs in a
+    threads (no Kafka, no runtime), in the same run, alternated; beside it the same calls
+    straight from urllib3 (the library the connector's client is built on) and through the
+    connector's own client (``RestTarget``) without Kafka or the runtime, which tell the
+    runtime's cost from the client's. The reference WMS runs in a
     process of its own, as a real WMS would: in the worker's process it would share the
     worker's interpreter lock, and the bench would measure the server's Python as much as the
     worker."""
+    import json
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
+    import urllib3
 
     from connectors.rest.client import RestTarget
     from connectors.rest.mapping import Call, Route, build_call
@@ -299,6 +302,7 @@ def run_wms_bench(
         calls = [(build_call(route, {"aggregate_version": r.aggregate_version,
                                      "payload": r.payload}), r.event_id) for r in rows]
         worker_rates, direct_rates, client_rates, applied, dead = [], [], [], [], 0
+        urllib3_rates: list[float] = []
         with httpx.Client(base_url=url, timeout=30) as admin:
             for i in range(repeat):
                 admin.post("/_reset").raise_for_status()
@@ -330,8 +334,28 @@ def run_wms_bench(
                     with ThreadPoolExecutor(max_in_flight) as pool:
                         list(pool.map(one, calls))
                     direct_rates.append(events / (time.monotonic() - t0))
-                # the connector's own HTTP client (its pools) called straight, without Kafka
-                # or the runtime: what the runtime costs on top of the client
+                # the same calls straight from urllib3 (the client library the connector uses)
+                admin.post("/_reset").raise_for_status()
+                u3 = urllib3.connection_from_url(url, maxsize=max_in_flight, block=True,
+                                                 timeout=30.0, retries=False)
+                try:
+
+                    def raw(item: tuple[Call, str], pool: Any = u3) -> None:
+                        call, key = item
+                        r = pool.urlopen(call.method, call.path, body=json.dumps(call.body),
+                                         headers={"Idempotency-Key": key,
+                                                  "Content-Type": "application/json"})
+                        if r.status >= 300:
+                            raise RuntimeError(f"reference WMS answered {r.status}: {r.data!r}")
+
+                    t0 = time.monotonic()
+                    with ThreadPoolExecutor(max_in_flight) as pool:
+                        list(pool.map(raw, calls))
+                    urllib3_rates.append(events / (time.monotonic() - t0))
+                finally:
+                    u3.close()
+                # the connector's own HTTP client called straight, without Kafka or the
+                # runtime: what the runtime costs on top of the client
                 admin.post("/_reset").raise_for_status()
                 target = RestTarget(url, max_connections=max_in_flight)
                 try:
@@ -362,6 +386,11 @@ def run_wms_bench(
             "runs": [round(r, 1) for r in direct_rates],
         },
         "ratio_to_baseline": round(median / direct, 3),
+        "baseline_urllib3": {
+            "direct_http_calls_per_s": round(statistics.median(urllib3_rates), 1),
+            "runs": [round(r, 1) for r in urllib3_rates],
+            "ratio_of_worker": round(median / statistics.median(urllib3_rates), 3),
+        },
         "connector_client_alone": {
             "calls_per_s": round(statistics.median(client_rates), 1),
             "runs": [round(r, 1) for r in client_rates],

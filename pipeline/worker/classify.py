@@ -48,6 +48,14 @@ def classify(
     except ImportError:  # pragma: no cover - httpx is a dependency
         pass
     try:
+        import urllib3
+
+        # connection, protocol and timeout errors (a malformed URL is a ValueError: permanent)
+        if isinstance(exc, urllib3.exceptions.HTTPError) and not isinstance(exc, ValueError):
+            return TRANSIENT
+    except ImportError:  # pragma: no cover - urllib3 is a dependency
+        pass
+    try:
         import psycopg
 
         if isinstance(

@@ -78,6 +78,27 @@ def cc(crm: CrmServer) -> Iterator[httpx.Client]:
         yield client
 
 
+def test_many_clients_connecting_at_once_are_all_served(wms: WmsServer) -> None:
+    """64 connections opened at the same moment (a worker's pool warming up): none is reset
+    or left waiting for a SYN retransmission (socketserver's backlog of 5 did both)."""
+    barrier = threading.Barrier(64)
+    answers: list[int] = []
+
+    def one(_i: int) -> None:
+        with httpx.Client(base_url=wms.url, timeout=5.0) as client:
+            barrier.wait(5)
+            answers.append(client.get("/fulfilment-orders").status_code)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert answers == [200] * 64
+    assert time.monotonic() - started < 3  # a dropped SYN alone waits 1 s, then 3 s
+
+
 # -- idempotency ------------------------------------------------------------------------------
 
 

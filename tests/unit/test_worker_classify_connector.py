@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import urllib3
 
 from pipeline.errors import (
     BrokerUnavailable,
@@ -89,6 +90,23 @@ def _request() -> httpx.Request:
 )
 def test_httpx_transport_errors_are_transient(exc_factory: Callable[[], Exception]) -> None:
     assert classify(exc_factory()) == TRANSIENT
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        urllib3.exceptions.NewConnectionError(None, "refused"),  # type: ignore[arg-type]
+        urllib3.exceptions.ReadTimeoutError(None, "/x", "read timed out"),  # type: ignore[arg-type]
+        urllib3.exceptions.ProtocolError("Connection aborted", ConnectionResetError()),
+        urllib3.exceptions.EmptyPoolError(None, "no free connection"),  # type: ignore[arg-type]
+    ],
+)
+def test_urllib3_transport_errors_are_transient(exc: Exception) -> None:
+    assert classify(exc) == TRANSIENT
+
+
+def test_a_malformed_url_for_urllib3_is_permanent() -> None:
+    assert classify(urllib3.exceptions.LocationParseError("http://[::1")) == PERMANENT
 
 
 @pytest.mark.parametrize(
