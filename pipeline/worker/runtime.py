@@ -26,7 +26,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from pipeline.worker.breaker import CircuitBreaker
 from pipeline.worker.classify import TRANSIENT, classify
 from pipeline.worker.connector import Dispatch, Event, dispatch_of, load_connector
 from pipeline.worker.group import GroupRuntime
+from pipeline.worker.handlers import HandlerThreads
 from pipeline.worker.offsets import PartitionOffsets
 from pipeline.worker.ordering import KeyState, Ordering
 from pipeline.worker.ownership import Cells
@@ -129,11 +129,13 @@ class Worker(GroupRuntime):
         self._rewound: dict[TP, int] = {}  # partition → offset it was rewound to
         self._held: deque[Work] = deque()  # failed while the breaker is open / Retry-After
         self._paused_all = False
-        self._completions: queue.Queue[tuple[Work, str, BaseException | None]] = queue.Queue()
+        # the handler threads' outcomes; SimpleQueue: put and get are C code, no Condition
+        self._completions: queue.SimpleQueue[tuple[Work, str, BaseException | None]] = (
+            queue.SimpleQueue())
         self._running = 0
         self._last_commit = 0.0
         self._broker_down_since: float | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: HandlerThreads[Work] | None = None
         self._routing_pending = 0
         self._pace = _Pace()
         self._tier_of: dict[str, int] = {}
@@ -169,9 +171,8 @@ class Worker(GroupRuntime):
         self._open_clients()
         assert self._producer is not None
         self.forwarder = Forwarder(self._producer, self.group_id)
-        self._pool = ThreadPoolExecutor(
-            self.cfg.max_in_flight, thread_name_prefix=f"{self.name}-handler"
-        )
+        self._pool = HandlerThreads(self.cfg.max_in_flight, self._execute_async,
+                                    f"{self.name}-handler")
         conf = consumer_config(
             self.settings,
             self.group_id,
@@ -229,7 +230,7 @@ class Worker(GroupRuntime):
 
     def _close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
         self._close_clients()
         self.dispatch.close()
 
@@ -607,10 +608,14 @@ class Worker(GroupRuntime):
         self._running += 1
         self._busy_tp[work.tp] += 1
         assert self._pool is not None
-        self._pool.submit(self._execute_async, work)
+        self._pool.submit(work)
 
     def _execute_async(self, work: Work) -> None:
-        self._completions.put(self._execute(work))
+        try:
+            outcome = self._execute(work)
+        except BaseException as exc:  # outside the handler (metrics, tracing): still an outcome
+            outcome = (work, FAILED, exc)
+        self._completions.put(outcome)
 
     def _execute(self, work: Work) -> tuple[Work, str, BaseException | None]:
         handler = self.dispatch.handler_for(work.event.event_type)

@@ -1,0 +1,73 @@
+"""The worker's handler threads: a fixed set of threads taking events from one queue.
+
+Not :class:`concurrent.futures.ThreadPoolExecutor`: the loop never waits on a future (each
+outcome comes back through the runtime's completion queue), and a ``Future`` per event is a
+``threading.Condition`` made and thrown away, one more lock handed between two threads for
+every call. Here an event is one ``SimpleQueue.put`` (C code) and the thread that takes it runs
+it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+log = logging.getLogger("pipeline.worker")
+
+_STOP = object()
+
+
+class HandlerThreads(Generic[T]):
+    """``size`` daemon threads running ``run(item)`` for every item submitted, in the order
+    taken. ``run`` must not raise (the runtime's catches what a handler raises); if it does,
+    the error is logged and the thread goes on."""
+
+    def __init__(self, size: int, run: Callable[[T], None], name: str) -> None:
+        if size < 1:
+            raise ValueError("a worker needs at least one handler thread")
+        self._run = run
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, item: T) -> None:
+        self._queue.put(item)
+
+    def _serve(self) -> None:
+        take, run = self._queue.get, self._run
+        while (item := take()) is not _STOP:
+            try:
+                run(item)  # type: ignore[arg-type]
+            except BaseException:
+                log.exception("a handler thread's task failed outside the handler")
+
+    def shutdown(self, timeout_s: float = 0.0) -> list[T]:
+        """Stop the threads once what they run now is done; the items not yet started are
+        dropped and returned. Waits up to ``timeout_s`` for the threads to end."""
+        dropped: list[T] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                dropped.append(item)  # type: ignore[arg-type]
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        if timeout_s > 0:
+            for t in self._threads:
+                t.join(timeout_s)
+        return dropped
+
+    @property
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
