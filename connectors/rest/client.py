@@ -145,10 +145,10 @@ class RestTarget:
         self.host = parsed.host
         self._prefix = (parsed.path or "").rstrip("/")
         self.timeout_s = timeout_s
+        self._headers = default_headers
         pool_kw: dict[str, Any] = {
             "maxsize": max(1, max_connections),
             "block": True,  # at most max_connections open; a call waits for a free one
-            "headers": default_headers,
             "timeout": urllib3.Timeout(connect=connect_timeout_s, read=timeout_s),
             "retries": False,  # the worker's retry tiers retry; a failure is raised as it is
         }
@@ -187,10 +187,7 @@ class RestTarget:
                 data = _json_bytes(body)
                 headers["Content-Type"] = "application/json"
             try:
-                r = self._pool.urlopen(method, self._prefix + path, body=data,
-                                       headers={**self._pool.headers, **headers},
-                                       # a float works (queue.get's timeout); typed int
-                                       pool_timeout=self.timeout_s)  # type: ignore[arg-type]
+                r = self._send(method, path, data, {**self._headers, **headers})
             except urllib3.exceptions.EmptyPoolError as exc:
                 raise TargetError(f"{where}: no free connection to the target within "
                                   f"{self.timeout_s:g}s (all {self._pool.num_connections} in "
@@ -216,6 +213,16 @@ class RestTarget:
                               if status in (429, 503) else None, body=text)
         raise TargetRefused(f"{where} refused the request with {status}: {text[:300]}",
                             status=status, body=text)
+
+    def _send(self, method: str, path: str, data: bytes | None,
+              headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        # a float works as the pool's timeout (queue.get's); urllib3 types it int
+        wait: Any = self.timeout_s
+        if self._manager is not None:  # through a proxy: it needs the absolute URL
+            return self._manager.urlopen(method, self.base_url + path, redirect=False,
+                                         body=data, headers=headers, pool_timeout=wait)
+        return self._pool.urlopen(method, self._prefix + path, body=data, headers=headers,
+                                  pool_timeout=wait)
 
     def close(self) -> None:
         if self._manager is not None:

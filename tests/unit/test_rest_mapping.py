@@ -271,3 +271,19 @@ def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(monkeypat
         assert t._manager is not None  # the pool goes through the proxy
     finally:
         t.close()
+
+
+def test_a_call_through_a_plain_http_proxy_names_the_whole_url(monkeypatch):
+    """The proxy (here a server that answers itself) is asked for the absolute URL."""
+    with _server(lambda req: (201, {}, {})) as (proxy, seen):
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        t = RestTarget("http://wms.invalid:8080/api", bearer_token="tok")
+        try:
+            assert t.call("POST", "/o", body={"a": 1}, idempotency_key="k").status == 201
+        finally:
+            t.close()
+    assert seen[0]["path"] == "http://wms.invalid:8080/api/o"
+    assert seen[0]["headers"]["Authorization"] == "Bearer tok"
+    assert seen[0]["body"] == b'{"a":1}'
