@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -304,6 +304,16 @@ def run_wms_bench(
         worker_rates, direct_rates, client_rates, applied, dead = [], [], [], [], 0
         urllib3_rates: list[float] = []
         with httpx.Client(base_url=url, timeout=30) as admin:
+
+            def timed(one_call: Callable[[tuple[Call, str]], None]) -> float:
+                """Calls/s of ``calls`` made by ``one_call`` from max_in_flight threads, on a
+                freshly reset WMS."""
+                admin.post("/_reset").raise_for_status()
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(max_in_flight) as pool:
+                    list(pool.map(one_call, calls))
+                return events / (time.monotonic() - t0)
+
             for i in range(repeat):
                 admin.post("/_reset").raise_for_status()
                 connector = WmsConnector(url, max_connections=max_in_flight)
@@ -316,7 +326,6 @@ def run_wms_bench(
                 worker_rates.append(events / elapsed)
                 dead += w.stats.dead_lettered_total
                 applied.append(len(admin.get("/fulfilment-orders").json()["items"]))
-                admin.post("/_reset").raise_for_status()
                 with httpx.Client(
                     base_url=url,
                     timeout=30,
@@ -330,12 +339,8 @@ def run_wms_bench(
                             headers={"Idempotency-Key": key},
                         ).raise_for_status()
 
-                    t0 = time.monotonic()
-                    with ThreadPoolExecutor(max_in_flight) as pool:
-                        list(pool.map(one, calls))
-                    direct_rates.append(events / (time.monotonic() - t0))
+                    direct_rates.append(timed(one))
                 # the same calls straight from urllib3 (the client library the connector uses)
-                admin.post("/_reset").raise_for_status()
                 u3 = urllib3.connection_from_url(url, maxsize=max_in_flight, block=True,
                                                  timeout=30.0, retries=False)
                 try:
@@ -348,15 +353,11 @@ def run_wms_bench(
                         if r.status >= 300:
                             raise RuntimeError(f"reference WMS answered {r.status}: {r.data!r}")
 
-                    t0 = time.monotonic()
-                    with ThreadPoolExecutor(max_in_flight) as pool:
-                        list(pool.map(raw, calls))
-                    urllib3_rates.append(events / (time.monotonic() - t0))
+                    urllib3_rates.append(timed(raw))
                 finally:
                     u3.close()
                 # the connector's own HTTP client called straight, without Kafka or the
                 # runtime: what the runtime costs on top of the client
-                admin.post("/_reset").raise_for_status()
                 target = RestTarget(url, max_connections=max_in_flight)
                 try:
 
@@ -365,10 +366,7 @@ def run_wms_bench(
                         target.call(call.method, call.path, body=call.body,
                                     idempotency_key=key)
 
-                    t0 = time.monotonic()
-                    with ThreadPoolExecutor(max_in_flight) as pool:
-                        list(pool.map(through, calls))
-                    client_rates.append(events / (time.monotonic() - t0))
+                    client_rates.append(timed(through))
                 finally:
                     target.close()
     median, direct = statistics.median(worker_rates), statistics.median(direct_rates)
