@@ -72,3 +72,22 @@ def test_shutdown_hands_back_what_had_not_started() -> None:
 def test_no_threads_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one handler thread"):
         HandlerThreads(0, print, "t")
+
+
+def test_threads_are_started_only_as_the_work_needs_them() -> None:
+    """One item at a time on a pool of 64 keeps one thread (handlers hold per-thread
+    connections: 64 threads taking turns would open 64)."""
+    names: set[str] = set()
+    done = threading.Semaphore(0)
+
+    def run(i: int) -> None:
+        names.add(threading.current_thread().name)
+        done.release()
+
+    pool: HandlerThreads[int] = HandlerThreads(64, run, "t")
+    for i in range(50):
+        pool.submit(i)
+        assert done.acquire(timeout=5)
+        time.sleep(0.001)  # the thread is idle again before the next item comes
+    pool.shutdown(timeout_s=5)
+    assert len(names) <= 2
