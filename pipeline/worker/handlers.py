@@ -1,4 +1,4 @@
-"""The worker's handler threads: a fixed set of threads taking events from one queue.
+"""The worker's handler threads: up to max_in_flight threads taking events from one queue.
 
 Not :class:`concurrent.futures.ThreadPoolExecutor`: the loop never waits on a future (each
 outcome comes back through the runtime's completion queue), and a ``Future`` per event is a
