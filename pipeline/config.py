@@ -250,6 +250,15 @@ class WorkerConfig(_Model):
     max_in_flight: int = Field(
         default=64, ge=1, le=10_000, description="events of different keys handled at once"
     )
+    max_queued: int = Field(
+        default=10_000, ge=1,
+        description="events consumed and waiting for their key's turn: above this many the "
+        "worker pauses fetching, and resumes below half",
+    )
+    max_queued_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1,
+        description="the same bound in the waiting records' bytes (values and keys)",
+    )
     retry_delays_s: list[float] = Field(
         default_factory=lambda: [5.0, 60.0, 600.0],
         description="one retry tier per delay; then the DLQ",

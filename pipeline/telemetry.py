@@ -288,6 +288,27 @@ class FastHistogram:
         registry.register(self)
 
     def record(self, value: float, attributes: Mapping[str, Any]) -> None:
+        counts = self._counts(attributes)
+        i = bisect.bisect_left(self._bounds, value)  # the first bound ≥ value: "le"
+        with self._lock:
+            counts[i] += 1
+            counts[-1] += value
+
+    def bound(self, attributes: Mapping[str, Any]) -> Callable[[float], None]:
+        """``record`` for one label set, its series found once: for callers that record every
+        event under a few label sets they keep (the worker's per-event histograms)."""
+        counts, bounds, lock, bisect_left = (
+            self._counts(attributes), self._bounds, self._lock, bisect.bisect_left)
+
+        def record(value: float) -> None:
+            i = bisect_left(bounds, value)
+            with lock:
+                counts[i] += 1
+                counts[-1] += value
+
+        return record
+
+    def _counts(self, attributes: Mapping[str, Any]) -> list[float]:
         key = tuple(attributes.items())
         series = self._series.get(key)
         if series is None:  # a new label set: added under the lock collect() reads under
@@ -295,11 +316,7 @@ class FastHistogram:
             with self._lock:
                 series = self._series.setdefault(
                     key, (labels, [0.0] * (len(self._bounds) + 2)))
-        counts = series[1]
-        i = bisect.bisect_left(self._bounds, value)  # the first bound ≥ value: "le"
-        with self._lock:
-            counts[i] += 1
-            counts[-1] += value
+        return series[1]
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self._name, self._doc, labels=self._labels,

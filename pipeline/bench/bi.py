@@ -36,7 +36,7 @@ from pipeline.schemas.codec import Decoder
 from pipeline.sink.runtime import SinkWorker
 from pipeline.sink.target import BatchTarget
 from pipeline.worker.connector import Event
-from pipeline.worker.records import event_of, header_list
+from pipeline.worker.records import event_of, headers_of
 
 EVENT_TYPES = (
     "order.created",
@@ -154,7 +154,7 @@ def _read_events(s: Settings, topic: str, n: int) -> list[Event]:
         for m in c.consume(1000, timeout=1.0):
             if m.error() is None:
                 tp = (str(m.topic()), int(m.partition() or 0))
-                e = event_of(decoder, m, tp, int(m.offset() or 0), dict(header_list(m)))
+                e = event_of(decoder, m, tp, int(m.offset() or 0), headers_of(m))
                 e.payload  # noqa: B018
                 out.append(e)
     c.close()

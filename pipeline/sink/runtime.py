@@ -46,7 +46,7 @@ from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejec
 from pipeline.worker import routing
 from pipeline.worker.connector import Event, load_connector
 from pipeline.worker.group import GroupRuntime
-from pipeline.worker.records import event_of, header_list
+from pipeline.worker.records import event_of, headers_of
 
 log = logging.getLogger("pipeline.sink")
 
@@ -259,7 +259,7 @@ class SinkWorker(GroupRuntime):
         if self._oldest is None:
             self._oldest = time.monotonic()
         try:
-            event = event_of(self._decoder, msg, tp, offset, dict(header_list(msg)))
+            event = event_of(self._decoder, msg, tp, offset, headers_of(msg))
             event.payload  # noqa: B018  (decode the body now: a corrupt one is rejected here)
         except PipelineError as exc:
             part.bad.append((msg, exc))

@@ -15,9 +15,18 @@ from pipeline.worker import routing
 from pipeline.worker.connector import Event
 
 
-def header_list(msg: Message) -> list[Any]:
-    raw = msg.headers() or []
-    return list(raw.items()) if isinstance(raw, dict) else raw
+def headers_of(msg: Message) -> dict[str, Any]:
+    """The record's headers, name → bytes (the last of a repeated name wins)."""
+    raw = msg.headers()
+    return dict(raw) if raw else {}  # a list of pairs from Kafka; a dict from a hand-made one
+
+
+# header names bound once: the functions below run once per consumed record
+_CE_ID, _VERSION, _CE_SUBJECT, _CE_TYPE = (
+    names.CE_ID, names.AGGREGATE_VERSION, names.CE_SUBJECT, names.CE_TYPE)
+_AGG_TYPE, _CE_TIME, _TRACEPARENT, _ATTEMPTS = (
+    names.AGGREGATE_TYPE, names.CE_TIME, names.TRACEPARENT, names.ATTEMPTS)
+_fromisoformat = dt.datetime.fromisoformat
 
 
 def event_of(
@@ -31,24 +40,21 @@ def event_of(
 
     Raises :class:`~pipeline.errors.DecodeError` when the record was not published by the relay
     (no ``ce_id`` / aggregate version) or its framing names no known schema."""
-    ce_id, version_b = raw.get(names.CE_ID), raw.get(names.AGGREGATE_VERSION)
+    get = raw.get
+    ce_id, version_b = get(_CE_ID), get(_VERSION)
     if not ce_id or not version_b:
-        pairs = ((names.CE_ID, ce_id), (names.AGGREGATE_VERSION, version_b))
+        pairs = ((_CE_ID, ce_id), (_VERSION, version_b))
         missing = [n for n, v in pairs if not v]
         raise DecodeError(
             f"record lacks header(s) {', '.join(missing)}: not an event published by the relay"
         )
     value = msg.value()
     schema = decoder.schema_of(value)  # framing and schema now, body on access
-    subject, ce_type = raw.get(names.CE_SUBJECT), raw.get(names.CE_TYPE)
-    agg_type, occurred, trace = (
-        raw.get(names.AGGREGATE_TYPE),
-        raw.get(names.CE_TIME),
-        raw.get(names.TRACEPARENT),
-    )
+    subject, ce_type, agg_type = get(_CE_SUBJECT), get(_CE_TYPE), get(_AGG_TYPE)
+    occurred, trace, attempts = get(_CE_TIME), get(_TRACEPARENT), get(_ATTEMPTS)
     try:
         version = int(version_b)
-        occurred_at = dt.datetime.fromisoformat(occurred.decode()) if occurred else None
+        occurred_at = _fromisoformat(occurred.decode()) if occurred else None
     except ValueError as exc:
         raise DecodeError(f"bad event header: {exc}") from exc
     key = msg.key()
@@ -68,7 +74,7 @@ def event_of(
         topic=tp[0],
         partition=tp[1],
         offset=offset,
-        attempt=_attempt(raw.get(names.ATTEMPTS)),
+        attempt=1 if attempts is None else _attempt(attempts),
         traceparent=trace.decode() if trace else None,
         schema=schema,
         timestamp_ms=int(ts[1]) if ts and ts[1] > 0 else 0,
@@ -81,8 +87,6 @@ def event_of(
 _new = object.__new__
 
 
-def _attempt(header: bytes | None) -> int:
+def _attempt(header: bytes) -> int:
     """The attempts header (absent on a first delivery; a bad one counts as 1)."""
-    if header is None:
-        return 1
     return max(1, routing.read_int(header) or 1)

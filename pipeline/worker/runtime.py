@@ -49,7 +49,7 @@ from pipeline.worker.offsets import PartitionOffsets
 from pipeline.worker.ordering import KeyState, Ordering
 from pipeline.worker.ownership import Cells
 from pipeline.worker.ratelimit import TokenBucket
-from pipeline.worker.records import event_of, header_list
+from pipeline.worker.records import event_of, headers_of
 from pipeline.worker.scheduler import KeyScheduler
 
 log = logging.getLogger("pipeline.worker")
@@ -59,7 +59,7 @@ OK, SKIPPED, FAILED = d.OK, d.SKIPPED, d.FAILED
 _NEVER = math.inf
 
 
-@dataclass
+@dataclass(slots=True)
 class Work:
     msg: Message
     event: Event
@@ -120,7 +120,7 @@ class Worker(GroupRuntime):
             wc.breaker.threshold, wc.breaker.probe_initial_s, wc.breaker.probe_max_s
         )
         self.bucket = TokenBucket(wc.rate_limit_per_s, wc.rate_limit_burst)
-        self.scheduler: KeyScheduler[Work] = KeyScheduler(wc.max_in_flight)
+        self.scheduler: KeyScheduler[Work] = KeyScheduler(wc.max_in_flight, _record_bytes)
         self.stats = WorkerStats()
         self.offsets: dict[TP, PartitionOffsets] = {}
         self.forwarder: Forwarder | None = None
@@ -143,8 +143,9 @@ class Worker(GroupRuntime):
         self._generation = 0
         self._fatal: PipelineError | None = None
         self._busy_tp: collections.Counter[TP] = collections.Counter()
-        self._attr_cache: dict[tuple[str, str], dict[str, str]] = {}
+        self._recorders: dict[tuple[str, str], Callable[[float], None]] = {}
         self._group_attrs = {"messaging.consumer.group.name": self.group_id}
+        self._record_end_to_end = self._m.end_to_end.bound(self._group_attrs)
         self._consumed: collections.Counter[str] = collections.Counter()
         self._parked_pending = 0
         self._stalled: dict[str, tuple[str, int]] = {}  # stalled key → (its head, its cell)
@@ -310,16 +311,20 @@ class Worker(GroupRuntime):
         scheduler's round trip would make (admit: run; may call: yes), without the round trip.
         The outcome takes the one path every outcome takes (:meth:`_complete`)."""
         inline = self._inline_now()
-        keys = self.ordering.keys
+        keys, scheduler, pace = self.ordering.keys, self.scheduler, self._pace
+        ingest, execute, complete = self._ingest, self._execute, self._complete
         for msg in msgs:
-            work = self._ingest(msg, now)
+            work = ingest(msg, now)
             if work is None:
                 continue
-            if inline and work.key not in keys and self.scheduler.claim(work.key):
-                self._complete(*self._execute(work))
-                inline = self._inline_now()
+            if inline and work.key not in keys and scheduler.claim(work.key):
+                done = execute(work)
+                complete(*done)
+                # what _inline_now reads changes only on a failure or a slow call
+                if done[1] is not OK or not pace.inline:
+                    inline = self._inline_now()
             else:
-                self.scheduler.submit(work.key, work)
+                scheduler.submit(work.key, work)
 
     def _inline_now(self) -> bool:
         return (
@@ -349,12 +354,13 @@ class Worker(GroupRuntime):
             # way): its keys may have state elsewhere; wait, rewound, until the cell is whole
             self._hold_partition(tp, offset, _NEVER)
             return None
-        if tp not in self.offsets:
-            self.offsets[tp] = PartitionOffsets()
+        tracker = self.offsets.get(tp)
+        if tracker is None:
+            tracker = self.offsets[tp] = PartitionOffsets()
         tier = self._tier_of.get(tp[0])
         if tier is None:
             tier = self._tier_of[tp[0]] = self.tiers.tier_of(tp[0])
-        raw = dict(header_list(msg))  # name → bytes; the last of a repeated name wins
+        raw = headers_of(msg)  # name → bytes; the last of a repeated name wins
         if tier:
             src = Source.of(msg)
             if src.home != tp[1]:
@@ -367,7 +373,7 @@ class Worker(GroupRuntime):
         self.stats.consumed += 1
         self._consumed[tp[0]] += 1
         self._last_ts[tp] = msg.timestamp()[1]
-        self.offsets[tp].started(offset)
+        tracker.started(offset)
         try:
             event = self._event(msg, tp, offset, raw)
         except PipelineError as exc:
@@ -512,16 +518,23 @@ class Worker(GroupRuntime):
         self._paused_all = False
 
     def _backpressure(self) -> None:
-        """Stop fetching while the queue is deep or the target is down; resume after."""
-        high = max(1000, 20 * self.cfg.max_in_flight)
+        """Stop fetching while the queue is deep (``max_queued`` events or
+        ``max_queued_bytes``) or the target is down; resume below half.
+
+        Pausing is dear: librdkafka drops what it fetched ahead for a paused partition, and
+        after a resume the next records came 0.8 s later here (Apache Kafka 4.4, one node), so
+        a queue that pauses at a few thousand events starves the handlers at every resume."""
+        sched, cfg = self.scheduler, self.cfg
         must_pause = (
-            (self.breaker.is_open and bool(self._held or self.scheduler.queued))
-            or self.scheduler.queued > high
+            (self.breaker.is_open and bool(self._held or sched.queued))
+            or sched.queued > cfg.max_queued
+            or sched.queued_size > cfg.max_queued_bytes
             or self.bucket.blocked_until > self.clock()
         )
         if must_pause:
             self._pause_all()
-        elif self._paused_all and self.scheduler.queued < high // 2:
+        elif (self._paused_all and sched.queued < cfg.max_queued // 2
+              and sched.queued_size < cfg.max_queued_bytes // 2):
             self._resume_all()
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -641,7 +654,7 @@ class Worker(GroupRuntime):
                 outcome, error = FAILED, exc
         elapsed = time.perf_counter() - started
         self._pace.observe(elapsed)
-        self._m.process_duration.record(elapsed, self._process_attrs(ev.topic, outcome))
+        self._process_recorder(ev.topic, outcome)(elapsed)
         return work, outcome, error
 
     def _span_attributes(self, ev: Event) -> dict[str, Any]:
@@ -656,17 +669,18 @@ class Worker(GroupRuntime):
             "erp.attempt": ev.attempt,
         }
 
-    def _process_attrs(self, topic: str, outcome: str) -> dict[str, str]:
+    def _process_recorder(self, topic: str, outcome: str) -> Callable[[float], None]:
+        """The handler-duration histogram's series of a topic and outcome, found once."""
         key = (topic, outcome)
-        attrs = self._attr_cache.get(key)
-        if attrs is None:
-            attrs = self._attr_cache[key] = {
+        record = self._recorders.get(key)
+        if record is None:
+            record = self._recorders[key] = self._m.process_duration.bound({
                 "messaging.system": "kafka",
                 "messaging.consumer.group.name": self.group_id,
                 "messaging.destination.name": topic,
                 "outcome": outcome,
-            }
-        return attrs
+            })
+        return record
 
     # -- outcomes -----------------------------------------------------------------------------
     def _drain_completions(self, timeout: float) -> None:
@@ -693,6 +707,9 @@ class Worker(GroupRuntime):
             # redoes the event from the last commit. Route nothing, record nothing.
             self.scheduler.done(work.key)
             return
+        if outcome == OK:  # most events: decide()'s first rule, without the call
+            self._settle(work, d.APPLIED, None)
+            return
         kind = None
         if outcome == FAILED:
             assert exc is not None
@@ -716,6 +733,11 @@ class Worker(GroupRuntime):
             retry_after_s=retry_after if isinstance(retry_after, int | float) else None,
             target_alive=bool(getattr(exc, "target_alive", False)),
         )
+        self._settle(work, action, exc)
+
+    def _settle(self, work: Work, action: d.Action, exc: BaseException | None) -> None:
+        """Tell the breaker what the outcome says, then carry the action out."""
+        now = self.clock()
         was_open = self.breaker.is_open
         for effect in action.breaker:
             if effect == d.SUCCESS:
@@ -757,9 +779,7 @@ class Worker(GroupRuntime):
             if action.applied:
                 self.stats.applied += 1
                 if ev.occurred_at is not None:
-                    self._m.end_to_end.record(
-                        max(0.0, self.clock() - ev.occurred_at.timestamp()), self._group_attrs
-                    )
+                    self._record_end_to_end(max(0.0, self.clock() - ev.occurred_at.timestamp()))
             else:
                 self.stats.skipped += 1
             self.ordering.succeeded(work.key, ev.event_id)
@@ -1135,6 +1155,11 @@ class _Pace:
                 self.mean = max(self.mean, seconds)
             elif self.samples >= 200 and self.mean < self.inline_below_s:
                 self.inline = True
+
+
+def _record_bytes(work: Work) -> int:
+    """What a queued record weighs: its value and key (headers and the decoded event aside)."""
+    return len(work.msg.value() or b"") + len(work.msg.key() or b"")
 
 
 def _fmt(parts: list[TopicPartition]) -> str:

@@ -5,14 +5,16 @@ Parallel Consumer in key-order mode)."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class KeyScheduler(Generic[T]):
-    def __init__(self, max_in_flight: int) -> None:
+    """``size`` (optional) weighs an item (its bytes): :attr:`queued_size` sums the queued."""
+
+    def __init__(self, max_in_flight: int, size: Callable[[T], int] | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
@@ -20,6 +22,8 @@ class KeyScheduler(Generic[T]):
         self._busy: set[Hashable] = set()
         self._ready: deque[Hashable] = deque()  # keys with work and no task running
         self._queued = 0
+        self._size = size
+        self._queued_size = 0
 
     def submit(self, key: Hashable, item: T) -> None:
         q = self._queues.get(key)
@@ -27,6 +31,8 @@ class KeyScheduler(Generic[T]):
             q = self._queues[key] = deque()
         q.append(item)
         self._queued += 1
+        if self._size is not None:
+            self._queued_size += self._size(item)
         if key not in self._busy and len(q) == 1:
             self._ready.append(key)
 
@@ -45,6 +51,8 @@ class KeyScheduler(Generic[T]):
         key = self._ready.popleft()
         item = self._queues[key].popleft()
         self._queued -= 1
+        if self._size is not None:
+            self._queued_size -= self._size(item)
         self._busy.add(key)
         return key, item
 
@@ -71,14 +79,21 @@ class KeyScheduler(Generic[T]):
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def queued_size(self) -> int:
+        return self._queued_size
+
     def drop(self, predicate: object) -> list[T]:
         """Remove queued (not running) items matching ``predicate(item)``; returns them."""
         removed: list[T] = []
         for key in list(self._queues):
             q = self._queues[key]
             keep = deque(x for x in q if not predicate(x))  # type: ignore[operator]
-            removed.extend(x for x in q if predicate(x))  # type: ignore[operator]
-            self._queued -= len(q) - len(keep)
+            gone = [x for x in q if predicate(x)]  # type: ignore[operator]
+            removed.extend(gone)
+            self._queued -= len(gone)
+            if self._size is not None:
+                self._queued_size -= sum(self._size(x) for x in gone)
             if keep:
                 self._queues[key] = keep
             else:

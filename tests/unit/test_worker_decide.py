@@ -46,6 +46,7 @@ def test_ok_is_done_and_closes_the_breaker(kind: str | None, attempt: int) -> No
     assert a.route is None
     assert a.unless_open is False
     assert a.hold_s == 0.0
+    assert a is d.APPLIED  # the worker settles an ok outcome with d.APPLIED without the call
 
 
 @pytest.mark.parametrize("kind", [None, TRANSIENT, PERMANENT])

@@ -229,6 +229,51 @@ def test_a_key_whose_head_never_succeeds_is_named_stalled(caplog: pytest.LogCapt
     m.stop()
 
 
+@pytest.mark.parametrize("bound", ["max_queued", "max_queued_bytes"])
+def test_a_deep_queue_pauses_fetching_and_resumes_below_half(bound: str) -> None:
+    """40 events of 40 keys, one handler at a time that waits to be let go: the queue passes
+    its bound (5 events, or 5 records' bytes) and every partition pauses; let go, the queue
+    drains and fetching resumes below half; every event is applied once."""
+    import threading
+
+    class Gate(Target):
+        def __init__(self) -> None:
+            super().__init__()
+            self.open = threading.Event()
+
+        def default(self, event: Event) -> None:
+            self.open.wait(10)
+            super().default(event)
+
+    broker = Broker()
+    publish(broker, [f"SO-{i}" for i in range(40)], range(1, 2))
+    size = max(len(r.value or b"") + len(r.key or b"") for r in broker.records(TOPIC))
+    limit = {"max_queued": 5} if bound == "max_queued" else {"max_queued_bytes": 5 * size}
+    target = Gate()
+    clients = MemoryClients(broker)
+    w = Worker(settings(max_in_flight=1, **limit), "sink", target, clients=clients)
+    w._pace.inline_below_s = 0.0  # handlers stay on the pool thread: the queue builds up
+    w._start()
+    consumer = clients.consumers[-1]
+    run_loop(w, lambda: w.scheduler.queued > 5)
+    assert w._paused_all and consumer.paused >= {(TOPIC, p) for p in range(PARTS)}
+    target.open.set()
+    run_loop(w, lambda: not w._paused_all)
+    assert w.scheduler.queued < 3  # below half of 5
+    assert not consumer.paused & {(TOPIC, p) for p in range(PARTS)}
+    run_loop(w, lambda: sum(len(v) for v in target.applied.values()) == 40)
+    assert all(v == [1] for v in target.applied.values())
+    w._graceful_stop()
+    w._close()
+
+
+def run_loop(w: Worker, until: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not until():
+        assert time.monotonic() < deadline, "the loop did not get there in time"
+        w.loop_once()
+
+
 # -- several members ---------------------------------------------------------------------------
 def test_a_member_holding_part_of_a_cell_does_not_run_it() -> None:
     broker = Broker()

@@ -17,7 +17,7 @@ from pipeline.schemas.catalogue import Catalogue
 from pipeline.schemas.codec import Decoder, Encoder
 from pipeline.simulator.payloads import payload_for
 from pipeline.worker.connector import Event
-from pipeline.worker.records import event_of, header_list
+from pipeline.worker.records import event_of, headers_of
 
 NOW = dt.datetime(2026, 12, 2, 9, 30, tzinfo=dt.UTC)
 
@@ -36,7 +36,7 @@ def _record(extra_headers: list[tuple[str, bytes]] = ()) -> Message:  # type: ig
 
 def _event(msg: Message) -> Event:
     return event_of(Decoder(Catalogue.load()), msg, ("erp.order", 2), 11,
-                    dict(header_list(msg)))
+                    headers_of(msg))
 
 
 def test_every_field_of_the_event_is_set() -> None:

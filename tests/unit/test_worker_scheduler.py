@@ -246,3 +246,25 @@ def test_randomized_simulation_keeps_key_order_and_the_cap(seed: int) -> None:
     assert s.queued == 0
     assert not s.has_ready
     assert s.next_ready() is None
+
+
+def test_queued_size_follows_submit_start_and_drop() -> None:
+    s: KeyScheduler[str] = KeyScheduler(2, size=len)
+    for item in ("a-1", "a-22", "b-333", "c-4444"):
+        s.submit(item[0], item)
+    assert (s.queued, s.queued_size) == (4, 3 + 4 + 5 + 6)
+    started = s.next_ready()
+    assert started == ("a", "a-1")
+    assert s.queued_size == 4 + 5 + 6  # a running item no longer waits
+    assert s.drop(lambda x: x.startswith("c")) == ["c-4444"]
+    assert (s.queued, s.queued_size) == (2, 4 + 5)
+    s.done("a")
+    assert s.next_ready() == ("b", "b-333")
+    assert s.next_ready() == ("a", "a-22")
+    assert (s.queued, s.queued_size) == (0, 0)
+
+
+def test_without_a_size_nothing_is_weighed() -> None:
+    s: KeyScheduler[str] = KeyScheduler(2)
+    s.submit("a", "a-1")
+    assert (s.queued, s.queued_size) == (1, 0)
