@@ -51,6 +51,8 @@ class _Target:
     def default(self, event: Event) -> None:
         if self.latency_s:
             time.sleep(self.latency_s)
+        if not self.fail_once:
+            return  # the no-op series: nothing to fail, nothing to record
         with self._lock:
             if event.event_id in self.fail_once:
                 self.fail_once.discard(event.event_id)
@@ -124,12 +126,14 @@ def _run_worker(
     handled: list[float] = []
     first: list[float] = []
     done = threading.Event()
+    track = bool(target.fail_once)  # the retries series reads when each event was done
 
     def observe(event: Event, outcome: str) -> None:
         now = time.monotonic()
         if not first:
             first.append(now)
-        target.done_at[event.event_id] = now
+        if track:
+            target.done_at[event.event_id] = now
         handled.append(now)
         if len(handled) >= n:
             done.set()
