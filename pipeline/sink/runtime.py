@@ -39,7 +39,7 @@ from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import ConfigError, PipelineError, TransientError
 from pipeline.kafka import names
-from pipeline.kafka.client import consumer_config, membership_config
+from pipeline.kafka.client import consumer_config, membership_config, resume_fetching
 from pipeline.kafka.forward import Forwarder, Source
 from pipeline.kafka.tail import watermarks
 from pipeline.sink.target import TP, Batch, BatchTarget, PositionConflict, Rejected
@@ -233,8 +233,10 @@ class SinkWorker(GroupRuntime):
         if paused == self._paused or self._consumer is None:
             return
         parts = [TopicPartition(t, p) for t, p in self.assigned]
-        if parts:
-            (self._consumer.pause if paused else self._consumer.resume)(parts)
+        if parts and paused:
+            self._consumer.pause(parts)
+        elif parts:  # from where it stands: what it returned is buffered here
+            resume_fetching(self._consumer, parts)
         self._paused = paused
 
     def _ingest(self, msg: Message) -> None:

@@ -35,7 +35,7 @@ from pipeline import telemetry
 from pipeline.config import Settings, WorkerConfig
 from pipeline.errors import DecodeError, PipelineError
 from pipeline.kafka import names
-from pipeline.kafka.client import consumer_config, membership_config
+from pipeline.kafka.client import consumer_config, membership_config, resume_fetching
 from pipeline.kafka.clients import Clients
 from pipeline.kafka.forward import Forwarder, Source
 from pipeline.worker import decide as d
@@ -127,6 +127,8 @@ class Worker(GroupRuntime):
         self.partitions = 0  # of every co-partitioned topic (known after _ensure_topics)
         self._due_pauses: dict[TP, float] = {}  # partition → resume time (epoch s; inf: cell)
         self._rewound: dict[TP, int] = {}  # partition → offset it was rewound to
+        # partition → the offset its fetch restarts at when it is resumed (its last rewind)
+        self._seek_on_resume: dict[TP, int] = {}
         self._held: deque[Work] = deque()  # failed while the breaker is open / Retry-After
         self._paused_all = False
         # the handler threads' outcomes; SimpleQueue: put and get are C code, no Condition
@@ -461,6 +463,7 @@ class Worker(GroupRuntime):
         self._consumer.pause([part])
         self._consumer.seek(part)
         self._rewound[tp] = offset
+        self._seek_on_resume[tp] = offset
         self._due_pauses[tp] = resume_at
 
     def _resume_due(self, now: float) -> None:
@@ -477,7 +480,18 @@ class Worker(GroupRuntime):
             self._rewound.pop(tp, None)
         parts = [TopicPartition(t, p) for t, p in tps if (t, p) in self.assigned]
         if parts and not self._paused_all:
-            self._consumer.resume(parts)
+            self._resume_fetching(parts)
+
+    def _resume_fetching(self, parts: list[TopicPartition]) -> None:
+        """Resume ``parts``, each fetched again at once from its last rewind, or else from
+        where the consumer stands (:func:`~pipeline.kafka.client.resume_fetching`)."""
+        assert self._consumer is not None
+        at = {}
+        for part in parts:
+            offset = self._seek_on_resume.pop((part.topic, part.partition), None)
+            if offset is not None:
+                at[(part.topic, part.partition)] = offset
+        resume_fetching(self._consumer, parts, at)
 
     def _set_pauses(self) -> None:
         """Every assigned partition paused or running as our bookkeeping says, set once more
@@ -496,7 +510,7 @@ class Worker(GroupRuntime):
         wait = [TopicPartition(t, p) for t, p in tps
                 if (t, p) in self._due_pauses or self._paused_all]
         if run:
-            self._consumer.resume(run)
+            self._resume_fetching(run)
         if wait:
             self._consumer.pause(wait)
 
@@ -510,8 +524,7 @@ class Worker(GroupRuntime):
             parts = [
                 TopicPartition(t, p) for t, p in self.assigned if (t, p) not in self._due_pauses
             ]
-            if parts:
-                self._consumer.resume(parts)
+            self._resume_fetching(parts)
         self._paused_all = False
 
     def _backpressure(self) -> None:
@@ -1071,6 +1084,7 @@ class Worker(GroupRuntime):
         for tp in stopping:
             self._due_pauses.pop(tp, None)
             self._rewound.pop(tp, None)
+            self._seek_on_resume.pop(tp, None)
         for tp in revoked:
             self.assigned.discard(tp)
             self.offsets.pop(tp, None)
