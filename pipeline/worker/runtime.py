@@ -531,9 +531,9 @@ class Worker(GroupRuntime):
         """Stop fetching while the queue is deep (``max_queued`` events or
         ``max_queued_bytes``) or the target is down; resume below half.
 
-        Pausing is dear: librdkafka drops what it fetched ahead for a paused partition, and
-        after a resume the next records came 0.8 s later here (Apache Kafka 4.4, one node), so
-        a queue that pauses at a few thousand events starves the handlers at every resume."""
+        Pausing is dear (librdkafka drops what it fetched ahead for a paused partition), so
+        the bounds are wide: at the old bound, max(1000, 20 x max_in_flight), every start
+        paused (handlers begin on the pool) and a slow target paused every few hundred ms."""
         sched, cfg = self.scheduler, self.cfg
         must_pause = (
             (self.breaker.is_open and bool(self._held or sched.queued))
