@@ -235,8 +235,10 @@ class SinkWorker(GroupRuntime):
         parts = [TopicPartition(t, p) for t, p in self.assigned]
         if parts and paused:
             self._consumer.pause(parts)
-        elif parts:  # from where it stands: what it returned is buffered here
-            resume_fetching(self._consumer, parts)
+        elif parts:  # on after what is buffered (never a position a seek has not yet moved)
+            at = {tp: part.next for tp, part in self.parts.items()
+                  if part.next is not None and tp in self.assigned}
+            resume_fetching(self._consumer, parts, at)
         self._paused = paused
 
     def _ingest(self, msg: Message) -> None:
@@ -461,6 +463,8 @@ class SinkWorker(GroupRuntime):
                 consumer.pause(placed)
         else:
             consumer.assign(placed)
+            if self._paused:  # librdkafka keeps an application's pause across assignments
+                consumer.resume(placed)
             self._paused = False
         log.info(
             "sink %s assigned %s",

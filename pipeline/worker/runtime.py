@@ -543,8 +543,8 @@ class Worker(GroupRuntime):
         )
         if must_pause:
             self._pause_all()
-        elif (self._paused_all and sched.queued < cfg.max_queued // 2
-              and sched.queued_size < cfg.max_queued_bytes // 2):
+        elif (self._paused_all and sched.queued <= cfg.max_queued // 2
+              and sched.queued_size <= cfg.max_queued_bytes // 2):
             self._resume_all()
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -1080,7 +1080,10 @@ class Worker(GroupRuntime):
         self._flush(max(1.0, deadline - time.monotonic()))  # parked state before the offsets
         self._commit(asynchronous=False)
         kept = stopping - revoked
-        resume_at = {tp: self.offsets[tp].oldest_unfinished() for tp in kept if tp in self.offsets}
+        # back to the first record not finished, or to its rewind if that is earlier (a held
+        # retry record with nothing unfinished before it)
+        resume_at = {tp: _earliest(self.offsets[tp].oldest_unfinished(), self._rewound.get(tp))
+                     for tp in kept if tp in self.offsets}
         for tp in stopping:
             self._due_pauses.pop(tp, None)
             self._rewound.pop(tp, None)
@@ -1166,6 +1169,11 @@ class _Pace:
             self.mean = max(self.mean, seconds)
         elif self.samples >= 200 and self.mean < self.inline_below_s:
             self.inline = True
+
+
+def _earliest(*offsets: int | None) -> int | None:
+    known = [o for o in offsets if o is not None]
+    return min(known) if known else None
 
 
 def _record_bytes(work: Work) -> int:

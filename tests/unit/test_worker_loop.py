@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -229,22 +230,23 @@ def test_a_key_whose_head_never_succeeds_is_named_stalled(caplog: pytest.LogCapt
     m.stop()
 
 
+class Gate(Target):
+    """Applies once let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+
+    def default(self, event: Event) -> None:
+        self.open.wait(10)
+        super().default(event)
+
+
 @pytest.mark.parametrize("bound", ["max_queued", "max_queued_bytes"])
 def test_a_deep_queue_pauses_fetching_and_resumes_below_half(bound: str) -> None:
     """40 events of 40 keys, one handler at a time that waits to be let go: the queue passes
     its bound (5 events, or 5 records' bytes) and every partition pauses; let go, the queue
     drains and fetching resumes below half; every event is applied once."""
-    import threading
-
-    class Gate(Target):
-        def __init__(self) -> None:
-            super().__init__()
-            self.open = threading.Event()
-
-        def default(self, event: Event) -> None:
-            self.open.wait(10)
-            super().default(event)
-
     broker = Broker()
     publish(broker, [f"SO-{i}" for i in range(40)], range(1, 2))
     size = max(len(r.value or b"") + len(r.key or b"") for r in broker.records(TOPIC))
@@ -263,6 +265,22 @@ def test_a_deep_queue_pauses_fetching_and_resumes_below_half(bound: str) -> None
     assert not consumer.paused & {(TOPIC, p) for p in range(PARTS)}
     run_loop(w, lambda: sum(len(v) for v in target.applied.values()) == 40)
     assert all(v == [1] for v in target.applied.values())
+    w._graceful_stop()
+    w._close()
+
+
+def test_the_smallest_queue_bound_still_resumes() -> None:
+    """max_queued 1: paused past one waiting event, resumed once none waits."""
+    broker = Broker()
+    publish(broker, [f"SO-{i}" for i in range(10)], range(1, 2))
+    target = Gate()
+    clients = MemoryClients(broker)
+    w = Worker(settings(max_in_flight=1, max_queued=1), "sink", target, clients=clients)
+    w._pace.inline_below_s = 0.0
+    w._start()
+    run_loop(w, lambda: w._paused_all)
+    target.open.set()
+    run_loop(w, lambda: sum(len(v) for v in target.applied.values()) == 10 and not w._paused_all)
     w._graceful_stop()
     w._close()
 
