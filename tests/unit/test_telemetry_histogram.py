@@ -55,3 +55,20 @@ def test_no_observation_is_lost_between_threads() -> None:
     for t in threads:
         t.join()
     assert 'y_seconds_count{g="a"} 80000.0' in generate_latest(reg).decode()
+
+
+def test_a_bound_series_records_what_record_does() -> None:
+    by_call, by_bound = CollectorRegistry(), CollectorRegistry()
+    attrs = {"messaging.system": "kafka", "outcome": "ok"}
+    a = FastHistogram("x_duration_seconds", "doc", ("messaging.system", "outcome"), BOUNDS,
+                      by_call)
+    b = FastHistogram("x_duration_seconds", "doc", ("messaging.system", "outcome"), BOUNDS,
+                      by_bound)
+    record = b.bound(attrs)
+    for v in VALUES:
+        a.record(v, attrs)
+        record(v)
+    b.record(0.004, attrs)  # the same series whichever way it is reached
+    a.record(0.004, attrs)
+    assert _samples(generate_latest(by_call).decode()) == _samples(
+        generate_latest(by_bound).decode())
