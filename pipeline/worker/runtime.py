@@ -1080,9 +1080,11 @@ class Worker(GroupRuntime):
         self._flush(max(1.0, deadline - time.monotonic()))  # parked state before the offsets
         self._commit(asynchronous=False)
         kept = stopping - revoked
-        # back to the first record not finished, or to its rewind if that is earlier (a held
-        # retry record with nothing unfinished before it)
-        resume_at = {tp: _earliest(self.offsets[tp].oldest_unfinished(), self._rewound.get(tp))
+        # back to the first record not finished, or to its last rewind if that is earlier (a
+        # held retry record with nothing unfinished before it; kept until the partition really
+        # resumes, so also one resumed while everything was paused)
+        resume_at = {tp: _earliest(self.offsets[tp].oldest_unfinished(),
+                                   self._seek_on_resume.get(tp))
                      for tp in kept if tp in self.offsets}
         for tp in stopping:
             self._due_pauses.pop(tp, None)

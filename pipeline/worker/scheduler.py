@@ -87,9 +87,10 @@ class KeyScheduler(Generic[T]):
         """Remove queued (not running) items matching ``predicate(item)``; returns them."""
         removed: list[T] = []
         for key in list(self._queues):
-            q = self._queues[key]
-            keep = deque(x for x in q if not predicate(x))  # type: ignore[operator]
-            gone = [x for x in q if predicate(x)]  # type: ignore[operator]
+            keep: deque[T] = deque()
+            gone: list[T] = []
+            for x in self._queues[key]:
+                (gone if predicate(x) else keep).append(x)  # type: ignore[operator]
             removed.extend(gone)
             self._queued -= len(gone)
             if self._size is not None:
