@@ -20,18 +20,26 @@ def percentile(values: list[float], q: float) -> float:
 # a latency figure taken below this share of the asked rate is not a pass: it was measured
 # under less load than asked
 RATE_REACHED_MIN = 0.95
+# a latency bench's unmeasured round at the rate before the measured ones, in seconds (at most
+# the measured rounds' length): the broker's JIT and the systems' first batches are not the
+# steady state
+WARMUP_S = 3.0
 
 
-# ERP writer processes per 500 events/s asked: one interpreter commits ~700/s on this kind of
-# machine (each commit is two round trips, and a round trip costs ~60 µs of CPU in psycopg)
-RATE_PER_PROCESS = 500
+# ERP writer processes per this many events/s asked: a writer's event is one round trip of a
+# statement built before the clock (~0.2 ms of CPU in psycopg), so one interpreter keeps up
+# with ~2,000/s on this kind of machine; half of that leaves room for a slow second
+RATE_PER_PROCESS = 1000
+# events each writer process builds beyond rate x seconds (a writer never runs dry early)
+_SPARE = 1.1
 
 
-def simulate(
-    conninfo: str, schema: str, rate: float, seconds: float, index: int, out: Any
-) -> None:
+def simulate(conninfo: str, schema: str, rate: float, seconds: float, index: int, out: Any,
+             go: Any) -> None:
     """Part of the ERP, in a process of its own (as in production: the relay does not share the
-    ERP's interpreter); sends back each event's commit wall time."""
+    ERP's interpreter): builds its events (:meth:`ErpSimulator.prepared_load`), says it is
+    ready, waits for ``go``, writes at ``rate`` for ``seconds`` and sends back how many it
+    wrote and each event's commit wall time."""
     sim = ErpSimulator(
         conninfo,
         schema,
@@ -41,12 +49,19 @@ def simulate(
         ),
     )
     sim._order_seq = index * 10_000_000  # orders of their own: SO-10000001… in the second
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(stop,), daemon=True)
-    t.start()
-    time.sleep(seconds)
-    stop.set()
-    t.join(10)
+    load = sim.prepared_load(int(rate * seconds * _SPARE) + 100)
+    try:
+        out.send("ready")
+        if not go.wait(120):
+            return
+        stop = threading.Event()
+        t = threading.Thread(target=load.run, args=(stop,), daemon=True)
+        t.start()
+        time.sleep(seconds)
+        stop.set()
+        t.join(10)
+    finally:
+        load.close()
     out.send((sim.stats.written, dict(sim.stats.committed_at)))
     out.close()
 
@@ -54,23 +69,28 @@ def simulate(
 def simulate_at(url: str, schema: str, rate: float, seconds: float
                 ) -> tuple[int, dict[str, float]]:
     """The ERP simulator writing ``rate`` events/s for ``seconds`` into ``url``, one process
-    per ``RATE_PER_PROCESS`` events/s asked; events written and each one's commit time
-    (``time.time()``)."""
+    per ``RATE_PER_PROCESS`` events/s asked, all starting together once every one has built
+    its events; events written and each one's commit time (``time.time()``)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with librdkafka threads
     n_proc = max(1, -(-int(rate) // RATE_PER_PROCESS))
+    go = ctx.Event()
     pipes, sims = [], []
     for i in range(n_proc):
         receive, send = ctx.Pipe(duplex=False)
-        sim = ctx.Process(target=simulate, args=(url, schema, rate / n_proc, seconds, i, send),
-                          daemon=True)
+        sim = ctx.Process(target=simulate,
+                          args=(url, schema, rate / n_proc, seconds, i, send, go), daemon=True)
         sim.start()
         send.close()
         pipes.append(receive)
         sims.append(sim)
     written, committed_at = 0, {}
     try:
+        for receive in pipes:
+            if not receive.poll(120) or receive.recv() != "ready":
+                raise RuntimeError("an ERP simulator process did not get ready in 120 s")
+        go.set()
         for receive, sim in zip(pipes, sims, strict=True):
             if not receive.poll(seconds + 120):
                 raise RuntimeError("an ERP simulator process sent no figures")

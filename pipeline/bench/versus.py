@@ -43,7 +43,7 @@ from pipeline.bench.debezium import (
     proc_cpu_s,
     server_cpu_s,
 )
-from pipeline.bench.erp_load import latency_figures, simulate_at
+from pipeline.bench.erp_load import WARMUP_S, latency_figures, simulate_at
 from pipeline.config import Settings
 from pipeline.db import database_url
 from pipeline.embedded.postgres import scratch_database, with_database
@@ -454,14 +454,15 @@ def run_latency_versus_debezium(
     a database of its own; ``s.database.url`` must be a superuser's (it makes the databases).
 
     Every system is started and warmed up first (Debezium until its JIT is quiet, then each
-    system one unmeasured round of ``min(seconds, 3)`` s at the rate), then each repeat runs the
-    ERP simulator (``pipeline.outbox.emit``: jsonb and Avro bytes per row; the EventRouter
-    publishes the jsonb) for ``seconds`` at ``rate`` into each system's database in turn. A
-    system's acknowledgement time of an event: the relay observer's of its batch (after Kafka
-    acknowledged every record of it, and the transaction committed when transactional),
-    Debezium's producer callback of that record. ``debezium_options`` are more keyword
-    arguments of each :class:`~pipeline.bench.debezium.DebeziumRun` (a test's shorter
-    warm-up)."""
+    system one unmeasured round of ``min(seconds, WARMUP_S)`` s at the rate), then each repeat
+    runs the ERP simulator (its events built before the clock by
+    ``pipeline.outbox.emit.emit_statement``: jsonb and Avro bytes per row, each event its own
+    transaction; the EventRouter publishes the jsonb) for ``seconds`` at ``rate`` into each
+    system's database in turn. A system's acknowledgement time of an event: the relay
+    observer's of its batch (after Kafka acknowledged every record of it, and the transaction
+    committed when transactional), Debezium's producer callback of that record.
+    ``debezium_options`` are more keyword arguments of each
+    :class:`~pipeline.bench.debezium.DebeziumRun` (a test's shorter warm-up)."""
     if not debezium_available():
         raise RuntimeError(
             "bench relay --vs debezium runs Debezium 3.6.1 on Java 17+ (with javac) and fetches "
@@ -500,7 +501,7 @@ def run_latency_versus_debezium(
         with psycopg.connect(dbs["relay"], autocommit=True) as conn:
             postmaster = postmaster_of(conn)  # None: the server is not on this machine
         for name, (system, cpu) in systems.items():  # warm-up at the rate, not measured
-            _latency_round(system, cpu, dbs[name], schema, rate, min(seconds, 3.0), postmaster)
+            _latency_round(system, cpu, dbs[name], schema, rate, min(seconds, WARMUP_S), postmaster)
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for i in range(repeat):
             # the systems in turn, the first one rotating: no system is always measured

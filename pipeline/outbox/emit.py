@@ -64,25 +64,47 @@ def emit(
     :class:`~pipeline.errors.PayloadError` for a payload that does not match its schema. The
     caller commits (or rolls back) as part of its own transaction.
     """
-    value, carrier = validated(event_type, payload, headers, catalogue, validate)
-    encoded = value if value is not None and _takes_encoded(conn, schema) else None
-    row = conn.execute(
-        sql.SQL(
-            "SELECT {}.outbox_emit(%s, %s, %s, %s, %s, %s, %s)"
-            if encoded is not None else "SELECT {}.outbox_emit(%s, %s, %s, %s, %s, %s)"
-        ).format(sql.Identifier(schema)),
-        (
-            aggregate_type,
-            str(aggregate_id),
-            event_type,
-            Jsonb(payload, dumps=_dumps),
-            Jsonb(carrier),
-            str(event_id) if event_id is not None else str(uuid.uuid4()),
-            *([encoded] if encoded is not None else []),
-        ),
-    ).fetchone()
+    query, params = emit_statement(conn, aggregate_type, aggregate_id, event_type, payload,
+                                   headers=headers, event_id=event_id, schema=schema,
+                                   catalogue=catalogue, validate=validate)
+    row = conn.execute(query, params).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def emit_statement(
+    conn: psycopg.Connection[Any],
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str] | None = None,
+    event_id: uuid.UUID | str | None = None,
+    schema: str = "pipeline",
+    catalogue: Catalogue | None = None,
+    validate: bool = True,
+) -> tuple[sql.Composed, tuple[Any, ...]]:
+    """The statement :func:`emit` runs for one event and its parameters, the payload validated
+    and encoded now (same errors as :func:`emit`): ``conn.execute(*emit_statement(...))``
+    writes the event. A writer that paces many events (the latency benches' ERP) builds them
+    before its clock starts, so that the clock measures the writes alone."""
+    value, carrier = validated(event_type, payload, headers, catalogue, validate)
+    encoded = value if value is not None and _takes_encoded(conn, schema) else None
+    query = sql.SQL(
+        "SELECT {}.outbox_emit(%s, %s, %s, %s, %s, %s, %s)"
+        if encoded is not None else "SELECT {}.outbox_emit(%s, %s, %s, %s, %s, %s)"
+    ).format(sql.Identifier(schema))
+    params = (
+        aggregate_type,
+        str(aggregate_id),
+        event_type,
+        Jsonb(payload, dumps=_dumps),
+        Jsonb(carrier),
+        str(event_id) if event_id is not None else str(uuid.uuid4()),
+        *([encoded] if encoded is not None else []),
+    )
+    return query, params
 
 
 def validated(event_type: str, payload: Mapping[str, Any], headers: Mapping[str, str] | None,

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from pipeline.outbox.emit import emit
+from pipeline.outbox.emit import emit, emit_statement
 from pipeline.schemas.catalogue import Catalogue
 from pipeline.simulator.payloads import payload_for
 
@@ -124,14 +125,15 @@ class ErpSimulator:
                 for event_type, agg_type, agg_id in steps[:granted]:
                     if stop.is_set():
                         return
-                    if per_writer:
-                        next_at += 1.0 / per_writer
-                        delay = next_at - time.monotonic()
-                        if delay > 0:
-                            stop.wait(delay)
-                        elif delay < -1.0:
-                            next_at = time.monotonic()  # do not burst to catch up
+                    next_at = _paced(next_at, per_writer, stop)
                     self._one(conn, rng, event_type, agg_type, agg_id)
+
+    def prepared_load(self, count: int) -> PreparedLoad:
+        """``count`` events of whole order lifecycles, as :meth:`run` writes them, validated and
+        encoded now, to be written later by :meth:`PreparedLoad.run` at this simulator's rate
+        (each event its own transaction, no rollbacks or late commits): the latency benches'
+        ERP, whose clock then times the writes alone. Connects the writers now."""
+        return PreparedLoad(self, count)
 
     def _order_steps(self, rng: random.Random) -> list[tuple[str, str, str]]:
         order = self._next_order()
@@ -197,3 +199,94 @@ class ErpSimulator:
             with self.stats.lock:
                 self.stats.errors += 1
             log.warning("simulator write failed (%s %s): %s", event_type, agg_id, exc)
+
+
+def _paced(next_at: float, per_writer: float, stop: threading.Event) -> float:
+    """Wait until the next write is due at ``per_writer`` events/s (0: at once); returns when
+    the one after is due. A writer more than a second behind starts over from now instead of
+    bursting to catch up."""
+    if not per_writer:
+        return next_at
+    next_at += 1.0 / per_writer
+    delay = next_at - time.monotonic()
+    if delay > 0:
+        stop.wait(delay)
+    elif delay < -1.0:
+        next_at = time.monotonic()
+    return next_at
+
+
+@dataclass(frozen=True)
+class PreparedEvent:
+    event_id: str
+    query: sql.Composed
+    params: tuple[Any, ...]
+
+
+class PreparedLoad:
+    """Events built ahead by :meth:`ErpSimulator.prepared_load`, one list per writer (a
+    writer keeps an order's steps in order), each writer on an autocommit connection of its
+    own: a write is one round trip, ``SELECT outbox_emit(…)`` committed by itself."""
+
+    def __init__(self, sim: ErpSimulator, count: int) -> None:
+        self.sim = sim
+        writers = max(1, sim.cfg.writers)
+        self._conns: list[psycopg.Connection[Any]] = []
+        self._events: list[list[PreparedEvent]] = []
+        try:
+            for idx in range(writers):
+                conn = psycopg.connect(sim.conninfo, autocommit=True)
+                self._conns.append(conn)
+                self._events.append(self._build(conn, idx, -(-count // writers)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, conn: psycopg.Connection[Any], idx: int, count: int) -> list[PreparedEvent]:
+        sim = self.sim
+        rng = random.Random(sim.cfg.seed * 1000 + idx)
+        out: list[PreparedEvent] = []
+        while len(out) < count:
+            for event_type, agg_type, agg_id in sim._order_steps(rng):
+                payload = payload_for(event_type, rng, aggregate_id=agg_id,
+                                      now=dt.datetime.now(dt.UTC))
+                event_id = str(uuid.uuid4())
+                query, params = emit_statement(conn, agg_type, agg_id, event_type, payload,
+                                               event_id=event_id, schema=sim.schema,
+                                               catalogue=sim.catalogue)
+                out.append(PreparedEvent(event_id, query, params))
+        return out[:count]
+
+    def run(self, stop: threading.Event) -> None:
+        """Write the events at the simulator's rate until ``stop`` (or none is left)."""
+        threads = [threading.Thread(target=self._writer, args=(i, stop), daemon=True,
+                                    name=f"erp-writer-{i}") for i in range(len(self._conns))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _writer(self, idx: int, stop: threading.Event) -> None:
+        sim, stats = self.sim, self.sim.stats
+        conn = self._conns[idx]
+        per_writer = sim.cfg.rate / len(self._conns) if sim.cfg.rate else 0.0
+        next_at = time.monotonic()
+        for ev in self._events[idx]:
+            if stop.is_set():
+                return
+            next_at = _paced(next_at, per_writer, stop)
+            try:
+                conn.execute(ev.query, ev.params)
+            except psycopg.Error as exc:
+                with stats.lock:
+                    stats.errors += 1
+                log.warning("simulator write failed (event %s): %s", ev.event_id, exc)
+                continue
+            with stats.lock:
+                stats.written += 1
+                if sim.cfg.track_latency:
+                    stats.committed_at[ev.event_id] = time.time()
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
