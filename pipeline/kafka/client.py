@@ -341,9 +341,11 @@ def transactional_config(settings: Settings, transactional_id: str) -> dict[str,
         "transactional.id": transactional_id,
         "transaction.timeout.ms": timeout_ms,
         "message.timeout.ms": timeout_ms,
-        # back-to-back transactions: the next one's AddPartitionsToTxn meets the previous
-        # one's markers still being written (CONCURRENT_TRANSACTIONS) and is retried after
-        # this backoff (100 ms by default, KAFKA-5477); it grows exponentially on real trouble
+        # back-to-back transactions meet the previous one's markers still being written
+        # (CONCURRENT_TRANSACTIONS, KAFKA-5477): librdkafka retries requests after this
+        # backoff (100 ms by default; it grows exponentially on real trouble). Its
+        # AddPartitionsToTxn retry after that error is a fixed 20 ms whatever this says (seen
+        # in its debug log; docs/benchmarks.md, 2026-12-04)
         "retry.backoff.ms": 10,
     }
 
