@@ -109,7 +109,6 @@ class RelayStore(ReadBackRows):
         self._pending_types = sql.SQL(
             "SELECT DISTINCT aggregate_type FROM {}.outbox WHERE {}"
         ).format(s, in_shard)
-        self._delete = sql.SQL("DELETE FROM {}.outbox WHERE id = ANY(%s::bigint[])").format(s)
         self._existing = sql.SQL("SELECT id FROM {}.outbox WHERE id = ANY(%s)").format(s)
         self._state = sql.SQL(
             "INSERT INTO {}.relay_state AS r (shard, leader, since, last_publish, published, "
@@ -121,6 +120,11 @@ class RelayStore(ReadBackRows):
             " published = r.published + excluded.published, "
             " dead_lettered = r.dead_lettered + excluded.dead_lettered, heartbeat = now()"
         ).format(s)
+        # a batch's delete and its accounting as one statement (one round trip; a statement is
+        # atomic): the DELETE as a data-modifying CTE, which runs whatever the upsert reads
+        self._complete_one = sql.SQL(
+            "WITH gone AS (DELETE FROM {}.outbox WHERE id = ANY(%s::bigint[])) "
+        ).format(s) + self._state
         self.lock_key = f"{schema}:relay:{shard}/{shards}"
 
     def _fetch_query(self, *, encoded_column: bool,
@@ -153,6 +157,12 @@ class RelayStore(ReadBackRows):
                 self.conninfo, autocommit=True, application_name=f"pipeline-relay-{self.shard}"
             )
             self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            # Not waiting for the WAL flush of this session's writes (the deletes of published
+            # rows and the relay's state): a delete lost to a server crash leaves rows that are
+            # already in Kafka, which the next leader's read-back finds and deletes without
+            # publishing again (decision 4). Waiting would queue the relay's flushes with the
+            # ERP's own commits (each NOTIFYing commit holds a global lock until its flush).
+            self.conn.execute("SET synchronous_commit = off")
             has_encoded = self.conn.execute(
                 "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
                 "AND table_name = 'outbox' AND column_name = 'encoded'", (self.schema,)
@@ -274,16 +284,17 @@ class RelayStore(ReadBackRows):
     def complete(self, ids: list[int], leader: str, published: int, dead_lettered: int) -> None:
         """Delete published (or dead-lettered) rows and account for them, atomically."""
         conn = self._c()
+        params = (_int_array(ids), self.shard, leader, published, published, dead_lettered)
+        if not self._progress_to_record():
+            conn.execute(self._complete_one, params)  # per batch: one round trip, not five
+            return
         with conn.transaction():
-            # Not waiting for the WAL flush: a delete lost to a server crash leaves rows that
-            # are already in Kafka, which the next leader's read-back finds and deletes without
-            # publishing again (decision 4). Waiting would queue the relay's flushes with the
-            # ERP's own commits (each NOTIFYing commit holds a global lock until its flush).
-            conn.execute("SET LOCAL synchronous_commit = off")
-            if ids:
-                conn.execute(self._delete, (_int_array(ids),))
-            conn.execute(self._state, (self.shard, leader, published, published, dead_lettered))
+            conn.execute(self._complete_one, params)
             self._record_progress(conn)
+
+    def _progress_to_record(self) -> bool:
+        """Whether :meth:`_record_progress` has something to write with this batch."""
+        return False
 
     def _record_progress(self, conn: psycopg.Connection[Any]) -> None:
         """More to keep with a completed batch, in its transaction (the WAL engine's position)."""

@@ -379,6 +379,9 @@ class WalRelayStore(RelayStore):
                      "(PostgreSQL 16+) to make its reads cheaper", exc.diag.message_primary,
                      self.slot, extra={"shard": self.shard})
 
+    def _progress_to_record(self) -> bool:
+        return self._progress is not None
+
     def _record_progress(self, conn: psycopg.Connection[Any]) -> None:
         if self._progress is None:
             return
