@@ -88,8 +88,13 @@ def simulate_at(url: str, schema: str, rate: float, seconds: float
     written, committed_at = 0, {}
     try:
         for receive in pipes:
-            if not receive.poll(120) or receive.recv() != "ready":
-                raise RuntimeError("an ERP simulator process did not get ready in 120 s")
+            try:
+                ready = receive.poll(120) and receive.recv() == "ready"
+            except EOFError:  # it died building its events: its traceback is above
+                ready = False
+            if not ready:
+                raise RuntimeError("an ERP simulator process did not get ready in 120 s (it "
+                                   "connects to the database and builds its events first)")
         go.set()
         for receive, sim in zip(pipes, sims, strict=True):
             if not receive.poll(seconds + 120):

@@ -63,3 +63,10 @@ def test_latency_bench_measures_every_event_after_a_warm_up(
     assert run["acknowledged"] == run["written"]
     lat = out["latency_ms"]
     assert 0 < lat["p50"] <= lat["p99"] <= lat["max"] < 10_000, lat
+
+
+def test_a_simulator_that_cannot_reach_the_database_is_named_not_waited_for() -> None:
+    # port 1 on loopback: refused at once; the child dies building its events
+    with pytest.raises(RuntimeError, match="did not get ready"):
+        simulate_at("postgresql://postgres@127.0.0.1:1/none?connect_timeout=2", "pipeline",
+                    rate=100, seconds=1)
