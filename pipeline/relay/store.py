@@ -110,8 +110,11 @@ class RelayStore(ReadBackRows):
             "SELECT DISTINCT aggregate_type FROM {}.outbox WHERE {}"
         ).format(s, in_shard)
         self._existing = sql.SQL("SELECT id FROM {}.outbox WHERE id = ANY(%s)").format(s)
-        self._state = sql.SQL(
-            "INSERT INTO {}.relay_state AS r (shard, leader, since, last_publish, published, "
+        # a batch's delete and its accounting as one statement (one round trip; a statement is
+        # atomic): the DELETE as a data-modifying CTE, which runs whatever the upsert reads
+        self._complete_one = sql.SQL(
+            "WITH gone AS (DELETE FROM {0}.outbox WHERE id = ANY(%s::bigint[])) "
+            "INSERT INTO {0}.relay_state AS r (shard, leader, since, last_publish, published, "
             " dead_lettered, heartbeat) VALUES (%s, %s, now(), CASE WHEN %s > 0 THEN now() END, "
             " %s, %s, now()) "
             "ON CONFLICT (shard) DO UPDATE SET leader = excluded.leader, "
@@ -120,11 +123,6 @@ class RelayStore(ReadBackRows):
             " published = r.published + excluded.published, "
             " dead_lettered = r.dead_lettered + excluded.dead_lettered, heartbeat = now()"
         ).format(s)
-        # a batch's delete and its accounting as one statement (one round trip; a statement is
-        # atomic): the DELETE as a data-modifying CTE, which runs whatever the upsert reads
-        self._complete_one = sql.SQL(
-            "WITH gone AS (DELETE FROM {}.outbox WHERE id = ANY(%s::bigint[])) "
-        ).format(s) + self._state
         self.lock_key = f"{schema}:relay:{shard}/{shards}"
 
     def _fetch_query(self, *, encoded_column: bool,
